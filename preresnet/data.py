@@ -1,0 +1,377 @@
+"""CIFAR-10/100 and image-folder datasets as uint8 arrays, and a loader that augments on the device.
+
+A dataset is held whole as an N x 32 x 32 x 3 uint8 array (150 MB for CIFAR), moved to the training
+device once; batches are gathered, normalised and augmented there with tensor ops, so there is no
+per-sample Python work in the training path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+DATASETS = ("cifar10", "cifar100", "folder")
+IMAGE_SHAPE = (32, 32, 3)
+CROP_PADDING = 4
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # N x 32 x 32 x 3, uint8, RGB
+    labels: np.ndarray  # N, int64
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --- CIFAR in the official python format --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    url: str
+    archive: str  # file name of the downloaded archive
+    md5: str  # of the archive
+    folder: str  # what the archive extracts to
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: bytes
+    names_key: bytes
+
+
+CIFAR_SPECS: dict[str, CifarSpec] = {
+    "cifar10": CifarSpec(
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        archive="cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        meta_file="batches.meta",
+        label_key=b"labels",
+        names_key=b"label_names",
+    ),
+    "cifar100": CifarSpec(
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        archive="cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_files=("test",),
+        meta_file="meta",
+        label_key=b"fine_labels",
+        names_key=b"fine_label_names",
+    ),
+}
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, path: Path) -> None:
+    """Fetch url into path through a temporary file, so an interrupted download leaves nothing."""
+    from tqdm import tqdm
+
+    tmp = path.with_name(path.name + ".part")
+    print(f"downloading {url} to {path}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, leave=False, disable=None) as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"could not download {url} to {path} ({reason}); "
+            f"without internet, copy the official archive there by hand"
+        ) from None
+
+
+def unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: delete {path.parent} to extract the archive again") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise UserError(f"{path} is corrupt ({exc}): delete {path.parent} and its archive to fetch it again") from None
+
+
+def read_cifar_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -> Split:
+    images, labels = [], []
+    for name in files:
+        batch = unpickle(folder / name)
+        try:
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(batch[label_key], dtype=np.int64))
+        except (KeyError, ValueError) as exc:
+            raise UserError(f"{folder / name} is not a CIFAR batch ({exc!r}): delete {folder} and fetch it again") from None
+    return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
+
+
+def load_cifar(name: str, data_dir: str | os.PathLike, download_missing: bool = True) -> Dataset:
+    """Read CIFAR-10/100 from data_dir, downloading and MD5-checking the archive when not extracted."""
+    spec = CIFAR_SPECS[name]
+    root = Path(data_dir)
+    folder = root / spec.folder
+    needed = spec.train_files + spec.test_files + (spec.meta_file,)
+    if not all((folder / f).is_file() for f in needed):
+        archive = root / spec.archive
+        if not archive.is_file():
+            if not download_missing:
+                raise UserError(f"{archive} is missing: download {spec.url} there")
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create data folder {root}: {exc.strerror}") from None
+            download(spec.url, archive)
+        md5 = file_md5(archive)
+        if md5 != spec.md5:
+            raise UserError(
+                f"{archive} has MD5 {md5}, expected {spec.md5}: it is corrupt or not the official "
+                f"archive; delete it and run again to download {spec.url}"
+            )
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(root, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise UserError(f"cannot extract {archive} ({exc}): delete it and run again") from None
+    train = read_cifar_batches(folder, spec.train_files, spec.label_key)
+    test = read_cifar_batches(folder, spec.test_files, spec.label_key)
+    meta = unpickle(folder / spec.meta_file)
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(spec.names_key, [])]
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    if len(classes) != num_classes:
+        classes = [str(i) for i in range(num_classes)]
+    return Dataset(name, train, test, classes)
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+
+def list_class_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    if not split_dir.is_dir():
+        raise UserError(f"{split_dir} is not a folder: --dataset folder expects DIR/train/<class>/ and DIR/test/<class>/")
+    try:
+        classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as exc:
+        raise UserError(f"cannot read {split_dir}: {exc.strerror}") from None
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
+    files = []
+    for label, cls in enumerate(classes):
+        try:
+            names = sorted(p for p in (split_dir / cls).iterdir() if p.is_file() and not p.name.startswith("."))
+        except OSError as exc:
+            raise UserError(f"cannot read {split_dir / cls}: {exc.strerror}") from None
+        if not names:
+            raise UserError(f"class folder {split_dir / cls} holds no images")
+        files.extend((path, label) for path in names)
+    return classes, files
+
+
+def decode_images(files: list[tuple[Path, int]]) -> Split:
+    from PIL import Image, UnidentifiedImageError
+
+    images = np.empty((len(files), *IMAGE_SHAPE), dtype=np.uint8)
+    labels = np.empty(len(files), dtype=np.int64)
+    for i, (path, label) in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                if image.mode != "RGB" or image.size != (32, 32):
+                    raise UserError(f"{path} is a {image.size[0]}x{image.size[1]} {image.mode} image; every image must be 32x32 RGB")
+                images[i] = np.asarray(image)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from None
+        labels[i] = label
+    return Split(images, labels)
+
+
+def folder_fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
+    digest = hashlib.sha1()
+    for path, label in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def load_folder_split(root: Path, split: str) -> tuple[list[str], Split]:
+    """Decode root/split/<class>/* once; later calls read the cached uint8 array next to the data."""
+    classes, files = list_class_files(root / split)
+    fingerprint = folder_fingerprint(root, files)
+    cache = root / f".preresnet-cache-{split}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as cached:
+                if str(cached["fingerprint"]) == fingerprint:
+                    return classes, Split(cached["images"], cached["labels"])
+        except (OSError, ValueError, KeyError, EOFError):
+            pass  # an unreadable cache is rebuilt below
+    print(f"decoding {len(files)} images in {root / split} (cached after the first time)", file=sys.stderr)
+    data = decode_images(files)
+    tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, images=data.images, labels=data.labels, fingerprint=np.array(fingerprint))
+        os.replace(tmp, cache)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        print(f"note: cannot cache decoded images in {cache} ({exc.strerror}); they will be decoded again next time", file=sys.stderr)
+    return classes, data
+
+
+def load_folder(data_dir: str | os.PathLike) -> Dataset:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"dataset folder {root} does not exist")
+    classes, train = load_folder_split(root, "train")
+    test_classes, test = load_folder_split(root, "test")
+    if test_classes != classes:
+        raise UserError(f"{root}/train and {root}/test must hold the same class folders; got {classes} and {test_classes}")
+    return Dataset("folder", train, test, classes)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike, download_missing: bool = True) -> Dataset:
+    """`cifar10` | `cifar100` (official archives under data_dir) | `folder` (data_dir/{train,test}/<class>/)."""
+    if name == "folder":
+        return load_folder(data_dir)
+    if name in CIFAR_SPECS:
+        return load_cifar(name, data_dir, download_missing)
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def channel_mean_std(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 HWC images, in the 0-1 scale."""
+    total = np.zeros(3)
+    total_sq = np.zeros(3)
+    for start in range(0, len(images), 4096):
+        chunk = images[start : start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
+        total += chunk.sum(0)
+        total_sq += np.square(chunk).sum(0)
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean.tolist(), np.maximum(std, 1e-3).tolist()
+
+
+# --- loader ---------------------------------------------------------------------------------------
+
+
+DATA_STREAM, MODEL_STREAM = 0, 1
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = DATA_STREAM) -> int:
+    """A well-mixed 63-bit seed for one epoch and stream (data order and augmentation, or the
+    model's own randomness such as dropout): all of an epoch's randomness follows from (seed, epoch),
+    so a run resumed at an epoch boundary draws exactly what an uninterrupted one draws."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def random_crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
+    """Pad a normalised NHWC batch with zeros (the mean colour), crop at offsets (B x 2: row, col),
+    mirror where flips is true; one gather for the whole batch."""
+    batch, height, width, _ = x.shape
+    padded = torch.nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
+    rows = offsets[:, 0, None] + torch.arange(height, device=x.device)  # B x H
+    steps = torch.arange(width, device=x.device)
+    steps = torch.where(flips[:, None], width - 1 - steps, steps)  # B x W, reversed where flipped
+    cols = offsets[:, 1, None] + steps
+    index = torch.arange(batch, device=x.device)[:, None, None]
+    return padded[index, rows[:, :, None], cols[:, None, :]]
+
+
+class Loader:
+    """Batches of (x, y) from a uint8 image array held on `device`.
+
+    Training: a fresh permutation every epoch, last incomplete batch dropped, every image padded,
+    cropped and flipped with its own random draw. Evaluation: in order, last partial batch kept.
+    The random draws of epoch e follow from (seed, e) only, so a resumed run sees the same data.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
+                 mean: list[float], std: list[float], device: torch.device | str = "cpu", seed: int = 0,
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+            raise UserError(f"images must be a uint8 array N x 32 x 32 x 3, got {images.dtype} {images.shape}")
+        if len(labels) != len(images):
+            raise UserError(f"{len(images)} images but {len(labels)} labels")
+        if batch_size < 1 or (train and batch_size > len(images)):
+            raise UserError(f"batch size {batch_size} is impossible for {len(images)} {'training' if train else 'test'} images")
+        self.device = torch.device(device)
+        self.images = torch.from_numpy(images).to(self.device)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device) * 255.0
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.channels_last = channels_last
+        self.dtype = dtype
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.train:
+            return len(self.images) // self.batch_size
+        return -(-len(self.images) // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Images per epoch: the dropped remainder does not count in training."""
+        return len(self) * self.batch_size if self.train else len(self.images)
+
+    def __iter__(self):
+        count = len(self.images)
+        if self.train:
+            generator = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(count, generator=generator, device=self.device)
+            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (count, 2), generator=generator, device=self.device)
+            flips = torch.randint(0, 2, (count,), generator=generator, device=self.device).bool()
+        for step in range(len(self)):
+            if self.train:
+                index = order[step * self.batch_size : (step + 1) * self.batch_size]
+            else:
+                index = torch.arange(step * self.batch_size, min(count, (step + 1) * self.batch_size), device=self.device)
+            x = (self.images[index].float() - self.mean) / self.std
+            if self.train:
+                x = random_crop_flip(x, offsets[index], flips[index])
+            x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: already channels-last
+            x = x.to(self.dtype)
+            if not self.channels_last:
+                x = x.contiguous()
+            yield x, self.labels[index]

@@ -1,0 +1,242 @@
+"""Pre-activation ResNets (He et al. 2016) and Wide ResNets (Zagoruyko & Komodakis 2016) for CIFAR.
+
+`depth` counts residual units per stage, as in the original Lasagne code, so the layer count is
+6n+2 for `normal` (two 3x3 convs a unit), 9n+2 for `bottleneck` (1x1-3x3-1x1, 4x expansion) and
+6n+4 for `wide` (two 3x3 convs a unit, widths multiplied by `width`; the 4 counts the stem, the
+head and the two projection shortcuts, as the WRN paper names its networks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+MODEL_TYPES = ("normal", "bottleneck", "wide")
+STAGE_PLANES = (16, 32, 64)
+STEM_CHANNELS = 16
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+
+class PreActBasicBlock(nn.Module):
+    """BN-ReLU-conv3x3, BN-ReLU-(dropout)-conv3x3, plus the shortcut (normal and wide networks)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0):
+        super().__init__()
+        out_channels = planes * self.expansion
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = conv3x3(in_channels, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = conv3x3(planes, out_channels)
+        self.shortcut = make_shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        preact = torch.relu(self.bn1(x))
+        # A projection shortcut reads the pre-activated input; the identity reads x itself.
+        residual = x if self.shortcut is None else self.shortcut(preact)
+        out = self.conv1(preact)
+        out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
+        return out + residual
+
+
+class PreActBottleneck(nn.Module):
+    """BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1 (4x expansion), plus the shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0):
+        super().__init__()  # dropout is a wide-network option; check_model_args rejects it here
+        out_channels = planes * self.expansion
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv1 = conv1x1(in_channels, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, out_channels)
+        self.shortcut = make_shortcut(in_channels, out_channels, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        preact = torch.relu(self.bn1(x))
+        residual = x if self.shortcut is None else self.shortcut(preact)
+        out = self.conv1(preact)
+        out = self.conv2(torch.relu(self.bn2(out)))
+        out = self.conv3(torch.relu(self.bn3(out)))
+        return out + residual
+
+
+def make_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d | None:
+    """Identity (None) when shapes match, else a 1x1 projection without bias."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return conv1x1(in_channels, out_channels, stride)
+
+
+class PreActResNet(nn.Module):
+    """Stem conv3x3(16) -> three stages of pre-activation units -> BN-ReLU-avgpool-linear."""
+
+    def __init__(
+        self,
+        block: type[PreActBasicBlock] | type[PreActBottleneck],
+        units_per_stage: int,
+        width: int = 1,
+        num_classes: int = 10,
+        dropout: float = 0.0,
+        paper_name: str = "",
+    ):
+        super().__init__()
+        self.paper_name = paper_name
+        self.conv1 = conv3x3(3, STEM_CHANNELS)
+        channels = STEM_CHANNELS
+        stages = []
+        for index, planes in enumerate(STAGE_PLANES):
+            stride = 1 if index == 0 else 2
+            units = []
+            for unit in range(units_per_stage):
+                units.append(block(channels, planes * width, stride if unit == 0 else 1, dropout))
+                channels = planes * width * block.expansion
+            stages.append(nn.Sequential(*units))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = torch.relu(self.bn(out))
+        out = torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
+        return self.fc(out)
+
+
+def paper_name(type: str, depth: int, width: int = 1) -> str:
+    """The name the papers give the network: PreResNet-110, PreResNet-164, WRN-16-4."""
+    if type == "normal":
+        return f"PreResNet-{6 * depth + 2}"
+    if type == "bottleneck":
+        return f"PreResNet-{9 * depth + 2}"
+    return f"WRN-{6 * depth + 4}-{width}"
+
+
+def check_model_args(type: str, depth: int, width: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
+    """Raise UserError for combinations that do not describe a network of the papers."""
+    if type not in MODEL_TYPES:
+        raise UserError(f"unknown model type {type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise UserError(f"depth must be a positive number of residual units per stage, got {depth!r}")
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise UserError(f"width must be a positive integer, got {width!r}")
+    if type != "wide" and width != 1:
+        raise UserError(f"width {width} is only for --type wide; {type} networks have width 1")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise UserError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
+    if dropout > 0 and type != "wide":
+        raise UserError("dropout is defined for wide networks only (--type wide)")
+
+
+def build_model(
+    type: str,
+    depth: int,
+    width: int = 1,
+    num_classes: int = 10,
+    fused: bool = False,
+    dropout: float = 0.0,
+) -> PreActResNet:
+    """Build a pre-activation network: `type` normal | bottleneck | wide, `depth` units per stage."""
+    check_model_args(type, depth, width, num_classes, dropout)
+    if fused:
+        raise UserError(
+            "fused=True needs the Triton kernels of kernels/, which this version does not ship yet; "
+            "build the model with fused=False (train.py --no-fused)"
+        )
+    block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock
+    return PreActResNet(block, depth, width, num_classes, dropout, paper_name(type, depth, width))
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Callable[..., PreActResNet]] = {}
+MODEL_ARCHS: dict[str, tuple[str, int, int]] = {}
+
+
+def register(type: str, depth: int, width: int = 1):
+    def wrap(factory: Callable[..., PreActResNet]) -> Callable[..., PreActResNet]:
+        _REGISTRY[factory.__name__] = factory
+        MODEL_ARCHS[factory.__name__] = (type, depth, width)
+        return factory
+
+    return wrap
+
+
+@register("normal", 3)
+def preresnet20(**kwargs) -> PreActResNet:
+    """PreResNet-20: 3 basic units per stage (He et al. 2016, "Identity Mappings in Deep Residual Networks")."""
+    return build_model("normal", 3, **kwargs)
+
+
+@register("normal", 9)
+def preresnet56(**kwargs) -> PreActResNet:
+    """PreResNet-56: 9 basic units per stage (He et al. 2016)."""
+    return build_model("normal", 9, **kwargs)
+
+
+@register("normal", 18)
+def preresnet110(**kwargs) -> PreActResNet:
+    """PreResNet-110: 18 basic units per stage, 1.7M parameters, 6.37% CIFAR-10 error (He et al. 2016)."""
+    return build_model("normal", 18, **kwargs)
+
+
+@register("bottleneck", 18)
+def preresnet164(**kwargs) -> PreActResNet:
+    """PreResNet-164: 18 bottleneck units per stage, 1.7M parameters, 5.46% CIFAR-10 error (He et al. 2016)."""
+    return build_model("bottleneck", 18, **kwargs)
+
+
+@register("bottleneck", 111)
+def preresnet1001(**kwargs) -> PreActResNet:
+    """PreResNet-1001: 111 bottleneck units per stage, 10.2M parameters, 4.62% CIFAR-10 error (He et al. 2016)."""
+    return build_model("bottleneck", 111, **kwargs)
+
+
+@register("wide", 2, 4)
+def wrn16_4(**kwargs) -> PreActResNet:
+    """WRN-16-4: 2 units per stage, width 4, 2.7M parameters, 5.02% CIFAR-10 error (Zagoruyko & Komodakis 2016)."""
+    return build_model("wide", 2, 4, **kwargs)
+
+
+@register("wide", 4, 10)
+def wrn28_10(**kwargs) -> PreActResNet:
+    """WRN-28-10: 4 units per stage, width 10, 36.5M parameters (Zagoruyko & Komodakis 2016)."""
+    return build_model("wide", 4, 10, **kwargs)
+
+
+def list_models() -> list[str]:
+    """Names accepted by `get_model`, in registration order."""
+    return list(_REGISTRY)
+
+
+def get_model(name: str, **kwargs) -> PreActResNet:
+    """Build a registered network by name; kwargs go to `build_model` (num_classes, fused, dropout)."""
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](**kwargs)

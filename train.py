@@ -1,0 +1,192 @@
+"""Train a pre-activation ResNet or Wide ResNet on CIFAR with the papers' recipes.
+
+    python train.py --type normal --depth 18                 # PreResNet-110, He et al. recipe
+    python train.py --type wide --depth 2 --width 4          # WRN-16-4, Zagoruyko recipe
+    python train.py --resume runs/preresnet-110-cifar10-...  # continue a stopped run exactly
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from preresnet.errors import UserError
+from preresnet.models import MODEL_TYPES, check_model_args, paper_name
+from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe
+
+# Flags that may differ when resuming: they change how the run executes, not what it computes.
+RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "progress", "resume"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2, as before)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_milestones(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 81,122, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--type", choices=MODEL_TYPES,
+                       help="normal: basic units, 6n+2 layers; bottleneck: 1x1-3x3-1x1 units, 9n+2 layers; "
+                            "wide: basic units of width 16k/32k/64k, 6n+4 layers")
+    model.add_argument("--depth", type=int, help="residual units per stage, n (18 gives PreResNet-110 or -164)")
+    model.add_argument("--width", type=int, help="widening factor k of wide networks (default 1)")
+    model.add_argument("--dropout", type=float, help="dropout between the convs of wide units (WRN uses 0.3; default 0)")
+    model.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
+                       help="use the Triton kernels of kernels/ (default off; not shipped yet)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=("cifar10", "cifar100", "folder"),
+                      help="cifar10 / cifar100 (official archives, downloaded into --data-dir when missing) or "
+                           "folder (DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*, 32x32 RGB); default cifar10")
+    data.add_argument("--data-dir", help="where the dataset lives (default ./data)")
+
+    recipe = parser.add_argument_group("recipe (every field overrides the chosen preset)")
+    recipe.add_argument("--recipe", choices=tuple(RECIPES),
+                        help="paper: He et al. 2016 (default for normal/bottleneck); wrn: Zagoruyko & Komodakis 2016 "
+                             "(default for wide)")
+    recipe.add_argument("--epochs", type=int, help="training epochs (paper 164, wrn 200); the lr milestones scale "
+                                                   "with it unless --milestones is given")
+    recipe.add_argument("--batch-size", type=int, help="images per optimizer step (128)")
+    recipe.add_argument("--lr", type=float, help="learning rate after warm-up (0.1)")
+    recipe.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
+    recipe.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
+                        help="Nesterov momentum (paper off, wrn on)")
+    recipe.add_argument("--weight-decay", type=float, help="L2 weight decay (paper 1e-4, wrn 5e-4)")
+    recipe.add_argument("--milestones", type=parse_milestones,
+                        help="comma-separated epochs at which the lr is multiplied by --lr-decay (paper 81,122; wrn 60,120,160)")
+    recipe.add_argument("--lr-decay", type=float, help="lr multiplier at each milestone (paper 0.1, wrn 0.2)")
+    recipe.add_argument("--warmup-iters", type=int, help="optimizer steps at --warmup-lr before the lr (paper 400, wrn 0)")
+    recipe.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (paper 0.01)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")
+    run.add_argument("--resume", metavar="PATH", help="continue the run in this folder (or from this checkpoint file)")
+    run.add_argument("--seed", type=int, help="seed for initialisation, data order and augmentation (default 0)")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
+    run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
+                     help="autocast precision; auto: bf16 on GPUs that have it (else fp16 with loss scaling), off on CPU")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                     help="channels-last memory format (default on for GPU, off for CPU)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the model (default on for GPU, off for CPU)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: when stderr is a terminal)")
+    return parser
+
+
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_decay",
+                "warmup_iters", "warmup_lr", "dropout")
+
+
+def new_run(args: argparse.Namespace):
+    """Config, recipe and output folder of a fresh run, from the flags."""
+    from preresnet.data import load_dataset
+    from preresnet.training import CHECKPOINT_NAME, prepare_config
+
+    if args.type is None or args.depth is None:
+        raise UserError("--type and --depth are required (or --resume a run)")
+    width = 1 if args.width is None else args.width
+    dropout = 0.0 if args.dropout is None else args.dropout
+    check_model_args(args.type, args.depth, width, dropout=dropout)
+    recipe_name = args.recipe or DEFAULT_RECIPE[args.type]
+    recipe = resolve_recipe(recipe_name, **{name: getattr(args, name) for name in RECIPE_FLAGS})
+    seed = 0 if args.seed is None else args.seed
+    if seed < 0:
+        raise UserError(f"--seed must be non-negative, got {seed}")
+    dataset_name = args.dataset or "cifar10"
+    data_dir = str(Path(args.data_dir or "data").resolve())
+    name = paper_name(args.type, args.depth, width)
+    out = Path(args.out or f"runs/{name.lower()}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / CHECKPOINT_NAME).exists():
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+    dataset = load_dataset(dataset_name, data_dir)
+    config = prepare_config(
+        dataset, model=name, type=args.type, depth=args.depth, width=width, dropout=recipe.dropout,
+        fused=bool(args.fused), dataset=dataset_name, data_dir=data_dir, recipe_name=recipe_name, seed=seed,
+    )
+    return config, recipe, out, dataset
+
+
+def resumed_run(args: argparse.Namespace):
+    """Config, recipe and folder of the run being resumed; only execution flags may change."""
+    from preresnet.training import load_checkpoint
+
+    checkpoint = load_checkpoint(args.resume)
+    config, recipe = checkpoint["config"], Recipe(**{**checkpoint["recipe"], "milestones": tuple(checkpoint["recipe"]["milestones"])})
+    saved = {**config, "recipe": config["recipe_name"], **asdict(recipe)}
+    for flag, value in vars(args).items():
+        if value is None or flag in RESUME_MAY_CHANGE:
+            continue
+        saved_value = saved.get(flag)
+        if flag == "data_dir":
+            value = str(Path(value).resolve())
+        if isinstance(saved_value, (list, tuple)):
+            saved_value = tuple(saved_value)
+        if value != saved_value:
+            raise UserError(f"--resume continues the saved configuration: --{flag.replace('_', '-')} was "
+                            f"{saved_value!r}, not {value!r} (only --epochs and execution flags may change)")
+    if args.epochs is not None:
+        recipe = replace(recipe, epochs=args.epochs)
+        check_recipe(recipe)
+    out = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    return config, recipe, out, checkpoint
+
+
+def main(args: argparse.Namespace) -> dict:
+    from preresnet.training import resolve_runtime, run
+
+    if args.resume:
+        config, recipe, out, checkpoint = resumed_run(args)
+        dataset = None
+    else:
+        config, recipe, out, dataset = new_run(args)
+        checkpoint = None
+    runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
+    (out / "config.json").write_text(json.dumps({**config, "recipe": asdict(recipe), "runtime": {
+        "device": str(runtime.device), "amp": runtime.amp, "channels_last": runtime.channels_last,
+        "compile": runtime.compile}}, indent=2) + "\n")
+    final = run(config, recipe, out, runtime, resume_from=checkpoint, progress=args.progress, dataset=dataset)
+    if final:
+        print(f"final test error {100 * final['test_error']:.2f}% after {final['epoch']} epochs ({out})")
+    return final
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from preresnet.training import NonFiniteLoss
+
+    args = build_parser().parse_args(argv)
+    try:
+        main(args)
+    except UserError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:
+        print(f"train.py: stopped: {exc}; the last checkpoint was left as it was "
+              f"(try a lower --lr, or --amp off)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("train.py: interrupted; continue with --resume and the run folder", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
