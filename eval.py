@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from preresnet.cli import OneLineParser, run_main
 from preresnet.errors import UserError
-from train import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,15 +69,7 @@ def main(args: argparse.Namespace) -> dict:
 
 def cli(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        print(f"eval.py: error: --batch-size must be at least 1, got {args.batch_size}", file=sys.stderr)
-        return 2
-    try:
-        main(args)
-    except UserError as exc:
-        print(f"eval.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(main, args, "eval.py")
 
 
 if __name__ == "__main__":

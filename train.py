@@ -14,19 +14,13 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from preresnet.cli import OneLineParser, run_main
 from preresnet.errors import UserError
 from preresnet.models import MODEL_TYPES, check_model_args, paper_name
 from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe
 
 # Flags that may differ when resuming: they change how the run executes, not what it computes.
 RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "progress", "resume"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (and exit status 2, as before)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_milestones(text: str) -> tuple[int, ...]:
@@ -149,13 +143,13 @@ def resumed_run(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> dict:
     from preresnet.training import resolve_runtime, run
 
+    runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile)
     if args.resume:
         config, recipe, out, checkpoint = resumed_run(args)
         dataset = None
     else:
         config, recipe, out, dataset = new_run(args)
         checkpoint = None
-    runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -174,10 +168,7 @@ def cli(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        main(args)
-    except UserError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+        return run_main(main, args, "train.py")
     except NonFiniteLoss as exc:
         print(f"train.py: stopped: {exc}; the last checkpoint was left as it was "
               f"(try a lower --lr, or --amp off)", file=sys.stderr)
@@ -185,7 +176,6 @@ def cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("train.py: interrupted; continue with --resume and the run folder", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

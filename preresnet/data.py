@@ -229,16 +229,15 @@ def folder_fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
     return digest.hexdigest()
 
 
-def load_folder_split(root: Path, split: str) -> tuple[list[str], Split]:
-    """Decode root/split/<class>/* once; later calls read the cached uint8 array next to the data."""
-    classes, files = list_class_files(root / split)
+def load_folder_split(root: Path, split: str, files: list[tuple[Path, int]]) -> Split:
+    """Decode root/split's files once; later calls read the cached uint8 array next to the data."""
     fingerprint = folder_fingerprint(root, files)
     cache = root / f".preresnet-cache-{split}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as cached:
                 if str(cached["fingerprint"]) == fingerprint:
-                    return classes, Split(cached["images"], cached["labels"])
+                    return Split(cached["images"], cached["labels"])
         except (OSError, ValueError, KeyError, EOFError):
             pass  # an unreadable cache is rebuilt below
     print(f"decoding {len(files)} images in {root / split} (cached after the first time)", file=sys.stderr)
@@ -250,17 +249,20 @@ def load_folder_split(root: Path, split: str) -> tuple[list[str], Split]:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         print(f"note: cannot cache decoded images in {cache} ({exc.strerror}); they will be decoded again next time", file=sys.stderr)
-    return classes, data
+    return data
 
 
 def load_folder(data_dir: str | os.PathLike) -> Dataset:
     root = Path(data_dir)
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist")
-    classes, train = load_folder_split(root, "train")
-    test_classes, test = load_folder_split(root, "test")
+    # Check the layout of both splits before the slow decoding of either.
+    classes, train_files = list_class_files(root / "train")
+    test_classes, test_files = list_class_files(root / "test")
     if test_classes != classes:
         raise UserError(f"{root}/train and {root}/test must hold the same class folders; got {classes} and {test_classes}")
+    train = load_folder_split(root, "train", train_files)
+    test = load_folder_split(root, "test", test_files)
     return Dataset("folder", train, test, classes)
 
 
@@ -331,7 +333,7 @@ class Loader:
         if batch_size < 1 or (train and batch_size > len(images)):
             raise UserError(f"batch size {batch_size} is impossible for {len(images)} {'training' if train else 'test'} images")
         self.device = torch.device(device)
-        self.images = torch.from_numpy(images).to(self.device)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device) * 255.0
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device) * 255.0

@@ -1,0 +1,23 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="preresnet",
+    version="0.1.0",
+    description="Pre-activation ResNets and Wide ResNets on CIFAR, with the papers' recipes and fused Triton kernels",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["preresnet", "preresnet.*", "kernels", "kernels.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "pillow>=9.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.6",
+    ],
+    extras_require={"dev": ["pytest>=7.0", "pytest-benchmark>=4.0"]},
+)

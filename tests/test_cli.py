@@ -1,0 +1,263 @@
+"""train.py and eval.py end to end, as a user runs them: subprocesses on a small synthetic dataset."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("circle", "cross", "square", "stripes")
+# PreResNet-8 on 4 classes x 48 images: a few seconds an epoch on 2 CPU cores
+TINY = ["--type", "normal", "--depth", "1", "--dataset", "folder", "--batch-size", "16", "--no-progress"]
+
+
+def draw(kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A 32x32 RGB image of a class-specific shape at a random place and colour, over noise."""
+    yy, xx = np.mgrid[:32, :32]
+    cy, cx = rng.integers(10, 22, size=2)
+    if kind == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < 36
+    elif kind == "cross":
+        mask = (np.abs(yy - cy) < 2) | (np.abs(xx - cx) < 2)
+    elif kind == "square":
+        mask = (np.abs(yy - cy) < 6) & (np.abs(xx - cx) < 6)
+    else:
+        mask = (yy // 3) % 2 == 0
+    image = rng.integers(0, 90, size=(32, 32, 3))
+    image[mask] = rng.integers(150, 256, size=3)
+    return image.astype(np.uint8)
+
+
+def make_dataset(root: Path, train_per_class: int = 48, test_per_class: int = 16, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for kind in CLASSES:
+            folder = root / split / kind
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(draw(kind, rng)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def run(script: str, *args, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                            cwd=kwargs.pop("cwd", ROOT), env=env, timeout=kwargs.pop("timeout", 300), **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def load_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory) -> Path:
+    """Three uninterrupted epochs: the reference for resume, eval and the output files."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    run("train.py", *TINY, "--data-dir", data_dir, "--epochs", "3", "--seed", "7", "--out", out, check=True)
+    return out
+
+
+def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
+    config = json.loads((finished_run / "config.json").read_text())
+    assert config["model"] == "PreResNet-8" and config["classes"] == list(CLASSES)
+    assert config["recipe"]["epochs"] == 3 and config["recipe"]["lr"] == 0.1 and config["seed"] == 7
+    assert config["runtime"] == {"device": "cpu", "amp": "off", "channels_last": False, "compile": False}
+    metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        assert {"epoch", "lr", "train_loss", "train_error", "test_loss", "test_error", "epoch_seconds",
+                "images_per_second"} <= set(m)
+        assert 0 <= m["test_error"] <= 1 and m["images_per_second"] > 0
+    assert (finished_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    checkpoint = load_weights(finished_run)
+    assert checkpoint["epoch"] == 3 and {"model", "optimizer", "config"} <= set(checkpoint)
+    assert not [p for p in finished_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_short_training_learns_the_synthetic_task(data_dir, tmp_path):
+    """Chance is 75% error; the shapes are easy once the network trains at all."""
+    out = tmp_path / "learn"
+    run("train.py", *TINY, "--data-dir", data_dir, "--epochs", "8", "--warmup-iters", "0", "--lr", "0.05",
+        "--milestones", "6", "--out", out, check=True)
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["epoch"] == 8
+    assert final["test_error"] < 0.25, final
+    assert final["train_loss"] < 1.0, final
+
+
+def test_resume_after_sigkill_is_bit_identical(data_dir, finished_run, tmp_path):
+    out = tmp_path / "killed"
+    args = [sys.executable, str(ROOT / "train.py"), *TINY, "--data-dir", str(data_dir), "--epochs", "3",
+            "--seed", "7", "--out", str(out)]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Epoch 1's line is printed once its checkpoint is on disk: kill during epoch 2's training steps.
+    for line in process.stdout:
+        if line.startswith("epoch 1/3"):
+            time.sleep(0.5)
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert load_weights(out)["epoch"] == 1, "the kill came too late to interrupt the run"
+
+    result = run("train.py", "--resume", out, "--no-progress", check=True)
+    assert "resuming after epoch 1" in result.stderr
+    resumed, reference = load_weights(out), load_weights(finished_run)
+    assert resumed["epoch"] == 3
+    for key, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key
+    for state, ref_state in zip(resumed["optimizer"]["state"].values(), reference["optimizer"]["state"].values()):
+        assert torch.equal(state["momentum_buffer"], ref_state["momentum_buffer"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reference_lines = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert [m["train_loss"] for m in lines] == [m["train_loss"] for m in reference_lines]
+
+
+def test_resume_refuses_a_changed_recipe(finished_run):
+    result = run("train.py", "--resume", finished_run, "--lr", "0.5")
+    assert_one_line_error(result, "--lr", "0.1")
+
+
+def test_fp16_with_loss_scaling_and_extending_a_finished_run(data_dir, tmp_path):
+    out = tmp_path / "fp16"
+    run("train.py", *TINY, "--type", "bottleneck", "--data-dir", data_dir, "--epochs", "1", "--amp", "fp16",
+        "--out", out, check=True)
+    first = load_weights(out)
+    assert first["scaler"]["scale"] > 0 and first["config"]["type"] == "bottleneck"
+    run("train.py", "--resume", out, "--epochs", "2", "--no-progress", check=True)
+    extended = load_weights(out)
+    assert extended["epoch"] == 2 and extended["recipe"]["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
+    """The GPU defaults (compile, bf16 autocast, channels-last) also work on the CPU when asked for."""
+    out = tmp_path / "compiled"
+    run("train.py", *TINY, "--type", "wide", "--width", "2", "--dropout", "0.3", "--data-dir", data_dir,
+        "--epochs", "1", "--amp", "bf16", "--channels-last", "--compile", "--out", out, check=True, timeout=900)
+    config = json.loads((out / "config.json").read_text())
+    assert config["runtime"] == {"device": "cpu", "amp": "bf16", "channels_last": True, "compile": True}
+    assert config["model"] == "WRN-10-2" and config["recipe"]["nesterov"] is True  # the wrn recipe
+    metrics = json.loads((out / "metrics.jsonl").read_text())
+    assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["test_error"] <= 1
+
+
+def test_eval_round_trip(finished_run, data_dir):
+    result = run("eval.py", "--checkpoint", finished_run / "checkpoint.pt", "--json", check=True)
+    report = json.loads(result.stdout)
+    final = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert report["test_error"] == pytest.approx(final["test_error"], abs=1e-12)
+    assert report["test_loss"] == pytest.approx(final["test_loss"], rel=1e-5)
+    assert report["model"] == "PreResNet-8" and report["epoch"] == 3 and report["test_images"] == 64
+    accuracy = report["per_class_accuracy"]
+    assert len(accuracy) == 4 and np.mean(accuracy) == pytest.approx(1 - report["test_error"])
+    table = run("eval.py", "--checkpoint", finished_run, check=True).stdout
+    assert "test error" in table and all(name in table for name in CLASSES)
+
+
+def test_eval_rejects_bad_checkpoints(finished_run, tmp_path):
+    assert_one_line_error(run("eval.py", "--checkpoint", tmp_path / "missing.pt"), "does not exist")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((finished_run / "checkpoint.pt").read_bytes()[:2000])
+    assert_one_line_error(run("eval.py", "--checkpoint", truncated), "cannot read checkpoint")
+    foreign = tmp_path / "state_dict.pt"
+    torch.save(load_weights(finished_run)["model"], foreign)
+    assert_one_line_error(run("eval.py", "--checkpoint", foreign), "not a checkpoint written by")
+    # another architecture under the run's config: PreResNet-14 weights where PreResNet-8 is declared
+    from preresnet import build_model
+
+    other = load_weights(finished_run)
+    other["model"] = build_model("normal", 2, num_classes=4).state_dict()
+    mismatched = tmp_path / "other_arch.pt"
+    torch.save(other, mismatched)
+    assert_one_line_error(run("eval.py", "--checkpoint", mismatched), "does not hold a PreResNet-8")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "diverged"
+    # epoch 1 (12 steps) trains at the warm-up lr; epoch 2 jumps to an lr that overflows
+    result = run("train.py", *TINY, "--data-dir", data_dir, "--epochs", "3", "--warmup-iters", "12",
+                 "--warmup-lr", "0.01", "--lr", "1e30", "--out", out)
+    assert result.returncode == 1, result.stderr
+    assert "non-finite" in result.stderr.lower() or "became nan" in result.stderr or "became inf" in result.stderr
+    checkpoint = load_weights(out)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--type", "normal", "--depth", "3", "--width", "2"], ["width 2 is only for --type wide"]),
+    (["--type", "normal", "--depth", "0"], ["depth"]),
+    (["--type", "resnet", "--depth", "3"], ["--type", "invalid choice"]),
+    (["--type", "normal", "--depth", "3", "--dataset", "imagenet"], ["--dataset", "invalid choice"]),
+    (["--depth", "3"], ["--type and --depth are required"]),
+    (["--type", "normal", "--depth", "1", "--dataset", "folder", "--data-dir", "/nonexistent/shapes"],
+     ["/nonexistent/shapes does not exist"]),
+    (["--type", "normal", "--depth", "1", "--epochs", "abc"], ["--epochs", "invalid int value"]),
+    (["--type", "normal", "--depth", "1", "--milestones", "3,x"], ["--milestones"]),
+    (["--type", "normal", "--depth", "1", "--seed", "-1"], ["--seed"]),
+    (["--resume", "/nonexistent/run"], ["does not exist"]),
+])
+def test_train_rejects_bad_input_with_one_line(args, fragments):
+    assert_one_line_error(run("train.py", *args), *fragments)
+
+
+@pytest.mark.parametrize("batch_size", ["0", "193"])  # 192 training images
+def test_train_rejects_impossible_batch_sizes(data_dir, tmp_path, batch_size):
+    result = run("train.py", *TINY, "--data-dir", data_dir, "--batch-size", batch_size, "--out", tmp_path / "b")
+    assert_one_line_error(result, "batch size")
+
+
+def test_train_refuses_to_overwrite_a_run(finished_run, data_dir):
+    result = run("train.py", *TINY, "--data-dir", data_dir, "--out", finished_run)
+    assert_one_line_error(result, "already holds a run", "--resume")
+
+
+def test_train_rejects_a_folder_without_test_split(tmp_path):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "train" / "a" / "0.png")
+    result = run("train.py", *TINY, "--data-dir", tmp_path, "--out", tmp_path / "run")
+    assert_one_line_error(result, str(tmp_path / "test"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_cuda_without_gpu_is_a_clear_error(data_dir, tmp_path):
+    result = run("train.py", *TINY, "--data-dir", data_dir, "--device", "cuda", "--out", tmp_path / "gpu")
+    assert_one_line_error(result, "--device cuda", "no CUDA GPU")
+
+
+def test_help_documents_every_flag():
+    text = run("train.py", "--help", check=True).stdout
+    for flag in ("--type", "--depth", "--width", "--dataset", "--data-dir", "--recipe", "--epochs", "--batch-size",
+                 "--lr", "--weight-decay", "--out", "--resume", "--seed", "--device", "--amp", "--channels-last",
+                 "--no-channels-last", "--compile", "--no-compile", "--fused", "--no-fused"):
+        assert flag in text, flag
+    assert "--json" in run("eval.py", "--help", check=True).stdout

@@ -1,0 +1,693 @@
+"""Tests for preresnet.data: CIFAR archives, image folders, channel statistics and the Loader.
+
+Everything runs on the CPU on small data the tests build themselves under tmp_path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from preresnet import data
+from preresnet.errors import UserError
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+def random_images(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def encode_cifar(images: np.ndarray) -> np.ndarray:
+    """HWC uint8 images -> N x 3072 rows of 3 channel planes, each 32x32 row-major (official layout)."""
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2).reshape(len(images), 3072))
+
+
+def md5_of(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_pickle(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def make_tar_gz(archive: Path, src_root: Path, folder: str) -> None:
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src_root / folder, arcname=folder)
+
+
+@dataclasses.dataclass
+class FakeCifar:
+    archive: Path  # outside any data dir
+    md5: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: list[str]
+
+
+def build_cifar10(tmp_path: Path, per_batch: int = 4) -> FakeCifar:
+    rng = np.random.default_rng(10)
+    spec = data.CIFAR_SPECS["cifar10"]
+    src = tmp_path / "build10"
+    folder = src / spec.folder
+    folder.mkdir(parents=True)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    n_train = per_batch * len(spec.train_files)
+    train_images = random_images(rng, n_train)
+    train_labels = rng.permutation(np.arange(n_train) % 10)  # every class present, so names are kept
+    for i, name in enumerate(spec.train_files):
+        sl = slice(i * per_batch, (i + 1) * per_batch)
+        write_pickle(folder / name, {
+            b"batch_label": f"training batch {i + 1} of 5".encode(),
+            b"labels": [int(v) for v in train_labels[sl]],
+            b"data": encode_cifar(train_images[sl]),
+            b"filenames": [f"img_{i}_{j}.png".encode() for j in range(per_batch)],
+        })
+    test_images = random_images(rng, per_batch)
+    test_labels = rng.integers(0, 10, size=per_batch)
+    write_pickle(folder / "test_batch", {
+        b"batch_label": b"testing batch 1 of 1",
+        b"labels": [int(v) for v in test_labels],
+        b"data": encode_cifar(test_images),
+    })
+    write_pickle(folder / "batches.meta", {
+        b"label_names": [c.encode() for c in classes],
+        b"num_cases_per_batch": per_batch,
+        b"num_vis": 3072,
+    })
+    archive = tmp_path / "server" / spec.archive
+    make_tar_gz(archive, src, spec.folder)
+    return FakeCifar(archive, md5_of(archive), train_images, train_labels, test_images, test_labels, classes)
+
+
+def build_cifar100(tmp_path: Path) -> FakeCifar:
+    rng = np.random.default_rng(100)
+    spec = data.CIFAR_SPECS["cifar100"]
+    src = tmp_path / "build100"
+    folder = src / spec.folder
+    folder.mkdir(parents=True)
+    classes = [f"class_{i:02d}" for i in range(100)]
+    train_images = random_images(rng, 6)
+    train_labels = np.array([99, 0, 42, 7, 42, 13])
+    test_images = random_images(rng, 3)
+    test_labels = np.array([5, 99, 1])
+    write_pickle(folder / "train", {
+        b"fine_labels": [int(v) for v in train_labels],
+        b"coarse_labels": [int(v) // 5 for v in train_labels],
+        b"data": encode_cifar(train_images),
+    })
+    write_pickle(folder / "test", {
+        b"fine_labels": [int(v) for v in test_labels],
+        b"coarse_labels": [int(v) // 5 for v in test_labels],
+        b"data": encode_cifar(test_images),
+    })
+    write_pickle(folder / "meta", {
+        b"fine_label_names": [c.encode() for c in classes],
+        b"coarse_label_names": [f"super_{i}".encode() for i in range(20)],
+    })
+    archive = tmp_path / "server" / spec.archive
+    make_tar_gz(archive, src, spec.folder)
+    return FakeCifar(archive, md5_of(archive), train_images, train_labels, test_images, test_labels, classes)
+
+
+def patch_spec(monkeypatch, name: str, **changes) -> data.CifarSpec:
+    spec = dataclasses.replace(data.CIFAR_SPECS[name], **changes)
+    monkeypatch.setitem(data.CIFAR_SPECS, name, spec)
+    return spec
+
+
+def assert_dataset_matches(ds: data.Dataset, fake: FakeCifar, name: str) -> None:
+    assert ds.name == name
+    for split, images, labels in ((ds.train, fake.train_images, fake.train_labels),
+                                  (ds.test, fake.test_images, fake.test_labels)):
+        assert split.images.dtype == np.uint8
+        assert split.images.shape == images.shape
+        assert split.images.flags.c_contiguous
+        np.testing.assert_array_equal(split.images, images)  # pixel-exact, CHW planes -> HWC
+        assert split.labels.dtype == np.int64
+        np.testing.assert_array_equal(split.labels, labels)
+    assert ds.classes == fake.classes
+    assert ds.num_classes == len(fake.classes)
+
+
+# --- CIFAR ----------------------------------------------------------------------------------------
+
+OFFICIAL_CIFAR10_MD5 = data.CIFAR_SPECS["cifar10"].md5
+
+
+@pytest.fixture
+def cifar10(tmp_path, monkeypatch) -> FakeCifar:
+    fake = build_cifar10(tmp_path)
+    patch_spec(monkeypatch, "cifar10", md5=fake.md5, url=fake.archive.as_uri())
+    return fake
+
+
+def test_cifar10_download_verify_extract(tmp_path, cifar10):
+    data_dir = tmp_path / "data" / "nested"  # does not exist yet: created by the loader
+    ds = data.load_dataset("cifar10", data_dir)
+    assert_dataset_matches(ds, cifar10, "cifar10")
+    archive = data_dir / cifar10.archive.name
+    assert archive.is_file() and md5_of(archive) == cifar10.md5
+    assert (data_dir / "cifar-10-batches-py" / "data_batch_5").is_file()
+    assert not list(data_dir.glob("*.part"))
+
+
+def test_cifar10_hwc_layout_of_a_known_image(tmp_path, cifar10):
+    """A pixel-level check independent of encode_cifar: the first bytes of a row are the red plane."""
+    ds = data.load_cifar("cifar10", tmp_path / "data")
+    with tarfile.open(cifar10.archive) as tar:
+        raw = pickle.load(tar.extractfile("cifar-10-batches-py/data_batch_1"), encoding="bytes")[b"data"][0]
+    img = ds.train.images[0]
+    assert img[0, 0, 0] == raw[0] and img[0, 1, 0] == raw[1] and img[1, 0, 0] == raw[32]
+    assert img[0, 0, 1] == raw[1024] and img[0, 0, 2] == raw[2048] and img[31, 31, 2] == raw[3071]
+
+
+def test_cifar10_second_load_uses_extracted_batches(tmp_path, cifar10, monkeypatch):
+    data_dir = tmp_path / "data"
+    first = data.load_dataset("cifar10", data_dir)
+    (data_dir / cifar10.archive.name).unlink()
+    cifar10.archive.unlink()  # neither a local archive nor a reachable URL is left
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("must not download when the batches are extracted")
+
+    monkeypatch.setattr(data, "download", no_download)
+    second = data.load_dataset("cifar10", data_dir, download_missing=False)
+    assert_dataset_matches(second, cifar10, "cifar10")
+    np.testing.assert_array_equal(first.train.images, second.train.images)
+
+
+def test_cifar10_present_archive_is_used_without_download(tmp_path, cifar10, monkeypatch):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / cifar10.archive.name).write_bytes(cifar10.archive.read_bytes())
+    patch_spec(monkeypatch, "cifar10", md5=cifar10.md5, url="file:///nonexistent/cifar-10-python.tar.gz")
+    ds = data.load_dataset("cifar10", data_dir)
+    assert_dataset_matches(ds, cifar10, "cifar10")
+
+
+@pytest.mark.parametrize("how", ["official-md5", "corrupt-byte"])
+def test_cifar10_archive_with_wrong_md5(tmp_path, cifar10, monkeypatch, how):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    archive = data_dir / cifar10.archive.name
+    content = bytearray(cifar10.archive.read_bytes())
+    if how == "official-md5":
+        patch_spec(monkeypatch, "cifar10", md5=OFFICIAL_CIFAR10_MD5)  # our archive is not the official one
+    else:
+        content[len(content) // 2] ^= 0xFF
+    archive.write_bytes(bytes(content))
+    with pytest.raises(UserError) as info:
+        data.load_dataset("cifar10", data_dir)
+    message = str(info.value)
+    assert str(archive) in message
+    assert "MD5" in message
+    assert not (data_dir / "cifar-10-batches-py").exists()  # nothing extracted from a bad archive
+
+
+def test_cifar10_unreachable_url(tmp_path, monkeypatch):
+    url = "file:///nonexistent/x.tar.gz"
+    patch_spec(monkeypatch, "cifar10", url=url)
+    data_dir = tmp_path / "data"
+    with pytest.raises(UserError) as info:
+        data.load_dataset("cifar10", data_dir)
+    assert url in str(info.value)
+    assert not list(data_dir.glob("*"))  # no archive, no leftover .part file
+
+
+def test_cifar10_missing_archive_without_download(tmp_path, cifar10):
+    data_dir = tmp_path / "data"
+    with pytest.raises(UserError) as info:
+        data.load_dataset("cifar10", data_dir, download_missing=False)
+    assert str(data_dir / cifar10.archive.name) in str(info.value)
+
+
+def test_cifar10_corrupt_extracted_batch(tmp_path, cifar10):
+    data_dir = tmp_path / "data"
+    data.load_dataset("cifar10", data_dir)
+    batch = data_dir / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(UserError) as info:
+        data.load_dataset("cifar10", data_dir)
+    assert str(batch) in str(info.value)
+
+
+def test_cifar100_format(tmp_path, monkeypatch):
+    fake = build_cifar100(tmp_path)
+    patch_spec(monkeypatch, "cifar100", md5=fake.md5, url=fake.archive.as_uri())
+    data_dir = tmp_path / "data"
+    ds = data.load_dataset("cifar100", data_dir)
+    assert_dataset_matches(ds, fake, "cifar100")
+    assert (data_dir / "cifar-100-python" / "meta").is_file()
+    assert ds.classes[99] == "class_99"
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(UserError, match="svhn"):
+        data.load_dataset("svhn", tmp_path)
+
+
+# --- image folders --------------------------------------------------------------------------------
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
+    image.save(path, format="PNG")
+
+
+def make_folder(root: Path, layout: dict[str, dict[str, int]], seed: int = 0):
+    """Write root/<split>/<class>/NNN.png; return {split: (images, labels)} in the expected order."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for split, counts in layout.items():
+        classes = sorted(counts)
+        images, labels = [], []
+        for label, cls in enumerate(classes):
+            for j in range(counts[cls]):
+                img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                write_png(root / split / cls / f"{j:03d}.png", img)
+                images.append(img)
+                labels.append(label)
+        expected[split] = (np.stack(images), np.array(labels, dtype=np.int64))
+    return expected
+
+
+LAYOUT = {"train": {"zebra": 2, "ant": 3, "moose": 1}, "test": {"zebra": 1, "ant": 1, "moose": 2}}
+
+
+def assert_split(split: data.Split, images: np.ndarray, labels: np.ndarray) -> None:
+    assert split.images.dtype == np.uint8 and split.images.shape == images.shape
+    np.testing.assert_array_equal(split.images, images)
+    assert split.labels.dtype == np.int64
+    np.testing.assert_array_equal(split.labels, labels)
+
+
+def test_folder_reads_pixels_classes_and_labels(tmp_path):
+    root = tmp_path / "ds"
+    expected = make_folder(root, LAYOUT)
+    (root / "train" / "ant" / ".DS_Store").write_bytes(b"junk")  # hidden files are ignored
+    (root / "train" / ".hidden").mkdir()  # hidden folders are not classes
+    (root / "train" / "README.txt").write_text("not a class")  # files beside the classes are ignored
+    ds = data.load_dataset("folder", root)
+    assert ds.name == "folder"
+    assert ds.classes == ["ant", "moose", "zebra"]
+    assert ds.num_classes == 3
+    assert_split(ds.train, *expected["train"])
+    assert_split(ds.test, *expected["test"])
+    np.testing.assert_array_equal(ds.train.labels, [0, 0, 0, 1, 2, 2])
+
+
+def test_folder_cache_is_written_and_reused(tmp_path, monkeypatch):
+    root = tmp_path / "ds"
+    expected = make_folder(root, LAYOUT)
+    data.load_folder(root)
+    assert (root / ".preresnet-cache-train.npz").is_file()
+    assert (root / ".preresnet-cache-test.npz").is_file()
+    assert not list(root.glob("*.tmp.npz"))
+
+    def no_decode(files):
+        raise AssertionError("decode_images called although the cache is valid")
+
+    monkeypatch.setattr(data, "decode_images", no_decode)
+    ds = data.load_folder(root)
+    assert_split(ds.train, *expected["train"])
+    assert_split(ds.test, *expected["test"])
+
+
+def test_folder_cache_rebuilt_when_an_image_is_added(tmp_path):
+    root = tmp_path / "ds"
+    expected = make_folder(root, LAYOUT)
+    assert len(data.load_folder(root).train.images) == 6
+    extra = np.full((32, 32, 3), 7, dtype=np.uint8)
+    write_png(root / "train" / "moose" / "999.png", extra)
+    ds = data.load_folder(root)
+    assert len(ds.train.images) == 7
+    np.testing.assert_array_equal(ds.train.images[4], extra)  # after moose/000.png, before the zebras
+    np.testing.assert_array_equal(ds.train.labels, [0, 0, 0, 1, 1, 2, 2])
+    assert_split(ds.test, *expected["test"])
+
+
+def test_folder_cache_rebuilt_when_an_image_changes(tmp_path):
+    root = tmp_path / "ds"
+    make_folder(root, LAYOUT)
+    data.load_folder(root)
+    changed = np.full((32, 32, 3), 200, dtype=np.uint8)
+    path = root / "test" / "zebra" / "000.png"
+    write_png(path, changed)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a surely different mtime
+    ds = data.load_folder(root)
+    np.testing.assert_array_equal(ds.test.images[-1], changed)
+
+
+def test_folder_cache_rebuilt_when_an_image_changes_but_not_its_size(tmp_path):
+    root = tmp_path / "ds"
+    make_folder(root, LAYOUT)
+    path = root / "train" / "ant" / "001.png"
+    write_png(path, np.full((32, 32, 3), 100, dtype=np.uint8))
+    size = path.stat().st_size
+    ds = data.load_folder(root)
+    assert (ds.train.images[1] == 100).all()
+    write_png(path, np.full((32, 32, 3), 200, dtype=np.uint8))
+    assert path.stat().st_size == size  # only the modification time tells the change
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    ds = data.load_folder(root)
+    assert (ds.train.images[1] == 200).all()
+
+
+def test_folder_unreadable_cache_is_rebuilt(tmp_path):
+    root = tmp_path / "ds"
+    expected = make_folder(root, LAYOUT)
+    data.load_folder(root)
+    (root / ".preresnet-cache-train.npz").write_bytes(b"not an npz file")
+    ds = data.load_folder(root)
+    assert_split(ds.train, *expected["train"])
+    with np.load(root / ".preresnet-cache-train.npz") as cached:  # rewritten, valid again
+        np.testing.assert_array_equal(cached["images"], expected["train"][0])
+
+
+def test_folder_missing(tmp_path):
+    root = tmp_path / "nope"
+    with pytest.raises(UserError) as info:
+        data.load_dataset("folder", root)
+    assert str(root) in str(info.value)
+
+
+def test_folder_missing_test_split(tmp_path):
+    root = tmp_path / "ds"
+    make_folder(root, {"train": LAYOUT["train"]})
+    with pytest.raises(UserError) as info:
+        data.load_folder(root)
+    assert str(root / "test") in str(info.value)
+
+
+def test_folder_split_without_classes(tmp_path):
+    root = tmp_path / "ds"
+    make_folder(root, {"train": LAYOUT["train"]})
+    (root / "test").mkdir()
+    with pytest.raises(UserError) as info:
+        data.load_folder(root)
+    assert str(root / "test") in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["31x32", "32x31", "grayscale", "rgba", "not-an-image", "truncated"])
+def test_folder_bad_image(tmp_path, case):
+    root = tmp_path / "ds"
+    make_folder(root, LAYOUT)
+    bad = root / "train" / "moose" / "bad.png"
+    if case == "31x32":  # 31 wide, 32 high
+        write_png(bad, np.zeros((32, 31, 3), dtype=np.uint8))
+    elif case == "32x31":
+        write_png(bad, np.zeros((31, 32, 3), dtype=np.uint8))
+    elif case == "grayscale":
+        write_png(bad, np.zeros((32, 32), dtype=np.uint8), "L")
+    elif case == "rgba":
+        write_png(bad, np.zeros((32, 32, 4), dtype=np.uint8), "RGBA")
+    elif case == "not-an-image":
+        bad = root / "train" / "moose" / "notes.txt"
+        bad.write_text("hello, I am not an image\n")
+    else:
+        write_png(bad, np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(UserError) as info:
+        data.load_folder(root)
+    assert str(bad) in str(info.value)
+
+
+def test_folder_different_class_sets(tmp_path):
+    root = tmp_path / "ds"
+    make_folder(root, {"train": {"ant": 1, "bee": 1}, "test": {"ant": 1, "wasp": 1}})
+    with pytest.raises(UserError) as info:
+        data.load_folder(root)
+    message = str(info.value)
+    assert str(root / "train") in message and str(root / "test") in message
+    assert "bee" in message and "wasp" in message
+
+
+def test_folder_empty_class_folder(tmp_path):
+    root = tmp_path / "ds"
+    make_folder(root, LAYOUT)
+    empty = root / "test" / "ant"
+    for f in empty.iterdir():
+        f.unlink()
+    with pytest.raises(UserError) as info:
+        data.load_folder(root)
+    assert str(empty) in str(info.value)
+
+
+# --- channel statistics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7, 32, 32, 3), (5000, 2, 2, 3)])  # the second spans several 4096 chunks
+def test_channel_mean_std_matches_numpy(shape):
+    rng = np.random.default_rng(3)
+    images = np.stack([rng.integers(lo, hi, size=shape[:-1]) for lo, hi in ((0, 256), (50, 120), (200, 256))],
+                      axis=-1).astype(np.uint8)
+    mean, std = data.channel_mean_std(images)
+    flat = images.reshape(-1, 3).astype(np.float64) / 255.0
+    assert isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-7, atol=1e-9)
+
+
+def test_channel_std_has_a_floor_for_constant_images():
+    images = np.full((4, 32, 32, 3), 100, dtype=np.uint8)
+    mean, std = data.channel_mean_std(images)
+    np.testing.assert_allclose(mean, [100 / 255] * 3)
+    assert all(s == pytest.approx(1e-3) for s in std)
+
+
+# --- Loader ---------------------------------------------------------------------------------------
+
+MEAN = [0.3, 0.55, 0.7]
+STD = [0.2, 0.25, 0.31]
+N = 24
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return random_images(np.random.default_rng(7), N)
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """Reference normalisation in float32, the same operations as the loader (HWC)."""
+    mean = np.asarray(MEAN, dtype=np.float32) * np.float32(255.0)
+    std = np.asarray(STD, dtype=np.float32) * np.float32(255.0)
+    return (images.astype(np.float32) - mean) / std
+
+
+def hwc(x: torch.Tensor) -> np.ndarray:
+    return x.float().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def make_loader(images, labels=None, **kwargs) -> data.Loader:
+    kwargs.setdefault("mean", MEAN)
+    kwargs.setdefault("std", STD)
+    if labels is None:
+        labels = np.arange(len(images))
+    return data.Loader(images, labels, **kwargs)
+
+
+def crop_table(images: np.ndarray) -> dict[bytes, tuple[int, bool, int, int]]:
+    """All 2 x 81 crops of every zero-padded normalised source, keyed by their bytes."""
+    table = {}
+    pad = data.CROP_PADDING
+    for i, img in enumerate(normalise(images)):
+        padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+        for flip, source in ((False, padded), (True, padded[:, ::-1])):
+            for r in range(2 * pad + 1):
+                for c in range(2 * pad + 1):
+                    key = np.ascontiguousarray(source[r : r + 32, c : c + 32]).tobytes()
+                    assert key not in table  # random content: every candidate is distinct
+                    table[key] = (i, flip, r, c)
+    return table
+
+
+def test_train_augmentation_is_a_pad_crop_flip(images):
+    table = crop_table(images)
+    loader = make_loader(images, batch_size=8, train=True, seed=11)
+    rows, cols, pairs, flips = Counter(), Counter(), Counter(), Counter()
+    epochs = 60
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        seen = []
+        for x, y in loader:
+            assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+            for out, label in zip(hwc(x), y.tolist()):
+                match = table.get(out.tobytes())
+                assert match is not None, f"epoch {epoch}: output for image {label} is no pad-crop-flip of it"
+                source, flip, r, c = match
+                assert source == label
+                rows[r] += 1
+                cols[c] += 1
+                pairs[r, c] += 1
+                flips[flip] += 1
+                seen.append(label)
+        assert sorted(seen) == list(range(N))
+    draws = epochs * N  # 1440: 160 expected per offset (sd ~12), 720 per flip (sd ~19)
+    assert sorted(rows) == sorted(cols) == list(range(9))
+    assert len(pairs) == 81  # every (row, col) pair occurs, ~18 expected each
+    for counter in (rows, cols):
+        assert all(100 <= n <= 220 for n in counter.values()), counter
+    assert set(flips) == {False, True}
+    assert 620 <= flips[True] <= 820, flips
+    assert sum(flips.values()) == draws
+
+
+@pytest.mark.parametrize("n,batch_size", [(24, 1), (24, 8), (24, 24), (24, 5), (24, 7), (24, 23), (10, 3)])
+def test_train_epoch_covers_each_sample_once(images, n, batch_size):
+    loader = make_loader(images[:n], batch_size=batch_size, train=True, seed=1)
+    assert len(loader) == n // batch_size
+    assert loader.num_samples == (n // batch_size) * batch_size
+    for epoch in (0, 3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == n // batch_size
+        labels = []
+        for x, y in batches:
+            assert x.shape == (batch_size, 3, 32, 32)
+            assert y.shape == (batch_size,) and y.dtype == torch.int64
+            labels.extend(y.tolist())
+        assert len(set(labels)) == len(labels) == (n // batch_size) * batch_size
+        assert set(labels) <= set(range(n))
+        if n % batch_size == 0:
+            assert sorted(labels) == list(range(n))
+
+
+def epoch_batches(loader: data.Loader, epoch: int):
+    loader.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_train_order_changes_with_epoch_and_is_reproducible(images):
+    loader = make_loader(images, batch_size=6, train=True, seed=5)
+    orders = [torch.cat([y for _, y in epoch_batches(loader, e)]).tolist() for e in range(4)]
+    assert len({tuple(o) for o in orders}) == 4  # different permutations each epoch
+    again = torch.cat([y for _, y in epoch_batches(loader, 2)]).tolist()
+    assert again == orders[2]  # going back to an epoch reproduces it
+
+
+def test_train_same_seed_same_batches_other_seed_different(images):
+    a = epoch_batches(make_loader(images, batch_size=6, train=True, seed=5), 3)
+    b = epoch_batches(make_loader(images, batch_size=6, train=True, seed=5), 3)
+    c = epoch_batches(make_loader(images, batch_size=6, train=True, seed=6), 3)
+    assert len(a) == len(b) == len(c) == 4
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert not all(torch.equal(ya, yc) for (_, ya), (_, yc) in zip(a, c))
+    # with the same order forced, the augmentation draws differ too
+    assert not all(torch.equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 7, 24, 30])
+def test_eval_in_order_without_augmentation(images, batch_size):
+    loader = make_loader(images, batch_size=batch_size, train=False, seed=9)
+    expected = normalise(images)
+    n_batches = -(-N // batch_size)
+    assert len(loader) == n_batches
+    assert loader.num_samples == N
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        xs, ys = zip(*loader)
+        assert len(xs) == n_batches
+        assert [len(y) for y in ys] == [batch_size] * (n_batches - 1) + [N - batch_size * (n_batches - 1)]
+        y = torch.cat(ys)
+        assert y.dtype == torch.int64 and y.tolist() == list(range(N))
+        x = torch.cat(xs)
+        assert x.shape == (N, 3, 32, 32) and x.dtype == torch.float32
+        np.testing.assert_array_equal(hwc(x), expected)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_memory_format_and_dtype(images, train, batch_size):
+    kwargs = dict(batch_size=batch_size, train=train, seed=2)
+    plain = epoch_batches(make_loader(images, **kwargs), 1)
+    cl = epoch_batches(make_loader(images, channels_last=True, **kwargs), 1)
+    bf = epoch_batches(make_loader(images, dtype=torch.bfloat16, **kwargs), 1)
+    bf_cl = epoch_batches(make_loader(images, dtype=torch.bfloat16, channels_last=True, **kwargs), 1)
+    for (x, y), (xc, yc), (xb, yb), (xbc, ybc) in zip(plain, cl, bf, bf_cl):
+        assert x.dtype == xc.dtype == torch.float32
+        assert xb.dtype == xbc.dtype == torch.bfloat16
+        assert x.shape == xc.shape == xb.shape == xbc.shape == (batch_size, 3, 32, 32)
+        assert x.is_contiguous()
+        assert xb.is_contiguous()
+        assert xc.is_contiguous(memory_format=torch.channels_last)
+        assert xbc.is_contiguous(memory_format=torch.channels_last)
+        if batch_size > 1:
+            assert not xc.is_contiguous()
+        assert torch.equal(x, xc)
+        assert torch.equal(xb, x.to(torch.bfloat16)) and torch.equal(xbc, xb)
+        for labels in (y, yc, yb, ybc):
+            assert labels.dtype == torch.int64
+        assert torch.equal(y, yc) and torch.equal(y, yb) and torch.equal(y, ybc)
+
+
+def test_loader_accepts_list_labels_and_keeps_them(images):
+    labels = [int(v) for v in (np.arange(N) * 7) % 10]
+    loader = make_loader(images, labels, batch_size=N, train=False)
+    (_, y), = list(loader)
+    assert y.dtype == torch.int64 and y.tolist() == labels
+
+
+def test_eval_batch_larger_than_data_is_one_batch(images):
+    loader = make_loader(images[:5], batch_size=64, train=False)
+    assert len(loader) == 1
+    (x, y), = list(loader)
+    assert x.shape == (5, 3, 32, 32) and y.tolist() == list(range(5))
+
+
+@pytest.mark.parametrize("case", ["float-images", "nchw", "grayscale", "3d", "int16", "labels-short",
+                                  "labels-long", "batch-too-big", "batch-zero", "batch-zero-eval",
+                                  "batch-negative"])
+def test_loader_errors(images, case):
+    kwargs = dict(batch_size=8, train=True)
+    imgs, labels = images, np.arange(N)
+    if case == "float-images":
+        imgs = images.astype(np.float32)
+    elif case == "nchw":
+        imgs = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    elif case == "grayscale":
+        imgs = images[..., 0]
+    elif case == "3d":
+        imgs = images[0]
+        labels = np.arange(32)
+    elif case == "int16":
+        imgs = images.astype(np.int16)
+    elif case == "labels-short":
+        labels = np.arange(N - 1)
+    elif case == "labels-long":
+        labels = np.arange(N + 1)
+    elif case == "batch-too-big":
+        kwargs["batch_size"] = N + 1
+    elif case == "batch-zero":
+        kwargs["batch_size"] = 0
+    elif case == "batch-zero-eval":
+        kwargs.update(batch_size=0, train=False)
+    else:
+        kwargs["batch_size"] = -3
+    with pytest.raises(UserError):
+        make_loader(imgs, labels, **kwargs)
+
+
+def test_epoch_seed_depends_on_all_inputs():
+    seeds = {data.epoch_seed(s, e, st) for s in (0, 1) for e in (0, 1, 2) for st in (data.DATA_STREAM, data.MODEL_STREAM)}
+    assert len(seeds) == 12
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert data.epoch_seed(3, 4) == data.epoch_seed(3, 4, data.DATA_STREAM)
