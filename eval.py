@@ -24,26 +24,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto: cuda when available")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
                         help="autocast precision for evaluation (default off: fp32)")
+    parser.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
+                        help="data pipeline: NVIDIA DALI or tensor ops in torch (default auto: DALI when installed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return parser
 
 
 def main(args: argparse.Namespace) -> dict:
-    from preresnet.data import Loader, load_dataset
+    from preresnet.data import load_dataset
+    from preresnet.loaders import build_loader
     from preresnet.training import evaluate, load_checkpoint, model_from_checkpoint, resolve_runtime
 
     checkpoint = load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
     model = model_from_checkpoint(checkpoint, args.checkpoint)
-    runtime = resolve_runtime(args.device, args.amp, channels_last=False, compile=False)
+    runtime = resolve_runtime(args.device, args.amp, channels_last=False, compile=False, loader=args.loader)
     dataset_name = args.dataset or config["dataset"]
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else config["data_dir"]
     dataset = load_dataset(dataset_name, data_dir)
     if dataset.num_classes != config["num_classes"]:
         raise UserError(f"{dataset_name} in {data_dir} has {dataset.num_classes} classes; the checkpoint's "
                         f"{model.paper_name} was trained for {config['num_classes']}")
-    loader = Loader(dataset.test.images, dataset.test.labels, batch_size=args.batch_size, train=False,
-                    mean=config["mean"], std=config["std"], device=runtime.device)
+    loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=args.batch_size, train=False,
+                          backend=runtime.loader, mean=config["mean"], std=config["std"], device=runtime.device)
     results = evaluate(model.to(runtime.device), loader, runtime, config["num_classes"])
     report = {
         "checkpoint": str(args.checkpoint),

@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+DALI = "nvidia-dali-cuda120>=1.40; platform_system == 'Linux'"
+
 setup(
     name="preresnet",
     version="0.1.0",
@@ -19,5 +21,10 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.6",
     ],
-    extras_require={"dev": ["pytest>=7.0", "pytest-benchmark>=4.0"]},
+    extras_require={
+        # NVIDIA DALI runs the augmentation pipeline on the GPU (and on the CPU in tests); the torch
+        # loader gives the same batches without it. Its wheels are for Linux only.
+        "dali": [DALI],
+        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", DALI],
+    },
 )

@@ -20,7 +20,7 @@ from preresnet.models import MODEL_TYPES, check_model_args, paper_name
 from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe
 
 # Flags that may differ when resuming: they change how the run executes, not what it computes.
-RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "progress", "resume"}
+RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "loader", "progress", "resume"}
 
 
 def parse_milestones(text: str) -> tuple[int, ...]:
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cifar10 / cifar100 (official archives, downloaded into --data-dir when missing) or "
                            "folder (DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*, 32x32 RGB); default cifar10")
     data.add_argument("--data-dir", help="where the dataset lives (default ./data)")
+    data.add_argument("--loader", choices=("auto", "dali", "torch"),
+                      help="augmentation pipeline: NVIDIA DALI or tensor ops in torch; both give the same batches "
+                           "(default auto: DALI when installed)")
 
     recipe = parser.add_argument_group("recipe (every field overrides the chosen preset)")
     recipe.add_argument("--recipe", choices=tuple(RECIPES),
@@ -143,7 +146,8 @@ def resumed_run(args: argparse.Namespace):
 def main(args: argparse.Namespace) -> dict:
     from preresnet.training import resolve_runtime, run
 
-    runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile)
+    runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile,
+                              args.loader or "auto")
     if args.resume:
         config, recipe, out, checkpoint = resumed_run(args)
         dataset = None
@@ -156,7 +160,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
     (out / "config.json").write_text(json.dumps({**config, "recipe": asdict(recipe), "runtime": {
         "device": str(runtime.device), "amp": runtime.amp, "channels_last": runtime.channels_last,
-        "compile": runtime.compile}}, indent=2) + "\n")
+        "compile": runtime.compile, "loader": runtime.loader}}, indent=2) + "\n")
     final = run(config, recipe, out, runtime, resume_from=checkpoint, progress=args.progress, dataset=dataset)
     if final:
         print(f"final test error {100 * final['test_error']:.2f}% after {final['epoch']} epochs ({out})")

@@ -1,9 +1,5 @@
-"""CIFAR-10/100 and image-folder datasets as uint8 arrays, and a loader that augments on the device.
-
-A dataset is held whole as an N x 32 x 32 x 3 uint8 array (150 MB for CIFAR), moved to the training
-device once; batches are gathered, normalised and augmented there with tensor ops, so there is no
-per-sample Python work in the training path.
-"""
+"""CIFAR-10/100 and image-folder datasets, read whole into N x 32 x 32 x 3 uint8 arrays (150 MB for
+CIFAR); `preresnet.loaders` turns them into batches on the training device."""
 
 from __future__ import annotations
 
@@ -19,13 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from .errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "folder")
 IMAGE_SHAPE = (32, 32, 3)
-CROP_PADDING = 4
 
 
 @dataclass
@@ -287,93 +280,3 @@ def channel_mean_std(images: np.ndarray) -> tuple[list[float], list[float]]:
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return mean.tolist(), np.maximum(std, 1e-3).tolist()
-
-
-# --- loader ---------------------------------------------------------------------------------------
-
-
-DATA_STREAM, MODEL_STREAM = 0, 1
-
-
-def epoch_seed(seed: int, epoch: int, stream: int = DATA_STREAM) -> int:
-    """A well-mixed 63-bit seed for one epoch and stream (data order and augmentation, or the
-    model's own randomness such as dropout): all of an epoch's randomness follows from (seed, epoch),
-    so a run resumed at an epoch boundary draws exactly what an uninterrupted one draws."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-def random_crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
-    """Pad a normalised NHWC batch with zeros (the mean colour), crop at offsets (B x 2: row, col),
-    mirror where flips is true; one gather for the whole batch."""
-    batch, height, width, _ = x.shape
-    padded = torch.nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
-    rows = offsets[:, 0, None] + torch.arange(height, device=x.device)  # B x H
-    steps = torch.arange(width, device=x.device)
-    steps = torch.where(flips[:, None], width - 1 - steps, steps)  # B x W, reversed where flipped
-    cols = offsets[:, 1, None] + steps
-    index = torch.arange(batch, device=x.device)[:, None, None]
-    return padded[index, rows[:, :, None], cols[:, None, :]]
-
-
-class Loader:
-    """Batches of (x, y) from a uint8 image array held on `device`.
-
-    Training: a fresh permutation every epoch, last incomplete batch dropped, every image padded,
-    cropped and flipped with its own random draw. Evaluation: in order, last partial batch kept.
-    The random draws of epoch e follow from (seed, e) only, so a resumed run sees the same data.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
-                 mean: list[float], std: list[float], device: torch.device | str = "cpu", seed: int = 0,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-            raise UserError(f"images must be a uint8 array N x 32 x 32 x 3, got {images.dtype} {images.shape}")
-        if len(labels) != len(images):
-            raise UserError(f"{len(images)} images but {len(labels)} labels")
-        if batch_size < 1 or (train and batch_size > len(images)):
-            raise UserError(f"batch size {batch_size} is impossible for {len(images)} {'training' if train else 'test'} images")
-        self.device = torch.device(device)
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device) * 255.0
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device) * 255.0
-        self.batch_size = batch_size
-        self.train = train
-        self.seed = seed
-        self.channels_last = channels_last
-        self.dtype = dtype
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        if self.train:
-            return len(self.images) // self.batch_size
-        return -(-len(self.images) // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        """Images per epoch: the dropped remainder does not count in training."""
-        return len(self) * self.batch_size if self.train else len(self.images)
-
-    def __iter__(self):
-        count = len(self.images)
-        if self.train:
-            generator = torch.Generator(device=self.device).manual_seed(epoch_seed(self.seed, self.epoch))
-            order = torch.randperm(count, generator=generator, device=self.device)
-            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (count, 2), generator=generator, device=self.device)
-            flips = torch.randint(0, 2, (count,), generator=generator, device=self.device).bool()
-        for step in range(len(self)):
-            if self.train:
-                index = order[step * self.batch_size : (step + 1) * self.batch_size]
-            else:
-                index = torch.arange(step * self.batch_size, min(count, (step + 1) * self.batch_size), device=self.device)
-            x = (self.images[index].float() - self.mean) / self.std
-            if self.train:
-                x = random_crop_flip(x, offsets[index], flips[index])
-            x = x.permute(0, 3, 1, 2)  # NHWC storage seen as NCHW: already channels-last
-            x = x.to(self.dtype)
-            if not self.channels_last:
-                x = x.contiguous()
-            yield x, self.labels[index]

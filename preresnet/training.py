@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import MODEL_STREAM, Dataset, Loader, channel_mean_std, epoch_seed, load_dataset
+from .data import Dataset, channel_mean_std, load_dataset
 from .errors import UserError
+from .loaders import MODEL_STREAM, BaseLoader, build_loader, dali_available, epoch_seed
 from .models import build_model
 from .recipes import Recipe, learning_rate
 
@@ -44,6 +45,7 @@ class Runtime:
     amp: str  # "off" | "bf16" | "fp16"
     channels_last: bool
     compile: bool
+    loader: str  # "torch" | "dali"
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -55,11 +57,12 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def describe(self) -> str:
-        return f"device {self.device}, amp {self.amp}, channels-last {'on' if self.channels_last else 'off'}, compile {'on' if self.compile else 'off'}"
+        return (f"device {self.device}, amp {self.amp}, channels-last {'on' if self.channels_last else 'off'}, "
+                f"compile {'on' if self.compile else 'off'}, {self.loader} loader")
 
 
 def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool | None = None,
-                    compile: bool | None = None) -> Runtime:
+                    compile: bool | None = None, loader: str = "auto") -> Runtime:
     """Fill in 'auto' (None): on a GPU the fastest correct settings, on the CPU the ones that work."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,11 +75,16 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "off"
     if amp not in ("off", "bf16", "fp16"):
         raise UserError(f"unknown --amp {amp!r}: choose auto, bf16, fp16 or off")
+    if loader == "auto":
+        loader = "dali" if dali_available() else "torch"
+    if loader == "dali" and not dali_available():
+        raise UserError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or -cuda130), or use --loader torch")
     return Runtime(
         device=torch.device(device),
         amp=amp,
         channels_last=on_gpu if channels_last is None else channels_last,
         compile=on_gpu if compile is None else compile,
+        loader=loader,
     )
 
 
@@ -132,7 +140,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoin
 # --- one epoch ----------------------------------------------------------------------------------------
 
 
-def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime, num_classes: int) -> dict:
+def evaluate(model: torch.nn.Module, loader: BaseLoader, runtime: Runtime, num_classes: int) -> dict:
     """Test loss and error over every sample of loader once, with per-class accuracy."""
     model.eval()
     device = runtime.device
@@ -155,8 +163,8 @@ def evaluate(model: torch.nn.Module, loader: Loader, runtime: Runtime, num_class
     }
 
 
-def train_epoch(model, step_fn, loader: Loader, optimizer, recipe: Recipe, epoch: int, iteration: int,
-                runtime: Runtime, progress) -> tuple[dict, int]:
+def train_epoch(model, step_fn, loader: BaseLoader, optimizer, recipe: Recipe, epoch: int, iteration: int,
+                runtime: Runtime, disable_bar: bool | None) -> tuple[dict, int]:
     """One pass over the training data; returns the epoch's metrics and the next iteration number."""
     from tqdm import tqdm
 
@@ -168,7 +176,7 @@ def train_epoch(model, step_fn, loader: Loader, optimizer, recipe: Recipe, epoch
     errors = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch",
-               disable=progress, leave=False, dynamic_ncols=True)
+               disable=disable_bar, leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         lr = learning_rate(recipe, epoch, iteration)
@@ -200,7 +208,8 @@ def train_epoch(model, step_fn, loader: Loader, optimizer, recipe: Recipe, epoch
 
 
 def make_step_fn(model, optimizer, scaler, runtime: Runtime):
-    """forward, loss, backward and optimizer step for one batch (compiled as a whole with --compile)."""
+    """forward, loss, backward and optimizer step for one batch; with --compile the model's forward
+    (and so its backward) is compiled, the optimizer step stays eager."""
     forward = torch.compile(model) if runtime.compile else model
 
     def step(x, y):
@@ -266,11 +275,12 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
         raise UserError(f"the data has {dataset.num_classes} classes but the run was set up for {config['num_classes']}")
     disable_bar = None if progress is None else not progress
     device = runtime.device
-    train_loader = Loader(dataset.train.images, dataset.train.labels, batch_size=recipe.batch_size, train=True,
-                          mean=config["mean"], std=config["std"], device=device, seed=config["seed"],
-                          channels_last=runtime.channels_last)
-    test_loader = Loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
-                         mean=config["mean"], std=config["std"], device=device, channels_last=runtime.channels_last)
+    common = dict(backend=runtime.loader, device=device, channels_last=runtime.channels_last,
+                  mean=config["mean"], std=config["std"])
+    train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=recipe.batch_size, train=True,
+                                seed=config["seed"], **common)
+    test_loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
+                               **common)
 
     torch.manual_seed(config["seed"])
     model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
@@ -294,7 +304,7 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
     step_fn, forward = make_step_fn(model, optimizer, scaler, runtime)
 
     print(f"{model.paper_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(train_loader.images)} training / {len(test_loader.images)} test images, {runtime.describe()}; "
+          f"{len(dataset.train.labels)} training / {len(dataset.test.labels)} test images, {runtime.describe()}; "
           f"writing to {out}", file=sys.stderr)
     if start_epoch:
         print(f"resuming after epoch {start_epoch} (iteration {iteration})", file=sys.stderr)

@@ -13,10 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from preresnet.loaders import dali_available
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("circle", "cross", "square", "stripes")
 # PreResNet-8 on 4 classes x 48 images: a few seconds an epoch on 2 CPU cores
-TINY = ["--type", "normal", "--depth", "1", "--dataset", "folder", "--batch-size", "16", "--no-progress"]
+TINY = ["--type", "normal", "--depth", "1", "--dataset", "folder", "--batch-size", "16", "--no-progress",
+        "--loader", "torch"]
 
 
 def draw(kind: str, rng: np.random.Generator) -> np.ndarray:
@@ -86,7 +89,8 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     config = json.loads((finished_run / "config.json").read_text())
     assert config["model"] == "PreResNet-8" and config["classes"] == list(CLASSES)
     assert config["recipe"]["epochs"] == 3 and config["recipe"]["lr"] == 0.1 and config["seed"] == 7
-    assert config["runtime"] == {"device": "cpu", "amp": "off", "channels_last": False, "compile": False}
+    assert config["runtime"] == {"device": "cpu", "amp": "off", "channels_last": False, "compile": False,
+                                 "loader": "torch"}
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -157,6 +161,17 @@ def test_fp16_with_loss_scaling_and_extending_a_finished_run(data_dir, tmp_path)
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+def test_dali_and_torch_loaders_train_to_identical_weights(data_dir, tmp_path):
+    for backend in ("dali", "torch"):
+        run("train.py", *TINY, "--data-dir", data_dir, "--epochs", "1", "--loader", backend,
+            "--out", tmp_path / backend, check=True)
+    dali, plain = load_weights(tmp_path / "dali"), load_weights(tmp_path / "torch")
+    assert json.loads((tmp_path / "dali" / "config.json").read_text())["runtime"]["loader"] == "dali"
+    for key, tensor in plain["model"].items():
+        assert torch.equal(dali["model"][key], tensor), key
+
+
 @pytest.mark.slow
 def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
     """The GPU defaults (compile, bf16 autocast, channels-last) also work on the CPU when asked for."""
@@ -164,7 +179,8 @@ def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
     run("train.py", *TINY, "--type", "wide", "--width", "2", "--dropout", "0.3", "--data-dir", data_dir,
         "--epochs", "1", "--amp", "bf16", "--channels-last", "--compile", "--out", out, check=True, timeout=900)
     config = json.loads((out / "config.json").read_text())
-    assert config["runtime"] == {"device": "cpu", "amp": "bf16", "channels_last": True, "compile": True}
+    assert config["runtime"] == {"device": "cpu", "amp": "bf16", "channels_last": True, "compile": True,
+                                 "loader": "torch"}
     assert config["model"] == "WRN-10-2" and config["recipe"]["nesterov"] is True  # the wrn recipe
     metrics = json.loads((out / "metrics.jsonl").read_text())
     assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["test_error"] <= 1
