@@ -33,8 +33,9 @@ class PreActBasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0):
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0, fused: bool = False):
         super().__init__()
+        self.fused = fused
         out_channels = planes * self.expansion
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = conv3x3(in_channels, planes, stride)
@@ -44,6 +45,8 @@ class PreActBasicBlock(nn.Module):
         self.shortcut = make_shortcut(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.forward_fused(x, None)[0]
         preact = torch.relu(self.bn1(x))
         # A projection shortcut reads the pre-activated input; the identity reads x itself.
         residual = x if self.shortcut is None else self.shortcut(preact)
@@ -51,14 +54,26 @@ class PreActBasicBlock(nn.Module):
         out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
         return out + residual
 
+    def forward_fused(self, x: torch.Tensor, stats):
+        """The same unit in fused kernels; stats are x's batch mean and variance when known.
+        Returns the output and its statistics."""
+        from kernels.layers import batchnorm_moments, fused_conv
+
+        bn1 = batchnorm_moments(self.bn1, x, stats)
+        residual = x if self.shortcut is None else fused_conv(x, bn1, self.shortcut, emit_stats=False)[0]
+        out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
+        return fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2, residual,
+                          emit_stats=self.training)
+
 
 class PreActBottleneck(nn.Module):
     """BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1 (4x expansion), plus the shortcut."""
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0):
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0, fused: bool = False):
         super().__init__()  # dropout is a wide-network option; check_model_args rejects it here
+        self.fused = fused
         out_channels = planes * self.expansion
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv1 = conv1x1(in_channels, planes)
@@ -69,12 +84,25 @@ class PreActBottleneck(nn.Module):
         self.shortcut = make_shortcut(in_channels, out_channels, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.forward_fused(x, None)[0]
         preact = torch.relu(self.bn1(x))
         residual = x if self.shortcut is None else self.shortcut(preact)
         out = self.conv1(preact)
         out = self.conv2(torch.relu(self.bn2(out)))
         out = self.conv3(torch.relu(self.bn3(out)))
         return out + residual
+
+    def forward_fused(self, x: torch.Tensor, stats):
+        from kernels.layers import batchnorm_moments, fused_conv
+
+        bn1 = batchnorm_moments(self.bn1, x, stats)
+        residual = x if self.shortcut is None else fused_conv(x, bn1, self.shortcut, emit_stats=False)[0]
+        out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
+        out, out_stats = fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2,
+                                    emit_stats=self.training)
+        return fused_conv(out, batchnorm_moments(self.bn3, out, out_stats), self.conv3, residual,
+                          emit_stats=self.training)
 
 
 def make_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d | None:
@@ -95,9 +123,11 @@ class PreActResNet(nn.Module):
         num_classes: int = 10,
         dropout: float = 0.0,
         paper_name: str = "",
+        fused: bool = False,
     ):
         super().__init__()
         self.paper_name = paper_name
+        self.fused = fused
         self.conv1 = conv3x3(3, STEM_CHANNELS)
         channels = STEM_CHANNELS
         stages = []
@@ -105,7 +135,7 @@ class PreActResNet(nn.Module):
             stride = 1 if index == 0 else 2
             units = []
             for unit in range(units_per_stage):
-                units.append(block(channels, planes * width, stride if unit == 0 else 1, dropout))
+                units.append(block(channels, planes * width, stride if unit == 0 else 1, dropout, fused))
                 channels = planes * width * block.expansion
             stages.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3 = stages
@@ -120,8 +150,15 @@ class PreActResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(x)
-        out = self.layer3(self.layer2(self.layer1(out)))
+        if self.fused:
+            from kernels.layers import fused_conv
+
+            # the stem's kernel measures its output for the first unit's BatchNorm
+            out, stats = fused_conv(x, None, self.conv1, emit_stats=self.training)
+            for unit in (*self.layer1, *self.layer2, *self.layer3):
+                out, stats = unit.forward_fused(out, stats)
+        else:
+            out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
         out = torch.relu(self.bn(out))
         out = torch.flatten(nn.functional.adaptive_avg_pool2d(out, 1), 1)
         return self.fc(out)
@@ -162,15 +199,21 @@ def build_model(
     fused: bool = False,
     dropout: float = 0.0,
 ) -> PreActResNet:
-    """Build a pre-activation network: `type` normal | bottleneck | wide, `depth` units per stage."""
+    """Build a pre-activation network: `type` normal | bottleneck | wide, `depth` units per stage.
+
+    fused=True runs every unit and the stem through the Triton kernels of `kernels` (same
+    parameters, buffers and state_dict keys); on a machine without a GPU only under the Triton
+    interpreter (TRITON_INTERPRET=1 before triton is imported)."""
     check_model_args(type, depth, width, num_classes, dropout)
     if fused:
-        raise UserError(
-            "fused=True needs the Triton kernels of kernels/, which this version does not ship yet; "
-            "build the model with fused=False (train.py --no-fused)"
-        )
+        if dropout > 0:
+            raise UserError("the fused kernels do not apply dropout: use fused=False (--no-fused) with --dropout")
+        try:
+            import kernels.layers  # noqa: F401
+        except ImportError as exc:
+            raise UserError(f"fused=True needs Triton and the kernels package ({exc}); use fused=False") from None
     block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock
-    return PreActResNet(block, depth, width, num_classes, dropout, paper_name(type, depth, width))
+    return PreActResNet(block, depth, width, num_classes, dropout, paper_name(type, depth, width), fused)
 
 
 # --- registry -----------------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""Fused layers on top of the `bn_relu_conv` op: nn.BatchNorm2d semantics and the statistics chain.
+
+Each fused conv also returns the batch mean and variance of what it wrote, and the next BatchNorm
+uses them instead of reading the tensor again. The modules keep their nn.BatchNorm2d / nn.Conv2d
+parameters and buffers, so fused and unfused networks share state_dict keys; the functions here
+only change how those parameters are applied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .preact_conv import bn_relu_conv
+
+Stats = tuple[torch.Tensor, torch.Tensor] | None  # batch mean and biased variance, fp32, per channel
+
+
+class BatchNormApplied(NamedTuple):
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    batch_stats: bool  # mean/invstd are the input's own batch statistics (training mode)
+
+
+def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> BatchNormApplied:
+    """How bn normalises x in this forward pass, updating its running statistics exactly as
+    nn.BatchNorm2d does (momentum or cumulative average, unbiased running variance). Call it once
+    per BatchNorm and forward: the result serves every conv that reads bn(x)."""
+    if not (bn.training or not bn.track_running_stats):
+        return BatchNormApplied(bn.running_mean, torch.rsqrt(bn.running_var + bn.eps), bn.weight, bn.bias, False)
+    count = x.numel() // x.shape[1]
+    if count < 2 and bn.training:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+    if stats is None:  # nothing upstream measured x: one reduction pass
+        var, mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = stats[0].detach(), stats[1].detach()
+    if bn.training and bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - factor).add_(mean * factor)
+            bn.running_var.mul_(1 - factor).add_(var * (count / (count - 1) * factor))
+    return BatchNormApplied(mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, True)
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The operand dtype: the autocast dtype when autocast is on (custom ops bypass autocast)."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def fused_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, residual: torch.Tensor | None = None,
+               emit_stats: bool = True) -> tuple[torch.Tensor, Stats]:
+    """conv(relu(bn(x))) [+ residual] in one kernel (bn None: conv(x)); with emit_stats, also the
+    batch mean and variance of the result for the BatchNorm that reads it next."""
+    if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" \
+            or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
+        raise ValueError(f"the fused kernels take square, ungrouped, undilated convs without bias, got {conv}")
+    dtype = compute_dtype(conv.weight)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    if residual is not None:
+        residual = residual.to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = conv.weight.to(dtype)
+    args = (None, None, None, None, False) if bn is None else bn
+    mean, invstd, gamma, beta, batch_stats = args
+    y, y_mean, y_var = bn_relu_conv(x, mean, invstd, gamma, beta, weight, residual, conv.stride[0], conv.padding[0],
+                                    batch_stats, emit_stats)
+    return y, (y_mean, y_var) if emit_stats else None
