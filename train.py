@@ -20,7 +20,7 @@ from preresnet.models import MODEL_TYPES, check_model_args, paper_name
 from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe
 
 # Flags that may differ when resuming: they change how the run executes, not what it computes.
-RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "loader", "progress", "resume"}
+RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "loader", "fused", "progress", "resume"}
 
 
 def parse_milestones(text: str) -> tuple[int, ...]:
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--width", type=int, help="widening factor k of wide networks (default 1)")
     model.add_argument("--dropout", type=float, help="dropout between the convs of wide units (WRN uses 0.3; default 0)")
     model.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                       help="use the Triton kernels of kernels/ (default off; not shipped yet)")
+                       help="run BN-ReLU-conv and the residual add in the Triton kernels of kernels/ (default off; "
+                            "same weights and checkpoints either way; on a CPU only with TRITON_INTERPRET=1)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("cifar10", "cifar100", "folder"),
@@ -113,7 +114,7 @@ def new_run(args: argparse.Namespace):
     dataset = load_dataset(dataset_name, data_dir)
     config = prepare_config(
         dataset, model=name, type=args.type, depth=args.depth, width=width, dropout=recipe.dropout,
-        fused=bool(args.fused), dataset=dataset_name, data_dir=data_dir, recipe_name=recipe_name, seed=seed,
+        dataset=dataset_name, data_dir=data_dir, recipe_name=recipe_name, seed=seed,
     )
     return config, recipe, out, dataset
 
@@ -147,7 +148,7 @@ def main(args: argparse.Namespace) -> dict:
     from preresnet.training import resolve_runtime, run
 
     runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile,
-                              args.loader or "auto")
+                              args.loader or "auto", args.fused)
     if args.resume:
         config, recipe, out, checkpoint = resumed_run(args)
         dataset = None
@@ -160,7 +161,7 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
     (out / "config.json").write_text(json.dumps({**config, "recipe": asdict(recipe), "runtime": {
         "device": str(runtime.device), "amp": runtime.amp, "channels_last": runtime.channels_last,
-        "compile": runtime.compile, "loader": runtime.loader}}, indent=2) + "\n")
+        "compile": runtime.compile, "loader": runtime.loader, "fused": runtime.fused}}, indent=2) + "\n")
     final = run(config, recipe, out, runtime, resume_from=checkpoint, progress=args.progress, dataset=dataset)
     if final:
         print(f"final test error {100 * final['test_error']:.2f}% after {final['epoch']} epochs ({out})")

@@ -51,7 +51,7 @@ def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> Batc
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The operand dtype: the autocast dtype when autocast is on (custom ops bypass autocast)."""
     device = weight.device.type
-    if torch.is_autocast_enabled(device):
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):  # also runs on meta, to measure memory
         return torch.get_autocast_dtype(device)
     return weight.dtype
 

@@ -46,6 +46,7 @@ class Runtime:
     channels_last: bool
     compile: bool
     loader: str  # "torch" | "dali"
+    fused: bool = False  # the Triton kernels of kernels/
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -58,11 +59,11 @@ class Runtime:
 
     def describe(self) -> str:
         return (f"device {self.device}, amp {self.amp}, channels-last {'on' if self.channels_last else 'off'}, "
-                f"compile {'on' if self.compile else 'off'}, {self.loader} loader")
+                f"compile {'on' if self.compile else 'off'}, {'fused' if self.fused else 'unfused'}, {self.loader} loader")
 
 
 def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool | None = None,
-                    compile: bool | None = None, loader: str = "auto") -> Runtime:
+                    compile: bool | None = None, loader: str = "auto", fused: bool | None = None) -> Runtime:
     """Fill in 'auto' (None): on a GPU the fastest correct settings, on the CPU the ones that work."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,6 +76,9 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "off"
     if amp not in ("off", "bf16", "fp16"):
         raise UserError(f"unknown --amp {amp!r}: choose auto, bf16, fp16 or off")
+    if fused and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--fused on the CPU runs the Triton kernels under the interpreter (slow; meant for tests): "
+                        "set TRITON_INTERPRET=1, or train on a GPU")
     if loader == "auto":
         loader = "dali" if dali_available() else "torch"
     if loader == "dali" and not dali_available():
@@ -85,6 +89,7 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
         channels_last=on_gpu if channels_last is None else channels_last,
         compile=on_gpu if compile is None else compile,
         loader=loader,
+        fused=bool(fused),
     )
 
 
@@ -128,7 +133,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoin
     """Rebuild the network a checkpoint's config describes and load its weights into it."""
     config = checkpoint["config"]
     model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
-                        fused=config.get("fused", False), dropout=config["dropout"])
+                        dropout=config["dropout"])
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:
@@ -284,7 +289,7 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
 
     torch.manual_seed(config["seed"])
     model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
-                        fused=config["fused"], dropout=config["dropout"])
+                        fused=runtime.fused, dropout=config["dropout"])
     model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)

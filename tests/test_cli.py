@@ -90,7 +90,7 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     assert config["model"] == "PreResNet-8" and config["classes"] == list(CLASSES)
     assert config["recipe"]["epochs"] == 3 and config["recipe"]["lr"] == 0.1 and config["seed"] == 7
     assert config["runtime"] == {"device": "cpu", "amp": "off", "channels_last": False, "compile": False,
-                                 "loader": "torch"}
+                                 "loader": "torch", "fused": False}
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -172,6 +172,26 @@ def test_dali_and_torch_loaders_train_to_identical_weights(data_dir, tmp_path):
         assert torch.equal(dali["model"][key], tensor), key
 
 
+def test_fused_training_tracks_unfused_training(tmp_path):
+    """The Triton kernels (under the interpreter here: tiny data) train to the same weights."""
+    tiny = make_dataset(tmp_path / "tiny", train_per_class=1, test_per_class=1)
+    for flag in ("--fused", "--no-fused"):
+        run("train.py", *TINY, "--data-dir", tiny, "--epochs", "1", "--batch-size", "2", flag,
+            "--out", tmp_path / flag, check=True)
+    fused, plain = load_weights(tmp_path / "--fused"), load_weights(tmp_path / "--no-fused")
+    assert json.loads((tmp_path / "--fused" / "config.json").read_text())["runtime"]["fused"] is True
+    for key, tensor in plain["model"].items():
+        torch.testing.assert_close(fused["model"][key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+    assert fused["metrics"]["train_loss"] == pytest.approx(plain["metrics"]["train_loss"], rel=1e-4)
+
+
+def test_fused_on_cpu_without_interpreter_is_a_clear_error(data_dir, tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "--data-dir", str(data_dir), "--fused",
+                             "--out", str(tmp_path / "f")], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert_one_line_error(result, "--fused", "TRITON_INTERPRET=1")
+
+
 @pytest.mark.slow
 def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
     """The GPU defaults (compile, bf16 autocast, channels-last) also work on the CPU when asked for."""
@@ -180,7 +200,7 @@ def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
         "--epochs", "1", "--amp", "bf16", "--channels-last", "--compile", "--out", out, check=True, timeout=900)
     config = json.loads((out / "config.json").read_text())
     assert config["runtime"] == {"device": "cpu", "amp": "bf16", "channels_last": True, "compile": True,
-                                 "loader": "torch"}
+                                 "loader": "torch", "fused": False}
     assert config["model"] == "WRN-10-2" and config["recipe"]["nesterov"] is True  # the wrn recipe
     metrics = json.loads((out / "metrics.jsonl").read_text())
     assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["test_error"] <= 1

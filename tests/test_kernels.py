@@ -233,6 +233,16 @@ def test_fused_model_compiles_without_graph_breaks():
         assert_close(p.grad, p_ref.grad, rtol=2e-4, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("name", ["preresnet20", "preresnet110", "preresnet164", "wrn16_4"])
+def test_fused_model_keeps_at_most_60_percent_of_the_activations(name):
+    """Bytes autograd saves for backward in one training step at batch 128 (meta device: exact shapes)."""
+    from bench.activation_memory import measure
+
+    result = measure(name, 128)
+    assert result["unfused_bytes"] > 0
+    assert result["fused_fraction"] <= 0.6, result
+
+
 def test_fused_model_refuses_dropout():
     from preresnet import UserError
 
