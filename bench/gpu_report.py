@@ -1,0 +1,244 @@
+"""One-call GPU report: kernel correctness, the benchmark matrix, a short real-data run, the environment.
+
+    python -m bench.gpu_report --out bench/results/DATE-GPU [--data-dir data/cifar10-jpeg]
+
+Writes DIR/report.json and DIR/report.md, in under 8 minutes on an H100, downloading nothing. Each
+section is guarded by the time budget: what did not fit is named in the report, never left out
+silently. A kernel whose error exceeds the bound is printed as FAIL and makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.floors import fraction_of_floor
+from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, environment, make_unit, skip_reason,
+                             training_step, unit_shapes, unit_step)
+
+BUDGET_SECONDS = 7.5 * 60
+ERROR_FACTOR = 3.0  # the kernels may be this many times less accurate than PyTorch at the same precision
+
+
+class Clock:
+    def __init__(self, budget: float):
+        self.start, self.budget = time.perf_counter(), budget
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.start)
+
+
+def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((value.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)).item()
+
+
+def unit_errors(shape, dtype: torch.dtype, batch: int = 32) -> dict:
+    """Output, input-gradient and weight-gradient errors of the fused unit and of PyTorch's, both at
+    dtype, against the unfused unit in float64."""
+    torch.manual_seed(0)
+    exact_unit = make_unit(shape, fused=False).cuda().double().train()
+    units = {"fused": make_unit(shape, fused=True), "torch": make_unit(shape, fused=False)}
+    x64 = torch.randn(batch, shape.in_channels, shape.size, shape.size, device="cuda", dtype=torch.float64)
+    x64.requires_grad_(True)
+    exact = exact_unit(x64)
+    grad = torch.randn_like(exact)
+    exact.backward(grad)
+    results = {}
+    for kind, unit in units.items():
+        unit.load_state_dict({k: v.float() for k, v in exact_unit.state_dict().items()})
+        unit = unit.cuda().to(memory_format=torch.channels_last).train()
+        x = x64.detach().float().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = unit(x)
+        out.float().backward(grad.float())
+        results[kind] = {"output": relative_error(out, exact), "grad_input": relative_error(x.grad, x64.grad),
+                         "grad_conv1_weight": relative_error(unit.conv1.weight.grad, exact_unit.conv1.weight.grad)}
+    return results
+
+
+def check_correctness(clock: Clock) -> tuple[list[dict], bool]:
+    rows, ok = [], True
+    for shape in unit_shapes():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if clock.left() < BUDGET_SECONDS * 0.75:
+                rows.append({"shape": shape.name, "dtype": str(dtype), "skipped": "time budget"})
+                continue
+            try:
+                errors = unit_errors(shape, dtype)
+            except Exception as exc:  # a crash is a failure, reported with the rest
+                rows.append({"shape": shape.name, "dtype": str(dtype), "error": repr(exc), "pass": False})
+                ok = False
+                print(f"FAIL {shape.name} {dtype}: {exc!r}", flush=True)
+                continue
+            passed = all(errors["fused"][k] <= ERROR_FACTOR * errors["torch"][k] + 1e-6 for k in errors["fused"])
+            ok &= passed
+            rows.append({"shape": shape.name, "dtype": str(dtype).removeprefix("torch."), **errors, "pass": passed})
+            worst = max(errors["fused"][k] / max(errors["torch"][k], 1e-12) for k in errors["fused"])
+            print(f"{'ok  ' if passed else 'FAIL'} {shape.name:42s} {str(dtype):15s} fused/torch error ratio "
+                  f"{worst:6.2f}  {errors['fused']}", flush=True)
+    return rows, ok
+
+
+def time_step(step, warmup: int = 3, iterations: int = 20) -> float:
+    """Median milliseconds of step() by CUDA events, after warm-up (compilation, autotuning)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure(make_step, batch: int) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        ms = time_step(make_step())
+    except Exception as exc:
+        return {"error": repr(exc)[:300]}
+    return {"ms": ms, "images_per_second": batch * 1000 / ms, "peak_memory_bytes": torch.cuda.max_memory_allocated()}
+
+
+def benchmark_matrix(clock: Clock, batch: int) -> dict:
+    models, units = [], []
+    for name in MODELS:
+        for provider in PROVIDERS:
+            if clock.left() < 150:
+                models.append({"model": name, "provider": provider, "skipped": "time budget"})
+                continue
+            reason = skip_reason(provider, "cuda")
+            row = {"model": name, "provider": provider, "batch": batch}
+            row.update({"skipped": reason} if reason else measure(lambda: training_step(name, provider, "cuda", batch), batch))
+            if "images_per_second" in row:
+                row["fraction_of_floor"] = fraction_of_floor(row["images_per_second"], name)
+            models.append(row)
+            print(f"model {name:13s} {provider:14s} {row.get('images_per_second', row.get('skipped', row.get('error')))}",
+                  flush=True)
+        add_speedups(models, name)
+    for shape in unit_shapes():
+        for part in ("layer", "unit"):
+            for backward in (False, True):
+                for provider in UNIT_PROVIDERS:
+                    row = {"shape": shape.name, "part": part, "pass": "fwd+bwd" if backward else "fwd",
+                           "provider": provider, "batch": batch}
+                    if clock.left() < 90:
+                        row["skipped"] = "time budget"
+                    else:
+                        row.update(measure(lambda: unit_step(shape, provider, "cuda", batch, backward, part == "layer"),
+                                           batch))
+                    units.append(row)
+    return {"models": models, "units": units}
+
+
+def add_speedups(rows: list[dict], name: str) -> None:
+    """Speed-up of each provider over eager-fp32 and over compile, for one model."""
+    mine = [r for r in rows if r["model"] == name and "images_per_second" in r]
+    base = {r["provider"]: r["images_per_second"] for r in mine}
+    for row in mine:
+        for reference in ("eager-fp32", "compile"):
+            if reference in base:
+                row[f"speedup_over_{reference}"] = row["images_per_second"] / base[reference]
+
+
+def real_data_run(data_dir: str, out: Path, clock: Clock) -> dict:
+    seconds = int(clock.left() - 30)
+    if seconds < 60:
+        return {"skipped": "time budget"}
+    run_dir = out / "train-preresnet110-fused"
+    command = [sys.executable, str(ROOT / "train.py"), "--type", "normal", "--depth", "18", "--dataset", "folder",
+               "--data-dir", data_dir, "--epochs", "3", "--fused", "--loader", "torch", "--no-progress",
+               "--out", str(run_dir)]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=seconds, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(command[1:]), "error": f"did not finish in {seconds} s"}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    return {"command": "python " + " ".join(command[1:]), "returncode": result.returncode,
+            "stderr_tail": result.stderr[-1500:], "epochs": metrics}
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# GPU report {report['date']}", "",
+             f"{env.get('gpu')}, driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env['torch']}, "
+             f"triton {env['triton']}, commit {env['commit']}", "", f"Command: `{report['command']}`", "",
+             f"## Kernel correctness: {'PASS' if report['correctness_pass'] else 'FAIL'}", "",
+             "Largest relative error against the unfused unit in float64 (fused / PyTorch at the same precision).", "",
+             "| unit | dtype | output | grad input | grad conv1 weight | pass |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in report["correctness"]:
+        if "fused" in row:
+            cells = [f"{row['fused'][k]:.1e} / {row['torch'][k]:.1e}" for k in ("output", "grad_input", "grad_conv1_weight")]
+            lines.append(f"| {row['shape']} | {row['dtype']} | {' | '.join(cells)} | {'yes' if row['pass'] else 'NO'} |")
+        else:
+            lines.append(f"| {row['shape']} | {row['dtype']} | {row.get('error') or row.get('skipped')} | | | |")
+    lines += ["", "## Training step (images/s)", "",
+              "| model | provider | images/s | vs eager-fp32 | vs compile | of floor | peak memory |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in report["matrix"]["models"]:
+        if "images_per_second" in row:
+            lines.append(f"| {row['model']} | {row['provider']} | {row['images_per_second']:,.0f} | "
+                         f"{row.get('speedup_over_eager-fp32', float('nan')):.2f}x | {row.get('speedup_over_compile', float('nan')):.2f}x | "
+                         f"{100 * row['fraction_of_floor']:.0f}% | {row['peak_memory_bytes'] / 2**30:.2f} GiB |")
+        else:
+            lines.append(f"| {row['model']} | {row['provider']} | {row.get('skipped') or row.get('error')} | | | | |")
+    lines += ["", "## Units (ms, median)", "", "| unit | part | pass | provider | ms | images/s |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in report["matrix"]["units"]:
+        value = f"{row['ms']:.3f} | {row['images_per_second']:,.0f}" if "ms" in row else f"{row.get('skipped') or row.get('error')} |"
+        lines.append(f"| {row['shape']} | {row['part']} | {row['pass']} | {row['provider']} | {value} |")
+    run = report.get("real_data")
+    if run:
+        lines += ["", "## Real-data run", ""]
+        if run.get("epochs"):
+            lines.append(f"`{run['command']}`")
+            lines += ["", "| epoch | test error | images/s |", "| --- | --- | --- |"]
+            lines += [f"| {m['epoch']} | {100 * m['test_error']:.2f}% | {m['images_per_second']:,.0f} |" for m in run["epochs"]]
+        else:
+            lines.append(f"not completed: {run.get('skipped') or run.get('error') or run.get('stderr_tail')}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for report.json and report.md")
+    parser.add_argument("--data-dir", help="the extracted JPEG CIFAR-10 copy, for a 3-epoch PreResNet-110 run")
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_report: error: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("gpu_report: error: unset TRITON_INTERPRET: the report times compiled kernels", file=sys.stderr)
+        return 2
+    clock = Clock(BUDGET_SECONDS)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python -m bench.gpu_report " + " ".join(sys.argv[1:]),
+              "environment": environment("cuda")}
+    report["correctness"], report["correctness_pass"] = check_correctness(clock)
+    report["matrix"] = benchmark_matrix(clock, args.batch_size)
+    if args.data_dir:
+        report["real_data"] = real_data_run(args.data_dir, out, clock)
+    report["seconds"] = time.perf_counter() - clock.start
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['seconds']:.0f} s; kernels "
+          f"{'PASS' if report['correctness_pass'] else 'FAIL'}")
+    return 0 if report["correctness_pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""What the benchmarks time, shared by the pytest-benchmark suite and `bench.gpu_report`.
+
+Providers, each a way to run the same network:
+  eager-fp32     the reference model, fp32, NCHW: the unfused baseline
+  eager-amp-cl   the reference model, bf16 autocast, channels-last
+  compile        the reference model under torch.compile (default mode), bf16 autocast, channels-last
+  fused          the Triton kernels, bf16 autocast, channels-last
+  fused-compile  the Triton kernels under torch.compile
+  cuda-graph     the reference model under torch.compile(mode="reduce-overhead") (CUDA graphs; GPU only)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from preresnet import get_model
+from preresnet.models import PreActBasicBlock, PreActBottleneck
+
+PROVIDERS = ("eager-fp32", "eager-amp-cl", "compile", "fused", "fused-compile", "cuda-graph")
+UNIT_PROVIDERS = ("eager-fp32", "eager-amp-cl", "fused")  # compiling each unit shape would not fit the time budget
+MODELS = ("preresnet110", "preresnet164", "wrn16_4")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def skip_reason(provider: str, device: str) -> str | None:
+    """Why a provider is not meaningful on this device, or None."""
+    if device == "cpu":
+        if provider.startswith("fused"):
+            return "the Triton kernels run on a CPU only under the interpreter: its timings mean nothing"
+        if provider in ("compile", "cuda-graph"):
+            return "compiling the full networks takes minutes on a CPU, past the suite's 5-minute budget"
+    if provider.startswith("fused") and os.environ.get("TRITON_INTERPRET") == "1":
+        return "TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled"
+    return None
+
+
+@dataclass(frozen=True)
+class UnitShape:
+    """One distinct pre-activation unit of a paper network, by its input."""
+
+    network: str
+    bottleneck: bool
+    in_channels: int
+    planes: int
+    stride: int
+    size: int  # input height = width
+
+    @property
+    def out_channels(self) -> int:
+        return self.planes * (4 if self.bottleneck else 1)
+
+    @property
+    def name(self) -> str:
+        kind = "bottleneck" if self.bottleneck else "basic"
+        return f"{self.network} {kind} {self.in_channels}->{self.out_channels} s{self.stride} {self.size}x{self.size}"
+
+
+def unit_shapes(models=MODELS) -> list[UnitShape]:
+    """The distinct units of each network, found by running it on the meta device."""
+    shapes: list[UnitShape] = []
+    for name in models:
+        with torch.device("meta"):
+            model = get_model(name)
+        found = {}
+
+        def record(module, inputs, _output, name=name):
+            x = inputs[0]
+            shape = UnitShape(name, isinstance(module, PreActBottleneck), x.shape[1], module.conv1.out_channels,
+                              max(module.conv1.stride[0], module.conv2.stride[0]), x.shape[-1])
+            found.setdefault(shape, None)
+
+        handles = [m.register_forward_hook(record) for m in model.modules()
+                   if isinstance(m, (PreActBasicBlock, PreActBottleneck))]
+        with torch.device("meta"):
+            model(torch.empty(1, 3, 32, 32))
+        for handle in handles:
+            handle.remove()
+        shapes.extend(found)
+    return shapes
+
+
+class FirstLayer(nn.Module):
+    """A unit's first BN -> ReLU -> conv alone."""
+
+    def __init__(self, unit: nn.Module, fused: bool):
+        super().__init__()
+        self.bn, self.conv, self.fused = unit.bn1, unit.conv1, fused
+
+    def forward(self, x):
+        if self.fused:
+            from kernels.layers import batchnorm_moments, fused_conv
+
+            return fused_conv(x, batchnorm_moments(self.bn, x, None), self.conv, emit_stats=False)[0]
+        return self.conv(torch.relu(self.bn(x)))
+
+
+def make_unit(shape: UnitShape, fused: bool, layer_only: bool = False) -> nn.Module:
+    block = PreActBottleneck if shape.bottleneck else PreActBasicBlock
+    unit = block(shape.in_channels, shape.planes, shape.stride, 0.0, fused)
+    return FirstLayer(unit, fused) if layer_only else unit
+
+
+def is_fused(provider: str) -> bool:
+    return provider.startswith("fused")
+
+
+def prepare(module: nn.Module, provider: str, device: str):
+    """Module placed and wrapped for the provider, the input memory format, and the autocast context."""
+    channels_last = provider != "eager-fp32"
+    module = module.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
+    if provider in ("compile", "fused-compile"):
+        module = torch.compile(module)
+    elif provider == "cuda-graph":
+        module = torch.compile(module, mode="reduce-overhead")
+    amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if channels_last else contextlib.nullcontext
+    return module, torch.channels_last if channels_last else torch.contiguous_format, amp
+
+
+def random_input(batch: int, channels: int, size: int, device: str, memory_format) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, channels, size, size, device=device, generator=generator)
+    return x.contiguous(memory_format=memory_format)
+
+
+def unit_step(shape: UnitShape, provider: str, device: str, batch: int, backward: bool, layer_only: bool):
+    """A function running one forward (and backward) of a unit or its first layer, synchronised."""
+    module, memory_format, amp = prepare(make_unit(shape, is_fused(provider), layer_only), provider, device)
+    x = random_input(batch, shape.in_channels, shape.size, device, memory_format).requires_grad_(backward)
+
+    def step():
+        with amp(), (contextlib.nullcontext() if backward else torch.no_grad()):
+            out = module(x)
+        if backward:
+            out.float().square().mean().backward()
+        synchronize(device)
+
+    return step
+
+
+def training_step(name: str, provider: str, device: str, batch: int):
+    """One SGD step of a paper network (forward, loss, backward, optimizer), synchronised."""
+    torch.manual_seed(0)
+    model = get_model(name, fused=is_fused(provider))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    module, memory_format, amp = prepare(model, provider, device)
+    x = random_input(batch, 3, 32, device, memory_format)
+    y = torch.randint(0, 10, (batch,), device=device, generator=torch.Generator(device=device).manual_seed(1))
+
+    def step():
+        with amp():
+            loss = F.cross_entropy(module(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+
+    return step
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def environment(device: str) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "commit": git_commit()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=ROOT, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("+dirty" if dirty else "")) or None

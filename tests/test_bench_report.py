@@ -1,0 +1,58 @@
+"""The GPU report's bookkeeping, on a synthetic report (the measuring itself needs a GPU)."""
+
+import json
+import subprocess
+import sys
+
+from bench import render_results
+from bench.gpu_report import add_speedups, markdown
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "999.1", "cuda": "12.8", "torch": "2.13.0", "triton": "3.9.0",
+       "commit": "abc1234", "python": "3.11", "cpu": "x86_64"}
+
+
+def synthetic_report() -> dict:
+    models = [{"model": "preresnet110", "provider": p, "batch": 128, "images_per_second": ips, "ms": 128e3 / ips,
+               "peak_memory_bytes": 2**30, "fraction_of_floor": ips / 315_780}
+              for p, ips in (("eager-fp32", 10_000.0), ("compile", 20_000.0), ("fused", 30_000.0))]
+    models.append({"model": "preresnet110", "provider": "cuda-graph", "error": "RuntimeError('x')"})
+    add_speedups(models, "preresnet110")
+    return {"date": "2026-11-27 12:00:00 UTC", "command": "python -m bench.gpu_report --out x", "environment": ENV,
+            "correctness": [{"shape": "preresnet110 basic 16->16 s1 32x32", "dtype": "bfloat16", "pass": True,
+                             "fused": {"output": 1e-3, "grad_input": 2e-3, "grad_conv1_weight": 3e-3},
+                             "torch": {"output": 1e-3, "grad_input": 1e-3, "grad_conv1_weight": 2e-3}}],
+            "correctness_pass": True,
+            "matrix": {"models": models, "units": [{"shape": "s", "part": "unit", "pass": "fwd", "provider": "fused",
+                                                    "batch": 128, "ms": 0.5, "images_per_second": 256_000.0}]},
+            "real_data": {"command": "python train.py ...", "epochs": [{"epoch": 1, "test_error": 0.5, "images_per_second": 9e4}]}}
+
+
+def test_speedups_are_relative_to_eager_and_compile():
+    rows = synthetic_report()["matrix"]["models"]
+    fused = next(r for r in rows if r["provider"] == "fused")
+    assert fused["speedup_over_eager-fp32"] == 3.0 and fused["speedup_over_compile"] == 1.5
+    assert "speedup_over_compile" not in rows[-1]  # the failed provider has no figures
+
+
+def test_markdown_names_device_and_every_section():
+    text = markdown(synthetic_report())
+    assert "NVIDIA H100 80GB HBM3" in text and "commit abc1234" in text and "PASS" in text
+    assert "| preresnet110 | fused | 30,000 | 3.00x | 1.50x | 10% | 1.00 GiB |" in text
+    assert "RuntimeError" in text and "| 1 | 50.00% | 90,000 |" in text
+
+
+def test_readme_table_is_generated_from_reports(tmp_path):
+    (tmp_path / "2026-11-27-h100").mkdir()
+    (tmp_path / "2026-11-27-h100" / "report.json").write_text(json.dumps(synthetic_report()))
+    readme = f"intro\n{render_results.START}\nold\n{render_results.END}\nrest\n"
+    updated = render_results.render(readme, render_results.load_reports(tmp_path))
+    assert updated.startswith("intro\n") and updated.endswith("\nrest\n") and "old" not in updated
+    assert "| preresnet110 | fused | 30,000 | 3.00x | 1.50x | 10% | NVIDIA H100 80GB HBM3 | abc1234 | 2026-11-27 |" in updated
+    empty = render_results.render(readme, [])
+    assert "No GPU report yet" in empty
+
+
+def test_committed_readme_matches_the_committed_reports():
+    result = subprocess.run([sys.executable, "-m", "bench.render_results", "--check"], capture_output=True, text=True,
+                            cwd=render_results.ROOT)
+    assert result.returncode == 0, result.stderr
