@@ -15,12 +15,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from preresnet.cli import OneLineParser, run_main
+from preresnet.distributed import broadcast_object
 from preresnet.errors import UserError
 from preresnet.models import MODEL_TYPES, check_model_args, paper_name
 from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe
 
 # Flags that may differ when resuming: they change how the run executes, not what it computes.
-RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "loader", "fused", "progress", "resume"}
+RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "loader", "fused", "sync_bn", "progress",
+                     "resume"}
 
 
 def parse_milestones(text: str) -> tuple[int, ...]:
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="channels-last memory format (default on for GPU, off for CPU)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the model (default on for GPU, off for CPU)")
+    run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                     help="under torchrun: BatchNorm statistics over the batch of all processes (default off: "
+                          "per-process statistics, as the paper's 2-GPU runs)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: when stderr is a terminal)")
     return parser
@@ -108,7 +113,8 @@ def new_run(args: argparse.Namespace):
     dataset_name = args.dataset or "cifar10"
     data_dir = str(Path(args.data_dir or "data").resolve())
     name = paper_name(args.type, args.depth, width)
-    out = Path(args.out or f"runs/{name.lower()}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    # under torchrun every process must agree on the folder: rank 0's clock names it
+    out = Path(broadcast_object(args.out or f"runs/{name.lower()}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
     if (out / CHECKPOINT_NAME).exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     dataset = load_dataset(dataset_name, data_dir)
@@ -126,6 +132,8 @@ def resumed_run(args: argparse.Namespace):
     checkpoint = load_checkpoint(args.resume)
     config, recipe = checkpoint["config"], Recipe(**{**checkpoint["recipe"], "milestones": tuple(checkpoint["recipe"]["milestones"])})
     saved = {**config, "recipe": config["recipe_name"], **asdict(recipe)}
+    if args.out is not None:
+        raise UserError("--resume continues the run in its own folder: drop --out")
     for flag, value in vars(args).items():
         if value is None or flag in RESUME_MAY_CHANGE:
             continue
@@ -145,27 +153,44 @@ def resumed_run(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> dict:
+    from preresnet import distributed
+    from preresnet.training import resolve_runtime
+
+    device = resolve_runtime(args.device or "auto", "off").device.type
+    try:
+        return train(args, distributed.init(device))
+    finally:
+        distributed.shutdown()
+
+
+def train(args: argparse.Namespace, dist) -> dict:
     from preresnet.training import resolve_runtime, run
 
     runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile,
-                              args.loader or "auto", args.fused)
+                              args.loader or "auto", args.fused, args.sync_bn, dist)
     if args.resume:
         config, recipe, out, checkpoint = resumed_run(args)
         dataset = None
     else:
         config, recipe, out, dataset = new_run(args)
         checkpoint = None
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
-    (out / "config.json").write_text(json.dumps({**config, "recipe": asdict(recipe), "runtime": {
-        "device": str(runtime.device), "amp": runtime.amp, "channels_last": runtime.channels_last,
-        "compile": runtime.compile, "loader": runtime.loader, "fused": runtime.fused}}, indent=2) + "\n")
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
+        write_config(out, config, recipe, runtime)
     final = run(config, recipe, out, runtime, resume_from=checkpoint, progress=args.progress, dataset=dataset)
-    if final:
+    if final and dist.is_main:
         print(f"final test error {100 * final['test_error']:.2f}% after {final['epoch']} epochs ({out})")
     return final
+
+
+def write_config(out: Path, config: dict, recipe: Recipe, runtime) -> None:
+    (out / "config.json").write_text(json.dumps({**config, "recipe": asdict(recipe), "runtime": {
+        "device": str(runtime.device), "amp": runtime.amp, "channels_last": runtime.channels_last,
+        "compile": runtime.compile, "loader": runtime.loader, "fused": runtime.fused, "sync_bn": runtime.sync_bn,
+        "processes": runtime.dist.world_size}}, indent=2) + "\n")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@
 
 Writes DIR/report.json and DIR/report.md, in under 8 minutes on an H100, downloading nothing. Each
 section is guarded by the time budget: what did not fit is named in the report, never left out
-silently. A kernel whose error exceeds the bound is printed as FAIL and makes the exit status 1.
+silently. A kernel whose error exceeds the bound is printed as FAIL, one left unchecked for lack of time as
+INCOMPLETE; either makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -69,8 +70,10 @@ def check_correctness(clock: Clock) -> tuple[list[dict], bool]:
     rows, ok = [], True
     for shape in unit_shapes():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            if clock.left() < BUDGET_SECONDS * 0.75:
-                rows.append({"shape": shape.name, "dtype": str(dtype), "skipped": "time budget"})
+            if clock.left() < BUDGET_SECONDS * 0.55:
+                rows.append({"shape": shape.name, "dtype": str(dtype), "skipped": "time budget", "pass": False})
+                ok = False  # unchecked is not passed
+                print(f"INCOMPLETE {shape.name} {dtype}: out of time", flush=True)
                 continue
             try:
                 errors = unit_errors(shape, dtype)

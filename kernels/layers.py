@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from preresnet.distributed import is_synchronising, merge_across_ranks, update_running_stats
+
 from .preact_conv import bn_relu_conv
 
 Stats = tuple[torch.Tensor, torch.Tensor] | None  # batch mean and biased variance, fp32, per channel
@@ -24,6 +26,7 @@ class BatchNormApplied(NamedTuple):
     gamma: torch.Tensor
     beta: torch.Tensor
     batch_stats: bool  # mean/invstd are the input's own batch statistics (training mode)
+    sync_count: int = 0  # > 0: statistics over all ranks' batches, this many values per channel
 
 
 def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> BatchNormApplied:
@@ -39,13 +42,12 @@ def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> Batc
         var, mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), unbiased=False)
     else:
         mean, var = stats[0].detach(), stats[1].detach()
-    if bn.training and bn.track_running_stats:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            bn.running_mean.mul_(1 - factor).add_(mean * factor)
-            bn.running_var.mul_(1 - factor).add_(var * (count / (count - 1) * factor))
-    return BatchNormApplied(mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, True)
+    sync_count = 0
+    if getattr(bn, "sync", False) and is_synchronising():  # SyncBatchNorm2d: statistics over all ranks
+        mean, var, count = merge_across_ranks(mean, var, count)
+        sync_count = count
+    update_running_stats(bn, mean, var, count)
+    return BatchNormApplied(mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, True, sync_count)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -68,8 +70,7 @@ def fused_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, re
     if residual is not None:
         residual = residual.to(dtype).contiguous(memory_format=torch.channels_last)
     weight = conv.weight.to(dtype)
-    args = (None, None, None, None, False) if bn is None else bn
-    mean, invstd, gamma, beta, batch_stats = args
+    mean, invstd, gamma, beta, batch_stats, sync_count = (None, None, None, None, False, 0) if bn is None else bn
     y, y_mean, y_var = bn_relu_conv(x, mean, invstd, gamma, beta, weight, residual, conv.stride[0], conv.padding[0],
-                                    batch_stats, emit_stats)
+                                    batch_stats, emit_stats, sync_count)
     return y, (y_mean, y_var) if emit_stats else None

@@ -52,7 +52,7 @@ def _bn_relu_conv_fwd_kernel(
     tile_m2_ptr,  # (cdiv(M, BLOCK_M), C_OUT) fp32 sum of squared deviations from that mean
     M, H, W, C_IN, HO, WO, C_OUT,  # M = N * HO * WO output pixels
     STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EMIT_STATS: tl.constexpr,
+    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EMIT_STATS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -84,7 +84,7 @@ def _bn_relu_conv_fwd_kernel(
                     a = tl.where(valid, tl.maximum(a * scale[None, :] + shift[None, :], 0.0), 0.0)
                 w = tl.load(w_ptr + ((kh * KW + kw) * C_IN + offs_k[:, None]) * C_OUT + offs_n[None, :],
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc += tl.dot(a.to(w.dtype), w)
+                acc += tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
     out_mask = mask_m[:, None] & mask_n[None, :]
     out_offsets = offs_m[:, None] * C_OUT + offs_n[None, :]
     if HAS_RESIDUAL:
@@ -111,7 +111,7 @@ def _bn_relu_conv_dgrad_kernel(
     tile_dbeta_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz
     tile_dgamma_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz * xhat
     M, H, W, C_IN, HO, WO, C_OUT,  # M = N * H * W input pixels
-    STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -141,7 +141,7 @@ def _bn_relu_conv_dgrad_kernel(
                 g = tl.load(dy_ptr + row[:, None] + offs_co[None, :], mask=hit[:, None] & mask_co[None, :], other=0.0)
                 w = tl.load(w_ptr + ((kh * KW + kw) * C_IN + offs_c[None, :]) * C_OUT + offs_co[:, None],
                             mask=mask_co[:, None] & mask_c[None, :], other=0.0)
-                acc += tl.dot(g.to(w.dtype), w)
+                acc += tl.dot(g.to(w.dtype), w, input_precision=PRECISION)
     tile = mask_m[:, None] & mask_c[None, :]
     offsets = offs_m[:, None] * C_IN + offs_c[None, :]
     x = tl.load(x_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
@@ -195,7 +195,7 @@ def _bn_relu_conv_wgrad_kernel(
     dw_ptr,  # (SPLITS, KH, KW, C_IN, C_OUT) fp32 out: per-split partial weight gradient
     M, H, W, C_IN, HO, WO, C_OUT, ROWS_PER_SPLIT,  # M = N * HO * WO output pixels
     STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     pid_k = tl.program_id(0)  # kernel tap and input-channel block
     pid_co = tl.program_id(1)
@@ -229,12 +229,18 @@ def _bn_relu_conv_wgrad_kernel(
             a = tl.where(valid, tl.maximum(a * scale[:, None] + shift[:, None], 0.0), 0.0)
         g = tl.load(dy_ptr + offs_m[:, None] * C_OUT + offs_co[None, :], mask=mask_m[:, None] & mask_co[None, :],
                     other=0.0)
-        acc += tl.dot(a.to(g.dtype), g)
+        acc += tl.dot(a.to(g.dtype), g, input_precision=PRECISION)
     out = dw_ptr + (((pid_s * KH + kh) * KW + kw) * C_IN + offs_c[:, None]) * C_OUT + offs_co[None, :]
     tl.store(out, acc, mask=mask_c[:, None] & mask_co[None, :])
 
 
 # --- launchers ----------------------------------------------------------------------------------------
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands get full IEEE products, as an fp32 model asks for; on a GPU tl.dot would
+    otherwise round them to TF32. bf16/fp16 products are exact in fp32 either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _block(size: int, low: int, high: int) -> int:
@@ -301,7 +307,7 @@ def bn_relu_conv_forward(x, scale, shift, weight, residual, stride: int, padding
         residual if residual is not None else dummy, y, tile_mean, tile_m2,
         m, h, w, c_in, ho, wo, c_out,
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        EMIT_STATS=emit_stats, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        EMIT_STATS=emit_stats, PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     if not emit_stats:
         return y, None, None
@@ -320,9 +326,11 @@ def merge_tile_stats(tile_mean: torch.Tensor, tile_m2: torch.Tensor, rows: int, 
 
 
 def bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride: int, padding: int, prologue: bool,
-                          batch_stats: bool, need_dx: bool, block_m: int = BLOCK_M):
+                          batch_stats: bool, need_dx: bool, sync_count: int = 0, block_m: int = BLOCK_M):
     """Gradients of conv(relu(bn(x))) [+ residual]: (dx, dgamma, dbeta, dweight); BN terms are None
-    without a prologue, dx is None when not needed."""
+    without a prologue, dx is None when not needed. sync_count > 0: the statistics spanned all
+    ranks (that many values per channel), so the normalisation terms of dx use sums over all ranks;
+    dgamma and dbeta stay local, as DistributedDataParallel averages parameter gradients."""
     dy = dy.contiguous(memory_format=torch.channels_last)
     check_inputs(x, weight, dy)
     n, c_in, h, w = x.shape
@@ -343,10 +351,11 @@ def bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride: int
     _bn_relu_conv_wgrad_kernel[grid](
         x, scale if prologue else dummy, shift if prologue else dummy, dy, dw_parts,
         m_out, h, w, c_in, ho, wo, c_out, rows_per_split,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue,
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=dot_precision(weight.dtype),
         BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co,
     )
-    dweight = dw_parts.sum(0).permute(3, 2, 0, 1).to(weight.dtype)
+    # in the weight's own memory layout: the fake implementation promises empty_like(weight)
+    dweight = torch.empty_like(weight).copy_(dw_parts.sum(0).permute(3, 2, 0, 1))
     if not prologue:
         if need_dx:
             raise RuntimeError("the fused stem conv (no BatchNorm prologue) does not compute an input gradient; "
@@ -362,17 +371,22 @@ def bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride: int
     _bn_relu_conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_c))](
         dy, packed, x, scale, shift, mean, invstd, gz, tile_dbeta, tile_dgamma,
         m_in, h, w, c_in, ho, wo, c_out,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co,
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PRECISION=dot_precision(weight.dtype),
+        BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_CO=block_co,
     )
     dbeta = tile_dbeta.sum(0)
     dgamma = tile_dgamma.sum(0)
     dx = None
     if need_dx:
-        zeros = torch.zeros_like(dbeta)
+        sums = torch.stack([dbeta, dgamma])
+        count = m_in
+        if batch_stats and sync_count:
+            torch.distributed.all_reduce(sums)
+            count = sync_count
+        means = sums / count if batch_stats else torch.zeros_like(sums)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         _bn_backward_apply_kernel[(tiles, triton.cdiv(c_in, block_c))](
-            gz, x, scale, mean, invstd, dbeta / m_in if batch_stats else zeros, dgamma / m_in if batch_stats else zeros,
-            dx, m_in, c_in, BLOCK_M=block_m, BLOCK_C=block_c,
+            gz, x, scale, mean, invstd, means[0], means[1], dx, m_in, c_in, BLOCK_M=block_m, BLOCK_C=block_c,
         )
     # dgamma/dbeta of the BN parameters: d(scale * x + shift)/dgamma = xhat, /dbeta = 1
     return dx, dgamma, dbeta, dweight
@@ -390,13 +404,14 @@ def bn_scale_shift(mean, invstd, gamma, beta):
 def bn_relu_conv(
     x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None, gamma: torch.Tensor | None,
     beta: torch.Tensor | None, weight: torch.Tensor, residual: torch.Tensor | None, stride: int, padding: int,
-    batch_stats: bool, emit_stats: bool,
+    batch_stats: bool, emit_stats: bool, sync_count: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """conv(relu(bn(x))) [+ residual] with BN given by mean/invstd/gamma/beta (None: plain conv).
 
     Returns y and, when emit_stats, y's batch mean and biased variance (fp32, per channel).
     batch_stats says mean/invstd are x's own batch statistics, so the backward includes their
-    dependence on x (training mode); they are never differentiated directly.
+    dependence on x (training mode); they are never differentiated directly. sync_count > 0 says
+    they are statistics over all ranks' batches (that many values per channel).
     """
     prologue = mean is not None
     scale, shift = bn_scale_shift(mean, invstd, gamma, beta) if prologue else (None, None)
@@ -407,7 +422,7 @@ def bn_relu_conv(
 
 
 @bn_relu_conv.register_fake
-def _(x, mean, invstd, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats):
+def _(x, mean, invstd, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats, sync_count=0):
     n, _, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     y = x.new_empty((n, c_out, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)),
@@ -420,18 +435,18 @@ def _(x, mean, invstd, gamma, beta, weight, residual, stride, padding, batch_sta
 def bn_relu_conv_backward_op(
     dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
     gamma: torch.Tensor | None, beta: torch.Tensor | None, weight: torch.Tensor, stride: int, padding: int,
-    batch_stats: bool, need_dx: bool,
+    batch_stats: bool, need_dx: bool, sync_count: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     prologue = mean is not None
     scale, shift = bn_scale_shift(mean, invstd, gamma, beta) if prologue else (None, None)
     dx, dgamma, dbeta, dweight = bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride, padding,
-                                                       prologue, batch_stats, need_dx)
+                                                       prologue, batch_stats, need_dx, sync_count)
     return (dx if dx is not None else x.new_empty(0), dgamma.to(gamma.dtype) if prologue else x.new_empty(0),
             dbeta.to(beta.dtype) if prologue else x.new_empty(0), dweight)
 
 
 @bn_relu_conv_backward_op.register_fake
-def _(dy, x, mean, invstd, gamma, beta, weight, stride, padding, batch_stats, need_dx):
+def _(dy, x, mean, invstd, gamma, beta, weight, stride, padding, batch_stats, need_dx, sync_count):
     prologue = mean is not None
     return (torch.empty_like(x, memory_format=torch.channels_last) if need_dx else x.new_empty(0),
             torch.empty_like(gamma) if prologue else x.new_empty(0),
@@ -439,19 +454,19 @@ def _(dy, x, mean, invstd, gamma, beta, weight, stride, padding, batch_stats, ne
 
 
 def _setup_context(ctx, inputs, output):
-    x, mean, invstd, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats = inputs
+    x, mean, invstd, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats, sync_count = inputs
     ctx.save_for_backward(x, mean, invstd, gamma, beta, weight)
-    ctx.conf = (stride, padding, batch_stats, residual is not None)
+    ctx.conf = (stride, padding, batch_stats, residual is not None, sync_count)
 
 
 def _backward(ctx, dy, _dmean, _dvar):
     x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
-    stride, padding, batch_stats, has_residual = ctx.conf
+    stride, padding, batch_stats, has_residual, sync_count = ctx.conf
     prologue = mean is not None
     dx, dgamma, dbeta, dweight = bn_relu_conv_backward_op(
-        dy, x, mean, invstd, gamma, beta, weight, stride, padding, batch_stats, ctx.needs_input_grad[0])
+        dy, x, mean, invstd, gamma, beta, weight, stride, padding, batch_stats, ctx.needs_input_grad[0], sync_count)
     return (dx if ctx.needs_input_grad[0] else None, None, None, dgamma if prologue else None,
-            dbeta if prologue else None, dweight, dy if has_residual else None, None, None, None, None)
+            dbeta if prologue else None, dweight, dy if has_residual else None, None, None, None, None, None)
 
 
 bn_relu_conv.register_autograd(_backward, setup_context=_setup_context)

@@ -29,11 +29,13 @@ BACKENDS = ("auto", "dali", "torch")
 DATA_STREAM, MODEL_STREAM = 0, 1
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = DATA_STREAM) -> int:
+def epoch_seed(seed: int, epoch: int, stream: int = DATA_STREAM, rank: int = 0) -> int:
     """A well-mixed 63-bit seed for one epoch and stream (data order and augmentation, or the
-    model's own randomness such as dropout): all of an epoch's randomness follows from (seed, epoch),
-    so a run resumed at an epoch boundary draws exactly what an uninterrupted one draws."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    model's own randomness such as dropout, which differs per rank): all of an epoch's randomness
+    follows from (seed, epoch), so a run resumed at an epoch boundary draws exactly what an
+    uninterrupted one draws."""
+    entropy = [seed, epoch, stream] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass

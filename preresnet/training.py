@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .data import Dataset, channel_mean_std, load_dataset
 from .errors import UserError
 from .loaders import MODEL_STREAM, BaseLoader, build_loader, dali_available, epoch_seed
@@ -47,6 +48,8 @@ class Runtime:
     compile: bool
     loader: str  # "torch" | "dali"
     fused: bool = False  # the Triton kernels of kernels/
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (multi-process runs)
+    dist: distributed.Dist = distributed.Dist()
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -63,7 +66,8 @@ class Runtime:
 
 
 def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool | None = None,
-                    compile: bool | None = None, loader: str = "auto", fused: bool | None = None) -> Runtime:
+                    compile: bool | None = None, loader: str = "auto", fused: bool | None = None,
+                    sync_bn: bool | None = None, dist: distributed.Dist = distributed.Dist()) -> Runtime:
     """Fill in 'auto' (None): on a GPU the fastest correct settings, on the CPU the ones that work."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,12 +88,14 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
     if loader == "dali" and not dali_available():
         raise UserError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or -cuda130), or use --loader torch")
     return Runtime(
-        device=torch.device(device),
+        device=torch.device(device, dist.local_rank) if on_gpu and dist.enabled else torch.device(device),
         amp=amp,
         channels_last=on_gpu if channels_last is None else channels_last,
         compile=on_gpu if compile is None else compile,
         loader=loader,
         fused=bool(fused),
+        sync_bn=bool(sync_bn),
+        dist=dist,
     )
 
 
@@ -159,6 +165,8 @@ def evaluate(model: torch.nn.Module, loader: BaseLoader, runtime: Runtime, num_c
             hits = (logits.argmax(1) == y).long()
             correct.index_add_(0, y, hits)
             count.index_add_(0, y, torch.ones_like(y))
+    for tensor in (loss_sum, correct, count):  # every rank evaluated its own share of the test set
+        distributed.all_reduce_sum(tensor)
     total = int(count.sum())
     return {
         "test_loss": float(loss_sum) / total,
@@ -175,13 +183,14 @@ def train_epoch(model, step_fn, loader: BaseLoader, optimizer, recipe: Recipe, e
 
     model.train()
     loader.set_epoch(epoch)
-    torch.manual_seed(epoch_seed(loader.seed, epoch, MODEL_STREAM))  # dropout draws
+    torch.manual_seed(epoch_seed(loader.seed, epoch, MODEL_STREAM, runtime.dist.rank))  # dropout draws, own per rank
     device = runtime.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     errors = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch",
-               disable=disable_bar, leave=False, dynamic_ncols=True)
+               disable=disable_bar if runtime.dist.is_main else True, leave=False, dynamic_ncols=True)
+    check_replicas = os.environ.get("PRERESNET_CHECK_REPLICAS") == "1"
     start = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         lr = learning_rate(recipe, epoch, iteration)
@@ -192,9 +201,13 @@ def train_epoch(model, step_fn, loader: BaseLoader, optimizer, recipe: Recipe, e
         errors += (logits.detach().argmax(1) != y).sum()
         seen += len(y)
         iteration += 1
+        if check_replicas and not distributed.replicas_agree(model):
+            raise RuntimeError(f"rank {runtime.dist.rank}: parameters differ across ranks after step {step + 1}")
         if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == len(loader):
             mean_loss = float(loss_sum) / seen  # waits for the device
-            if not math.isfinite(mean_loss):
+            # every rank decides together, or one would stop while the others wait in a collective
+            diverged = distributed.all_reduce_sum(torch.tensor(float(not math.isfinite(mean_loss)), device=device))
+            if diverged.item():
                 bar.close()
                 raise NonFiniteLoss(f"the training loss became {mean_loss} in epoch {epoch + 1} (step {step + 1})")
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
@@ -203,6 +216,11 @@ def train_epoch(model, step_fn, loader: BaseLoader, optimizer, recipe: Recipe, e
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    totals = distributed.all_reduce_sum(torch.stack([loss_sum, errors.double(), torch.tensor(float(seen), device=device,
+                                                                                           dtype=torch.float64)]))
+    loss_sum, errors, seen = totals[0], totals[1], int(totals[2])
+    if not distributed.replicas_agree(model):
+        raise RuntimeError(f"rank {runtime.dist.rank}: parameters differ across ranks after epoch {epoch + 1}")
     return {
         "lr": lr,
         "train_loss": float(loss_sum) / seen,
@@ -279,24 +297,28 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
     if dataset.num_classes != config["num_classes"]:
         raise UserError(f"the data has {dataset.num_classes} classes but the run was set up for {config['num_classes']}")
     disable_bar = None if progress is None else not progress
-    device = runtime.device
+    device, dist = runtime.device, runtime.dist
+    if recipe.batch_size % dist.world_size:
+        raise UserError(f"batch size {recipe.batch_size} (the global batch) does not split evenly over {dist.world_size} processes")
     common = dict(backend=runtime.loader, device=device, channels_last=runtime.channels_last,
-                  mean=config["mean"], std=config["std"])
-    train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=recipe.batch_size, train=True,
-                                seed=config["seed"], **common)
+                  mean=config["mean"], std=config["std"], rank=dist.rank, world_size=dist.world_size)
+    train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=recipe.batch_size // dist.world_size,
+                                train=True, seed=config["seed"], **common)
     test_loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
                                **common)
 
     torch.manual_seed(config["seed"])
     model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
                         fused=runtime.fused, dropout=config["dropout"])
+    if runtime.sync_bn:
+        distributed.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
-    start_epoch, iteration = 0, 0
-    history = read_metrics(out / "metrics.jsonl")
+    start_epoch, iteration, history = 0, 0, []
     if resume_from is not None:
+        history = read_metrics(out / "metrics.jsonl")
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
         if resume_from.get("scaler"):
@@ -305,23 +327,31 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
         history = [m for m in history if m["epoch"] <= start_epoch]  # drop lines past the checkpoint
         if not history or history[-1]["epoch"] < start_epoch:  # killed between checkpoint and metrics
             history.append(resume_from["metrics"])
-        write_lines(out / "metrics.jsonl", history)
-    step_fn, forward = make_step_fn(model, optimizer, scaler, runtime)
+        if dist.is_main:
+            write_lines(out / "metrics.jsonl", history)
+    wrapped = model
+    if dist.enabled:  # gradients averaged over ranks; rank 0's initial weights broadcast
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn, forward = make_step_fn(wrapped, optimizer, scaler, runtime)
+    say = print if dist.is_main else (lambda *args, **kwargs: None)
 
-    print(f"{model.paper_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(dataset.train.labels)} training / {len(dataset.test.labels)} test images, {runtime.describe()}; "
-          f"writing to {out}", file=sys.stderr)
+    say(f"{model.paper_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{len(dataset.train.labels)} training / {len(dataset.test.labels)} test images, {runtime.describe()}; "
+        f"writing to {out}", file=sys.stderr)
     if start_epoch:
-        print(f"resuming after epoch {start_epoch} (iteration {iteration})", file=sys.stderr)
+        say(f"resuming after epoch {start_epoch} (iteration {iteration})", file=sys.stderr)
     for epoch in range(start_epoch, recipe.epochs):
         epoch_start = time.perf_counter()
-        train_metrics, iteration = train_epoch(model, step_fn, train_loader, optimizer, recipe, epoch, iteration,
+        train_metrics, iteration = train_epoch(wrapped, step_fn, train_loader, optimizer, recipe, epoch, iteration,
                                                runtime, disable_bar)
         test_metrics = evaluate(forward, test_loader, runtime, config["num_classes"])
         metrics = {"epoch": epoch + 1, **train_metrics,
                    "test_loss": test_metrics["test_loss"], "test_error": test_metrics["test_error"],
-                   "epoch_seconds": time.perf_counter() - epoch_start}
+                   "test_images": test_metrics["test_images"], "epoch_seconds": time.perf_counter() - epoch_start,
+                   "processes": dist.world_size}
         history.append(metrics)
+        if not dist.is_main:  # only rank 0 writes the run folder
+            continue
         checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "config": config,
@@ -336,7 +366,7 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
         atomic_write(out / CHECKPOINT_NAME, lambda tmp: torch.save(checkpoint, tmp))
         write_lines(out / "metrics.jsonl", history)
         save_curves(history, out / "curves.png", f"{model.paper_name} on {config['dataset']}")
-        print(f"epoch {epoch + 1}/{recipe.epochs}  lr {metrics['lr']:g}  train loss {metrics['train_loss']:.4f}  "
+        say(f"epoch {epoch + 1}/{recipe.epochs}  lr {metrics['lr']:g}  train loss {metrics['train_loss']:.4f}  "
               f"train error {100 * metrics['train_error']:.2f}%  test loss {metrics['test_loss']:.4f}  "
               f"test error {100 * metrics['test_error']:.2f}%  {metrics['images_per_second']:.0f} img/s  "
               f"{metrics['epoch_seconds']:.1f} s", flush=True)

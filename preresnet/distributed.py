@@ -1,0 +1,158 @@
+"""Multi-process training under torchrun: process group, BatchNorm synchronised across ranks.
+
+`torchrun --nproc_per_node N train.py ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the
+run is a single process and nothing here does anything. NCCL on GPUs, gloo on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device_type: str) -> Dist:
+    """Join the process group torchrun describes in the environment (a no-op for one process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Dist(rank, world_size, local_rank)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_synchronising() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks in place (identity for one process)."""
+    if is_synchronising():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_object(value):
+    """Rank 0's value on every rank."""
+    if not is_synchronising():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def merge_across_ranks(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Batch mean and biased variance over all ranks from each rank's (count, mean, var): the same
+    parallel merge as the kernels' tiles, M2 = sum M2_r + sum n_r (mean_r - mean)^2, in float64."""
+    local = torch.cat([torch.tensor([float(count)], device=mean.device, dtype=torch.float64),
+                       mean.double(), var.double()])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    parts = torch.stack(gathered)  # ranks x (1 + 2C)
+    channels = mean.numel()
+    counts, means, variances = parts[:, :1], parts[:, 1 : 1 + channels], parts[:, 1 + channels :]
+    total = counts.sum()
+    merged_mean = (counts * means).sum(0) / total
+    m2 = (counts * variances).sum(0) + (counts * (means - merged_mean) ** 2).sum(0)
+    return merged_mean.float(), (m2 / total).float(), int(total.item())
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm whose statistics, and the two sums of its backward, span all ranks."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bn):
+        count = x.numel() // x.shape[1]
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+        mean, var, total = merge_across_ranks(mean, var, count)
+        update_running_stats(bn, mean, var, total)
+        invstd = torch.rsqrt(var + bn.eps)
+        xhat = (x.float() - mean[None, :, None, None]) * invstd[None, :, None, None]
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total = total
+        return (xhat * weight.float()[None, :, None, None] + bias.float()[None, :, None, None]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad = grad.float()
+        xhat = (x.float() - mean[None, :, None, None]) * invstd[None, :, None, None]
+        dbeta = grad.sum((0, 2, 3))
+        dgamma = (grad * xhat).sum((0, 2, 3))
+        sums = all_reduce_sum(torch.stack([dbeta, dgamma]))  # global sums for the normalisation terms
+        scale = (weight.float() * invstd)[None, :, None, None]
+        dx = scale * (grad - sums[0][None, :, None, None] / ctx.total - xhat * sums[1][None, :, None, None] / ctx.total)
+        # the parameter gradients stay local: DistributedDataParallel averages them over ranks
+        return dx.to(x.dtype), dgamma.to(weight.dtype), dbeta.to(weight.dtype), None
+
+
+def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """nn.BatchNorm2d's running-statistics update: momentum (or cumulative average) and unbiased variance."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        bn.running_mean.mul_(1 - factor).add_(mean * factor)
+        bn.running_var.mul_(1 - factor).add_(var * (count / max(count - 1, 1) * factor))
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d with statistics over the batch of all ranks in training (any device, any
+    backend: torch's SyncBatchNorm refuses CPU tensors). Same parameters, buffers and state_dict keys;
+    the fused kernels read `sync` and merge their statistics across ranks too."""
+
+    sync = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_synchronising()):
+            return super().forward(x)
+        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, self)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every nn.BatchNorm2d of model a SyncBatchNorm2d, in place, keeping its state."""
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = SyncBatchNorm2d
+    return model
+
+
+def replicas_agree(model: nn.Module) -> bool:
+    """Whether every rank holds the same parameters (one checksum per tensor, all-gathered)."""
+    if not is_synchronising():
+        return True
+    checksums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    gathered = [torch.empty_like(checksums) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksums)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
