@@ -128,7 +128,7 @@ def test_get_model_passes_options():
     (dict(type="normal", depth=3, dropout=0.3), "dropout"),
     (dict(type="wide", depth=2, width=4, dropout=1.0), "dropout"),
     (dict(type="normal", depth=3, num_classes=1), "num_classes"),
-    (dict(type="normal", depth=3, fused=True), "fused=True"),
+    (dict(type="wide", depth=1, width=2, dropout=0.3, fused=True), "do not apply dropout"),
 ])
 def test_bad_arguments_raise_user_error(kwargs, message):
     with pytest.raises(UserError, match=message):
