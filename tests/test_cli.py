@@ -50,7 +50,9 @@ def make_dataset(root: Path, train_per_class: int = 48, test_per_class: int = 16
     return root
 
 
-def run(script: str, *args, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+def run(script: str, *args, check: bool = False, data_dir=None, **kwargs) -> subprocess.CompletedProcess:
+    if data_dir is not None:
+        args = (*args, "--data-dir", data_dir)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                             cwd=kwargs.pop("cwd", ROOT), env=env, timeout=kwargs.pop("timeout", 300), **kwargs)
@@ -77,11 +79,15 @@ def data_dir(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("shapes"))
 
 
+# batch 4: 48 steps an epoch, so that a kill right after epoch 1 lands inside epoch 2 on any machine
+FINISHED = [*TINY, "--epochs", "3", "--seed", "7", "--batch-size", "4"]
+
+
 @pytest.fixture(scope="module")
 def finished_run(data_dir, tmp_path_factory) -> Path:
     """Three uninterrupted epochs: the reference for resume, eval and the output files."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    run("train.py", *TINY, "--data-dir", data_dir, "--epochs", "3", "--seed", "7", "--out", out, check=True)
+    run("train.py", *FINISHED, "--out", out, data_dir=data_dir, check=True)
     return out
 
 
@@ -117,14 +123,13 @@ def test_short_training_learns_the_synthetic_task(data_dir, tmp_path):
 
 def test_resume_after_sigkill_is_bit_identical(data_dir, finished_run, tmp_path):
     out = tmp_path / "killed"
-    args = [sys.executable, str(ROOT / "train.py"), *TINY, "--data-dir", str(data_dir), "--epochs", "3",
-            "--seed", "7", "--out", str(out)]
+    args = [sys.executable, str(ROOT / "train.py"), *FINISHED, "--data-dir", str(data_dir), "--out", str(out)]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     # Epoch 1's line is printed once its checkpoint is on disk: kill during epoch 2's training steps.
     for line in process.stdout:
         if line.startswith("epoch 1/3"):
-            time.sleep(0.5)
+            time.sleep(0.1)
             process.send_signal(signal.SIGKILL)
             break
     process.wait(timeout=60)
