@@ -33,10 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def skip_reason(provider: str, device: str) -> str | None:
     """Why a provider is not meaningful on this device, or None."""
+    if provider == "cuda-graph" and device != "cuda":
+        return "CUDA graphs need a CUDA GPU"
     if device == "cpu":
         if provider.startswith("fused"):
             return "the Triton kernels run on a CPU only under the interpreter: its timings mean nothing"
-        if provider in ("compile", "cuda-graph"):
+        if provider == "compile":
             return "compiling the full networks takes minutes on a CPU, past the suite's 5-minute budget"
     if provider.startswith("fused") and os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled"

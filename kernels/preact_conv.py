@@ -41,6 +41,13 @@ MAX_WGRAD_SPLITS = 2 if INTERPRETED else 64
 
 
 @triton.jit
+def _pixel_coordinates(offs, height, width):
+    """Row indices of an (N*height*width) x C channels-last matrix -> (image, row, column)."""
+    pixel = offs % (height * width)
+    return offs // (height * width), pixel // width, pixel % width
+
+
+@triton.jit
 def _bn_relu_conv_fwd_kernel(
     x_ptr,  # (N, H, W, C_IN) input before BatchNorm, channels-last
     scale_ptr,  # (C_IN,) fp32 gamma * invstd
@@ -61,10 +68,7 @@ def _bn_relu_conv_fwd_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < C_OUT
-    n = offs_m // (HO * WO)
-    pixel = offs_m % (HO * WO)
-    ho = pixel // WO
-    wo = pixel % WO
+    n, ho, wo = _pixel_coordinates(offs_m, HO, WO)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
@@ -120,10 +124,7 @@ def _bn_relu_conv_dgrad_kernel(
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C_IN
-    n = offs_m // (H * W)
-    pixel = offs_m % (H * W)
-    hi = pixel // W
-    wi = pixel % W
+    n, hi, wi = _pixel_coordinates(offs_m, H, W)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
@@ -217,10 +218,9 @@ def _bn_relu_conv_wgrad_kernel(
     for m0 in range(start, end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
-        n = offs_m // (HO * WO)
-        pixel = offs_m % (HO * WO)
-        hi = (pixel // WO) * STRIDE - PADDING + kh
-        wi = (pixel % WO) * STRIDE - PADDING + kw
+        n, ho, wo = _pixel_coordinates(offs_m, HO, WO)
+        hi = ho * STRIDE - PADDING + kh
+        wi = wo * STRIDE - PADDING + kw
         inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
         valid = mask_c[:, None] & inside[None, :]
         a = tl.load(x_ptr + ((n * H + hi) * W + wi)[None, :] * C_IN + offs_c[:, None], mask=valid, other=0.0)
