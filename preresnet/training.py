@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -233,6 +234,10 @@ def train_epoch(model, step_fn, loader: BaseLoader, optimizer, recipe: Recipe, e
 def make_step_fn(model, optimizer, scaler, runtime: Runtime):
     """forward, loss, backward and optimizer step for one batch; with --compile the model's forward
     (and so its backward) is compiled, the optimizer step stays eager."""
+    if runtime.compile and runtime.dist.enabled:
+        # DDP broadcasts BatchNorm buffers before each forward, which Dynamo cannot trace: one graph
+        # break there, announced once per rank (pytorch/pytorch#141827); the model itself compiles.
+        warnings.filterwarnings("ignore", message=".*_broadcast_coalesced")
     forward = torch.compile(model) if runtime.compile else model
 
     def step(x, y):

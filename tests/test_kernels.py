@@ -44,6 +44,15 @@ CONV_SHAPES = [
 SPATIAL = [pytest.param(2, 8, 8, id="2x8x8"), pytest.param(1, 7, 7, id="1x7x7"), pytest.param(3, 5, 9, id="3x5x9")]
 
 
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    """The GPU's 64-pixel tiles instead of the interpreter's large ones, so that small shapes span
+    several tiles (and a partial last one) and the statistics merge and split weight gradient run."""
+    from kernels import preact_conv
+
+    monkeypatch.setattr(preact_conv, "BLOCK_M", 64)
+
+
 def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
@@ -72,6 +81,7 @@ def assert_close(actual, expected, rtol=2e-5, name=""):
 @pytest.mark.parametrize("n, h, w", SPATIAL)
 @pytest.mark.parametrize("c_in, c_out, kernel, stride", CONV_SHAPES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.usefixtures("gpu_tiles")
 def test_bn_relu_conv_matches_reference(n, h, w, c_in, c_out, kernel, stride, training):
     stem = c_in == 3
     residual = not stem and stride == 1 and kernel == 3
@@ -111,6 +121,7 @@ def test_bn_relu_conv_matches_reference(n, h, w, c_in, c_out, kernel, stride, tr
         assert_close(got, want, rtol=5e-5, name=f"grad {name}")
 
 
+@pytest.mark.usefixtures("gpu_tiles")
 def test_padding_stays_zero_when_relu_of_the_shift_is_positive():
     """With beta > 0 everywhere, relu(bn(0)) > 0: padded positions must still contribute nothing."""
     x, gamma, beta, weight, _, _, _, padding = make_case(1, 16, 5, 5, 16, 3, 1, False, seed=3)
@@ -122,6 +133,7 @@ def test_padding_stays_zero_when_relu_of_the_shift_is_positive():
     assert_close(y, expected, name="y")
 
 
+@pytest.mark.usefixtures("gpu_tiles")
 def test_statistics_are_stable_for_a_large_offset():
     """Shifted data (mean 1000, std 1): per-tile mean/M2 keep the variance where a naive sum of
     squares in fp32 loses it."""
