@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.floors import fraction_of_floor
-from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, environment, make_unit, skip_reason,
-                             training_step, unit_shapes, unit_step)
+from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, make_unit,
+                             skip_reason, training_step, unit_shapes, unit_step)
+from kernels.paths import TABLE_ENV, conv_signatures
+from preresnet import get_model
 
 BUDGET_SECONDS = 7.5 * 60
+TORCH_PATH_MARGIN = 0.95  # PyTorch's ops replace the Triton kernel only when at least 5% faster: it keeps more memory
 ERROR_FACTOR = 3.0  # the kernels may be this many times less accurate than PyTorch at the same precision
 
 
@@ -146,6 +148,32 @@ def benchmark_matrix(clock: Clock, batch: int) -> dict:
     return {"models": models, "units": units}
 
 
+def choose_conv_paths(clock: Clock, batch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Time every distinct fused layer of the paper networks on both paths (forward + backward at
+    dtype, the training setting) and keep the faster: {signature key: {path, triton_ms, torch_ms}}."""
+    signatures = {}
+    for name in MODELS:
+        for signature in conv_signatures(get_model(name, fused=True)).values():
+            signatures.setdefault(signature.key, signature)
+    entries = {}
+    for key, signature in signatures.items():
+        if clock.left() < BUDGET_SECONDS * 0.4:
+            entries[key] = {"path": "triton", "skipped": "time budget"}
+            continue
+        times = {path: measure(lambda: conv_path_step(signature, path, "cuda", batch, dtype), batch)
+                 for path in ("triton", "torch")}
+        if "error" in times["triton"] or "error" in times["torch"]:
+            # a path that fails is not kept; the Triton kernel's correctness is checked above
+            entries[key] = {"path": "torch" if "error" in times["triton"] else "triton",
+                            "error": times["triton"].get("error") or times["torch"].get("error")}
+        else:
+            triton_ms, torch_ms = times["triton"]["ms"], times["torch"]["ms"]
+            entries[key] = {"path": "torch" if torch_ms < TORCH_PATH_MARGIN * triton_ms else "triton",
+                            "triton_ms": triton_ms, "torch_ms": torch_ms, "batch": batch}
+        print(f"conv path {key:38s} {entries[key]}", flush=True)
+    return {torch.cuda.get_device_name(): {str(dtype).removeprefix("torch."): entries}}
+
+
 def add_speedups(rows: list[dict], name: str) -> None:
     """Speed-up of each provider over eager-fp32 and over compile, for one model."""
     mine = [r for r in rows if r["model"] == name and "images_per_second" in r]
@@ -165,7 +193,7 @@ def real_data_run(data_dir: str, out: Path, clock: Clock) -> dict:
                "--data-dir", data_dir, "--epochs", "3", "--fused", "--loader", "torch", "--no-progress",
                "--out", str(run_dir)]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=seconds, cwd=ROOT)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=seconds, cwd=ROOT, env=os.environ)
     except subprocess.TimeoutExpired:
         return {"command": " ".join(command[1:]), "error": f"did not finish in {seconds} s"}
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] \
@@ -188,20 +216,32 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['shape']} | {row['dtype']} | {' | '.join(cells)} | {'yes' if row['pass'] else 'NO'} |")
         else:
             lines.append(f"| {row['shape']} | {row['dtype']} | {row.get('error') or row.get('skipped')} | | | |")
-    lines += ["", "## Training step (images/s)", "",
-              "| model | provider | images/s | vs eager-fp32 | vs compile | of floor | peak memory |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in report["matrix"]["models"]:
-        if "images_per_second" in row:
-            lines.append(f"| {row['model']} | {row['provider']} | {row['images_per_second']:,.0f} | "
-                         f"{row.get('speedup_over_eager-fp32', float('nan')):.2f}x | {row.get('speedup_over_compile', float('nan')):.2f}x | "
-                         f"{100 * row['fraction_of_floor']:.0f}% | {row['peak_memory_bytes'] / 2**30:.2f} GiB |")
-        else:
-            lines.append(f"| {row['model']} | {row['provider']} | {row.get('skipped') or row.get('error')} | | | | |")
-    lines += ["", "## Units (ms, median)", "", "| unit | part | pass | provider | ms | images/s |", "| --- | --- | --- | --- | --- | --- |"]
-    for row in report["matrix"]["units"]:
-        value = f"{row['ms']:.3f} | {row['images_per_second']:,.0f}" if "ms" in row else f"{row.get('skipped') or row.get('error')} |"
-        lines.append(f"| {row['shape']} | {row['part']} | {row['pass']} | {row['provider']} | {value} |")
+    for dtypes in report.get("conv_paths", {}).values():
+        for dtype, entries in dtypes.items():
+            lines += ["", f"## Layer paths ({dtype}, forward + backward, ms)", "",
+                      "Each distinct fused layer on the Triton kernel and on PyTorch's ops (cuDNN); PyTorch's are "
+                      f"kept only when at least {100 * (1 - TORCH_PATH_MARGIN):.0f}% faster.", "",
+                      "| layer | Triton | PyTorch | kept |", "| --- | --- | --- | --- |"]
+            for key, entry in entries.items():
+                if "triton_ms" in entry:
+                    lines.append(f"| {key} | {entry['triton_ms']:.3f} | {entry['torch_ms']:.3f} | {entry['path']} |")
+                else:
+                    lines.append(f"| {key} | {entry.get('skipped') or entry.get('error')} | | {entry['path']} |")
+    if "matrix" in report:
+        lines += ["", "## Training step (images/s)", "",
+                  "| model | provider | images/s | vs eager-fp32 | vs compile | of floor | peak memory |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in report["matrix"]["models"]:
+            if "images_per_second" in row:
+                lines.append(f"| {row['model']} | {row['provider']} | {row['images_per_second']:,.0f} | "
+                             f"{row.get('speedup_over_eager-fp32', float('nan')):.2f}x | {row.get('speedup_over_compile', float('nan')):.2f}x | "
+                             f"{100 * row['fraction_of_floor']:.0f}% | {row['peak_memory_bytes'] / 2**30:.2f} GiB |")
+            else:
+                lines.append(f"| {row['model']} | {row['provider']} | {row.get('skipped') or row.get('error')} | | | | |")
+        lines += ["", "## Units (ms, median)", "", "| unit | part | pass | provider | ms | images/s |", "| --- | --- | --- | --- | --- | --- |"]
+        for row in report["matrix"]["units"]:
+            value = f"{row['ms']:.3f} | {row['images_per_second']:,.0f}" if "ms" in row else f"{row.get('skipped') or row.get('error')} |"
+            lines.append(f"| {row['shape']} | {row['part']} | {row['pass']} | {row['provider']} | {value} |")
     run = report.get("real_data")
     if run:
         lines += ["", "## Real-data run", ""]
@@ -231,13 +271,23 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python -m bench.gpu_report " + " ".join(sys.argv[1:]),
               "environment": environment("cuda")}
+
+    def save() -> None:  # after every section: a crash or a kill later still leaves what was measured
+        report["seconds"] = time.perf_counter() - clock.start
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / "report.md").write_text(markdown(report))
+
     report["correctness"], report["correctness_pass"] = check_correctness(clock)
+    save()
+    report["conv_paths"] = choose_conv_paths(clock, args.batch_size)
+    (out / "conv_paths.json").write_text(json.dumps(report["conv_paths"], indent=1) + "\n")
+    os.environ[TABLE_ENV] = str((out / "conv_paths.json").resolve())  # the fused runs below use the fresh table
+    save()
     report["matrix"] = benchmark_matrix(clock, args.batch_size)
+    save()
     if args.data_dir:
         report["real_data"] = real_data_run(args.data_dir, out, clock)
-    report["seconds"] = time.perf_counter() - clock.start
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    save()
     print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['seconds']:.0f} s; kernels "
           f"{'PASS' if report['correctness_pass'] else 'FAIL'}")
     return 0 if report["correctness_pass"] else 1

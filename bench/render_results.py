@@ -1,9 +1,11 @@
-"""Regenerate the README's performance table from the GPU reports under bench/results/.
+"""Regenerate what is derived from the GPU reports under bench/results/: the README's performance
+table and the fused layers' path table kernels/conv_paths.json.
 
-    python -m bench.render_results           # rewrite the table in README.md
-    python -m bench.render_results --check   # exit 1 if README.md is not up to date
+    python -m bench.render_results           # rewrite both
+    python -m bench.render_results --check   # exit 1 if either is not up to date
 
-The table is never typed by hand: every row names the device, commit and date of its report.
+Neither is typed by hand: every README row names the device, commit and date of its report, and
+each GPU's layer paths come from its newest report that measured them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CONV_PATHS = ROOT / "kernels" / "conv_paths.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
 
 
@@ -34,7 +37,7 @@ def table(reports: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for report in reports:
         env = report["environment"]
-        for row in report["matrix"]["models"]:
+        for row in report.get("matrix", {}).get("models", []):
             if "images_per_second" not in row:
                 continue
             speedups = [f"{row[key]:.2f}x" if key in row else "-" for key in ("speedup_over_eager-fp32", "speedup_over_compile")]
@@ -42,6 +45,16 @@ def table(reports: list[dict]) -> str:
                          f"{100 * row['fraction_of_floor']:.0f}% | {env.get('gpu')} | {env.get('commit')} | "
                          f"{report['date'][:10]} | {report['path']} |")
     return "\n".join(lines)
+
+
+def conv_paths(reports: list[dict]) -> str:
+    """The path table of kernels.paths: per GPU and dtype, the newest report's measurements (reports
+    sort by folder name, which starts with the date)."""
+    table: dict = {}
+    for report in reports:
+        for gpu, dtypes in report.get("conv_paths", {}).items():
+            table.setdefault(gpu, {}).update(dtypes)
+    return json.dumps(table, indent=1, sort_keys=True) + "\n"
 
 
 def render(readme: str, reports: list[dict]) -> str:
@@ -55,15 +68,16 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
-    path = ROOT / "README.md"
-    readme = path.read_text()
-    updated = render(readme, load_reports(Path(args.results)))
+    reports = load_reports(Path(args.results))
+    outputs = {ROOT / "README.md": render((ROOT / "README.md").read_text(), reports), CONV_PATHS: conv_paths(reports)}
+    stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     if args.check:
-        if updated != readme:
-            print("README.md's performance table is out of date: run python -m bench.render_results", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(updated)
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is out of date with bench/results: run python -m bench.render_results",
+                  file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(outputs[path])
     return 0
 
 

@@ -148,10 +148,45 @@ def unit_step(shape: UnitShape, provider: str, device: str, batch: int, backward
     return step
 
 
+def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.dtype):
+    """Forward and backward of one fused layer (kernels.paths.ConvSignature) on the given path, as
+    the fused model runs it: input statistics known from the layer before, output statistics emitted."""
+    from kernels.layers import batchnorm_moments, fused_conv
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(signature.in_channels).to(device).train()
+    conv = nn.Conv2d(signature.in_channels, signature.out_channels, signature.kernel, signature.stride,
+                     signature.kernel // 2, bias=False).to(device, memory_format=torch.channels_last)
+    conv.fused_path = path
+    x = random_input(batch, signature.in_channels, signature.height, device, torch.channels_last)
+    x = x[..., :signature.width].contiguous(memory_format=torch.channels_last).requires_grad_(signature.prologue)
+    var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
+    ho = (signature.height - 1) // signature.stride + 1
+    wo = (signature.width - 1) // signature.stride + 1
+    residual = (random_input(batch, signature.out_channels, ho, device, torch.channels_last)[..., :wo]
+                .contiguous(memory_format=torch.channels_last) if signature.residual else None)
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            applied = batchnorm_moments(bn, x, (mean, var)) if signature.prologue else None
+            y, _ = fused_conv(x, applied, conv, residual, emit_stats=True)
+        y.float().square().mean().backward()
+        synchronize(device)
+        return y
+
+    return step
+
+
 def training_step(name: str, provider: str, device: str, batch: int):
-    """One SGD step of a paper network (forward, loss, backward, optimizer), synchronised."""
+    """One SGD step of a paper network (forward, loss, backward, optimizer), synchronised. The
+    fused providers run what train.py --fused runs: each layer on the path kernels/conv_paths.json
+    names for this GPU (the Triton kernel where it names none)."""
     torch.manual_seed(0)
     model = get_model(name, fused=is_fused(provider))
+    if is_fused(provider):
+        from kernels.paths import assign_paths
+
+        assign_paths(model, torch.device(device), torch.bfloat16)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     module, memory_format, amp = prepare(model, provider, device)
     x = random_input(batch, 3, 32, device, memory_format)

@@ -318,6 +318,11 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
     if runtime.sync_bn:
         distributed.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+    on_torch_ops = {}
+    if runtime.fused:  # layers where measurements found PyTorch's ops faster than the Triton kernel
+        from kernels.paths import assign_paths
+
+        on_torch_ops = assign_paths(model, device, runtime.amp_dtype or torch.float32)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
@@ -343,6 +348,9 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
     say(f"{model.paper_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(dataset.train.labels)} training / {len(dataset.test.labels)} test images, {runtime.describe()}; "
         f"writing to {out}", file=sys.stderr)
+    if on_torch_ops:
+        say(f"fused: {len(on_torch_ops)} layers run PyTorch's ops, measured faster there than the Triton kernel "
+            f"(kernels/conv_paths.json): {', '.join(on_torch_ops)}", file=sys.stderr)
     if start_epoch:
         say(f"resuming after epoch {start_epoch} (iteration {iteration})", file=sys.stderr)
     for epoch in range(start_epoch, recipe.epochs):

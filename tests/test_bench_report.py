@@ -4,8 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from bench import render_results
 from bench.gpu_report import add_speedups, markdown
+from bench.workloads import conv_path_step
 
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "999.1", "cuda": "12.8", "torch": "2.13.0", "triton": "3.9.0",
        "commit": "abc1234", "python": "3.11", "cpu": "x86_64"}
@@ -24,6 +28,9 @@ def synthetic_report() -> dict:
             "correctness_pass": True,
             "matrix": {"models": models, "units": [{"shape": "s", "part": "unit", "pass": "fwd", "provider": "fused",
                                                     "batch": 128, "ms": 0.5, "images_per_second": 256_000.0}]},
+            "conv_paths": {ENV["gpu"]: {"bfloat16": {
+                "64x8x8->64 k3 s1 +residual": {"path": "torch", "triton_ms": 0.2, "torch_ms": 0.1, "batch": 128},
+                "3x32x32->16 k3 s1 stem": {"path": "triton", "skipped": "time budget"}}}},
             "real_data": {"command": "python train.py ...", "epochs": [{"epoch": 1, "test_error": 0.5, "images_per_second": 9e4}]}}
 
 
@@ -39,6 +46,37 @@ def test_markdown_names_device_and_every_section():
     assert "NVIDIA H100 80GB HBM3" in text and "commit abc1234" in text and "PASS" in text
     assert "| preresnet110 | fused | 30,000 | 3.00x | 1.50x | 10% | 1.00 GiB |" in text
     assert "RuntimeError" in text and "| 1 | 50.00% | 90,000 |" in text
+    assert "| 64x8x8->64 k3 s1 +residual | 0.200 | 0.100 | torch |" in text
+    assert "| 3x32x32->16 k3 s1 stem | time budget | | triton |" in text
+
+
+def test_a_partial_report_renders():
+    """The report is saved after each section: one cut short after the correctness checks still renders."""
+    report = synthetic_report()
+    del report["matrix"], report["conv_paths"], report["real_data"]
+    assert "## Kernel correctness: PASS" in markdown(report) and "Training step" not in markdown(report)
+    assert "No GPU report yet" not in render_results.table([{**report, "path": "x"}])
+
+
+def test_conv_path_table_takes_each_gpus_newest_report():
+    old, new = synthetic_report(), synthetic_report()
+    new["conv_paths"][ENV["gpu"]]["bfloat16"]["64x8x8->64 k3 s1 +residual"]["path"] = "triton"
+    other = {"conv_paths": {"NVIDIA A100": {"bfloat16": {"16x32x32->16 k3 s1": {"path": "torch"}}}}}
+    table = json.loads(render_results.conv_paths([old, other, new]))
+    assert table[ENV["gpu"]]["bfloat16"]["64x8x8->64 k3 s1 +residual"]["path"] == "triton"
+    assert table["NVIDIA A100"]["bfloat16"]["16x32x32->16 k3 s1"]["path"] == "torch"
+
+
+@pytest.mark.parametrize("fields", [(16, 16, 3, 1, True, True), (16, 32, 1, 2, True, False), (3, 16, 3, 1, False, False)],
+                         ids=["residual", "projection", "stem"])
+def test_both_layer_paths_time_the_same_layer(fields):
+    """The benchmark of the two paths (interpreted here, so only the results are checked) computes the same output."""
+    from kernels.paths import ConvSignature
+
+    c_in, c_out, kernel, stride, prologue, residual = fields
+    signature = ConvSignature(c_in, c_out, kernel, stride, 8, 8, prologue, residual)
+    outputs = [conv_path_step(signature, path, "cpu", 2, torch.float32)() for path in ("triton", "torch")]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
 
 
 def test_readme_table_is_generated_from_reports(tmp_path):

@@ -178,17 +178,29 @@ def test_dali_and_torch_loaders_train_to_identical_weights(data_dir, tmp_path):
         assert torch.equal(dali["model"][key], tensor), key
 
 
-def test_fused_training_tracks_unfused_training(tmp_path):
-    """The Triton kernels (under the interpreter here: tiny data) train to the same weights."""
+def test_fused_training_tracks_unfused_training(tmp_path, monkeypatch):
+    """The Triton kernels (under the interpreter here: tiny data) train to the same weights, also
+    with layers moved to PyTorch's ops by a path table (kernels/conv_paths.json's format)."""
     tiny = make_dataset(tmp_path / "tiny", train_per_class=1, test_per_class=1)
-    for flag in ("--fused", "--no-fused"):
-        run("train.py", *TINY, "--data-dir", tiny, "--epochs", "1", "--batch-size", "2", flag,
-            "--out", tmp_path / flag, check=True)
-    fused, plain = load_weights(tmp_path / "--fused"), load_weights(tmp_path / "--no-fused")
-    assert json.loads((tmp_path / "--fused" / "config.json").read_text())["runtime"]["fused"] is True
-    for key, tensor in plain["model"].items():
-        torch.testing.assert_close(fused["model"][key], tensor, rtol=1e-4, atol=1e-5, msg=key)
-    assert fused["metrics"]["train_loss"] == pytest.approx(plain["metrics"]["train_loss"], rel=1e-4)
+    table = tmp_path / "conv_paths.json"
+    table.write_text(json.dumps({"cpu": {"float32": {"16x32x32->16 k3 s1 +residual": {"path": "torch"},
+                                                     "32x16x16->32 k3 s1 +residual": {"path": "torch"}}}}))
+    for name, flag, paths in (("fused", "--fused", None), ("mixed", "--fused", table), ("plain", "--no-fused", None)):
+        if paths:
+            monkeypatch.setenv("PRERESNET_CONV_PATHS", str(paths))
+        result = run("train.py", *TINY, "--data-dir", tiny, "--epochs", "1", "--batch-size", "2", flag,
+                     "--out", tmp_path / name, check=True)
+        monkeypatch.delenv("PRERESNET_CONV_PATHS", raising=False)
+        if name == "mixed":
+            assert "fused: 2 layers run PyTorch's ops" in result.stderr
+            assert "layer1.0.conv2, layer2.0.conv2" in result.stderr
+    plain = load_weights(tmp_path / "plain")
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["runtime"]["fused"] is True
+    for name in ("fused", "mixed"):
+        fused = load_weights(tmp_path / name)
+        for key, tensor in plain["model"].items():
+            torch.testing.assert_close(fused["model"][key], tensor, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        assert fused["metrics"]["train_loss"] == pytest.approx(plain["metrics"]["train_loss"], rel=1e-4)
 
 
 def test_fused_on_cpu_without_interpreter_is_a_clear_error(data_dir, tmp_path):

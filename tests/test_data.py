@@ -10,12 +10,10 @@ import hashlib
 import os
 import pickle
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from preresnet import data

@@ -11,9 +11,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from tests.test_cli import ROOT, TINY, assert_one_line_error, load_weights, make_dataset, run
+from tests.test_cli import ROOT, TINY, load_weights, make_dataset, run
 
 
 def torchrun(*args, env_extra=None, timeout=300) -> subprocess.CompletedProcess:

@@ -18,6 +18,7 @@ from torch import nn
 
 from kernels import INTERPRETED, bn_relu_conv, bn_relu_conv_ref
 from kernels.layers import batchnorm_moments
+from kernels.paths import assign_paths, conv_signatures, device_name, load_table
 from preresnet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,9 +193,24 @@ def twin_models(type, depth, width, seed=0):
     return reference.to(memory_format=torch.channels_last), fused.to(memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("type, depth, width", MODELS)
-def test_fused_model_matches_reference_model(type, depth, width):
+def half_on_torch(model, device: torch.device) -> dict:
+    """A conv-path table for device that moves every other layer signature of model to PyTorch's ops."""
+    keys = sorted({signature.key for signature in conv_signatures(model).values()})
+    return {device_name(device): {"float32": {key: {"path": "torch"} for key in keys[::2]}}}
+
+
+WITH_PATHS = [*(pytest.param(*m.values, "triton", id=m.id) for m in MODELS),
+              pytest.param("normal", 1, 1, "mixed", id="normal-mixed-paths")]
+
+
+@pytest.mark.parametrize("type, depth, width, paths", WITH_PATHS)
+def test_fused_model_matches_reference_model(type, depth, width, paths):
+    """paths "mixed": half the layer shapes on PyTorch's ops (kernels.paths), statistics passing
+    between the two implementations."""
     reference, fused = twin_models(type, depth, width)
+    if paths == "mixed":
+        moved = assign_paths(fused, torch.device("cpu"), torch.float32, half_on_torch(fused, torch.device("cpu")))
+        assert 0 < len(moved) < len(conv_signatures(fused))
     generator = torch.Generator().manual_seed(2)
     x = channels_last(torch.randn(3, 3, 8, 8, generator=generator))
     y = torch.randint(0, 5, (3,), generator=generator)
@@ -219,6 +235,30 @@ def test_fused_model_matches_reference_model(type, depth, width):
     fused.eval()
     with torch.no_grad():
         assert_close(fused(x), reference(x), rtol=1e-4, name="eval logits")
+
+
+def test_conv_signatures_name_every_fused_layer():
+    model = build_model("normal", 1, fused=True)
+    signatures = conv_signatures(model)
+    assert set(signatures) == {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert signatures["conv1"].key == "3x32x32->16 k3 s1 stem"
+    assert signatures["layer1.0.conv2"].key == "16x32x32->16 k3 s1 +residual"
+    assert signatures["layer2.0.shortcut"].key == "16x32x32->32 k1 s2"
+    assert signatures["layer3.0.conv1"].key == "32x16x16->64 k3 s2"
+    assert signatures["layer3.0.conv2"].key == "64x8x8->64 k3 s1 +residual"
+
+
+def test_conv_path_table_applies_to_its_device_and_dtype_only(tmp_path):
+    model = build_model("normal", 1, fused=True)
+    table = {"cpu": {"float32": {"64x8x8->64 k3 s1 +residual": {"path": "torch", "triton_ms": 2.0, "torch_ms": 1.0}}}}
+    assert assign_paths(model, torch.device("cpu"), torch.bfloat16, table) == {}
+    assert assign_paths(model, torch.device("cpu"), torch.float32, table) == {"layer3.0.conv2": "torch"}
+    assert model.layer3[0].conv2.fused_path == "torch" and model.layer3[0].conv1.fused_path == "triton"
+    path = tmp_path / "paths.json"
+    path.write_text('{"cpu": {"float32": {"16x32x32->16 k3 s1": {"path": "cudnn"}}}}')
+    with pytest.raises(ValueError, match="path must be one of"):
+        load_table(path)
+    assert load_table(tmp_path / "missing.json") == {}
 
 
 def test_checkpoints_move_between_fused_and_unfused():
@@ -359,10 +399,12 @@ def test_bn_relu_conv_on_gpu(c_in, c_out, kernel, stride, dtype):
 
 @pytest.mark.gpu
 @needs_compiled_kernels
-@pytest.mark.parametrize("type, depth, width", MODELS)
-def test_fused_model_on_gpu(type, depth, width):
+@pytest.mark.parametrize("type, depth, width, paths", WITH_PATHS)
+def test_fused_model_on_gpu(type, depth, width, paths):
     reference, fused = twin_models(type, depth, width)
     reference, fused = reference.cuda(), fused.cuda()
+    if paths == "mixed":
+        assign_paths(fused, torch.device("cuda"), torch.float32, half_on_torch(fused, torch.device("cuda")))
     x = channels_last(torch.randn(32, 3, 32, 32, device="cuda"))
     y = torch.randint(0, 5, (32,), device="cuda")
     allow_tf32 = torch.backends.cudnn.allow_tf32
