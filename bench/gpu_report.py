@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,13 +23,19 @@ from pathlib import Path
 import torch
 
 from bench.floors import fraction_of_floor
-from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, make_unit,
-                             skip_reason, training_step, unit_shapes, unit_step)
+from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused,
+                             make_unit, skip_reason, torch_path_layers, training_step, unit_shapes, unit_step)
 from kernels.paths import TABLE_ENV, conv_signatures
 from preresnet import get_model
 
 BUDGET_SECONDS = 7.5 * 60
-REAL_DATA_SECONDS = 150  # kept free for the real-data run when --data-dir is given
+# Parts of the budget. A part starts new work only while its share is not spent, so the later
+# parts keep theirs: correctness, then layer paths, then the matrix (the cheap, telling providers
+# first), the real-data run last with the share kept for it when --data-dir is given.
+CORRECTNESS_SHARE = 0.2
+PATHS_SHARE = 0.15
+REAL_DATA_SHARE = 0.3
+MODEL_ROW_SECONDS = 45  # one model row may compile a whole network
 TORCH_PATH_MARGIN = 0.95  # PyTorch's ops replace the Triton kernel only when at least 5% faster: it keeps more memory
 ERROR_FACTOR = 3.0  # the kernels may be this many times less accurate than PyTorch at the same precision
 
@@ -73,7 +80,7 @@ def check_correctness(clock: Clock) -> tuple[list[dict], bool]:
     rows, ok = [], True
     for shape in unit_shapes():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            if clock.left() < clock.budget * 0.65:
+            if clock.left() < clock.budget * (1 - CORRECTNESS_SHARE):
                 rows.append({"shape": shape.name, "dtype": str(dtype), "skipped": "time budget", "pass": False})
                 ok = False  # unchecked is not passed
                 print(f"INCOMPLETE {shape.name} {dtype}: out of time", flush=True)
@@ -109,33 +116,44 @@ def time_step(step, warmup: int = 3, iterations: int = 20) -> float:
     return statistics.median(times)
 
 
-def measure(make_step, batch: int) -> dict:
+def measure(make_step, batch: int, iterations: int = 20) -> dict:
     torch.cuda.reset_peak_memory_stats()
     try:
-        ms = time_step(make_step())
+        ms = time_step(make_step(), warmup=2 if iterations < 20 else 3, iterations=iterations)
     except Exception as exc:
         return {"error": repr(exc)[:300]}
     return {"ms": ms, "images_per_second": batch * 1000 / ms, "peak_memory_bytes": torch.cuda.max_memory_allocated()}
 
 
-def benchmark_matrix(clock: Clock, batch: int, reserve: float) -> dict:
-    """Rows are measured while more than reserve seconds (for the real-data run) and the row's own
-    time are left; the others are named as skipped."""
-    models, units = [], []
-    for name in MODELS:
-        for provider in PROVIDERS:
-            if clock.left() < reserve + 90:  # compiling a full network can take a minute
-                models.append({"model": name, "provider": provider, "skipped": "time budget"})
-                continue
-            reason = skip_reason(provider, "cuda")
+# the baseline and the fused model first, for every network, before the providers that compile
+PROVIDER_ORDER = ("eager-fp32", "fused", "eager-amp-cl", "compile", "fused-compile", "cuda-graph")
+
+
+def benchmark_matrix(clock: Clock, batch: int, reserve: float, matrix: dict, save) -> None:
+    """Fill matrix["models"] and matrix["units"], saving after each row. Rows are measured while
+    more than reserve seconds (for the real-data run) and the row's own time are left; the others
+    are named as skipped."""
+    assert sorted(PROVIDER_ORDER) == sorted(PROVIDERS)
+    models, units = matrix.setdefault("models", []), matrix.setdefault("units", [])
+    for provider in PROVIDER_ORDER:
+        for name in MODELS:
             row = {"model": name, "provider": provider, "batch": batch}
-            row.update({"skipped": reason} if reason else measure(lambda: training_step(name, provider, "cuda", batch), batch))
+            reason = skip_reason(provider, "cuda")
+            if reason:
+                row["skipped"] = reason
+            elif clock.left() < reserve + MODEL_ROW_SECONDS:
+                row["skipped"] = "time budget"
+            else:
+                row.update(measure(lambda: training_step(name, provider, "cuda", batch), batch))
             if "images_per_second" in row:
                 row["fraction_of_floor"] = fraction_of_floor(row["images_per_second"], name)
+                if is_fused(provider):
+                    row["layers_on_torch_ops"] = len(torch_path_layers(name, "cuda"))
             models.append(row)
+            add_speedups(models, name)
+            save()
             print(f"model {name:13s} {provider:14s} {row.get('images_per_second', row.get('skipped', row.get('error')))}",
                   flush=True)
-        add_speedups(models, name)
     for shape in unit_shapes():
         for part in ("layer", "unit"):
             for backward in (False, True):
@@ -148,7 +166,7 @@ def benchmark_matrix(clock: Clock, batch: int, reserve: float) -> dict:
                         row.update(measure(lambda: unit_step(shape, provider, "cuda", batch, backward, part == "layer"),
                                            batch))
                     units.append(row)
-    return {"models": models, "units": units}
+        save()
 
 
 def choose_conv_paths(clock: Clock, batch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -160,14 +178,15 @@ def choose_conv_paths(clock: Clock, batch: int, dtype: torch.dtype = torch.bfloa
             signatures.setdefault(signature.key, signature)
     entries = {}
     for key, signature in signatures.items():
-        if clock.left() < clock.budget * 0.5:
+        if clock.left() < clock.budget * (1 - CORRECTNESS_SHARE - PATHS_SHARE):
             entries[key] = {"path": "triton", "skipped": "time budget"}
             continue
-        times = {path: measure(lambda: conv_path_step(signature, path, "cuda", batch, dtype), batch)
+        times = {path: measure(lambda: conv_path_step(signature, path, "cuda", batch, dtype), batch, iterations=10)
                  for path in ("triton", "torch")}
         if "error" in times["triton"] or "error" in times["torch"]:
-            # a path that fails is not kept; the Triton kernel's correctness is checked above
-            entries[key] = {"path": "torch" if "error" in times["triton"] else "triton",
+            # a failing path is not kept: PyTorch's ops only when the Triton kernel alone failed
+            failed_alone = "error" in times["triton"] and "error" not in times["torch"]
+            entries[key] = {"path": "torch" if failed_alone else "triton",
                             "error": times["triton"].get("error") or times["torch"].get("error")}
         else:
             triton_ms, torch_ms = times["triton"]["ms"], times["torch"]["ms"]
@@ -192,6 +211,7 @@ def real_data_run(data_dir: str, out: Path, clock: Clock) -> dict:
     if seconds < 60:
         return {"skipped": "time budget"}
     run_dir = ROOT / "runs" / f"gpu-report-{out.name}-preresnet110-fused"  # the report keeps its metrics
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun's epochs only
     command = [sys.executable, str(ROOT / "train.py"), "--type", "normal", "--depth", "18", "--dataset", "folder",
                "--data-dir", data_dir, "--epochs", "3", "--fused", "--loader", "torch", "--no-progress",
                "--out", str(run_dir)]
@@ -204,6 +224,12 @@ def real_data_run(data_dir: str, out: Path, clock: Clock) -> dict:
     metrics_file = run_dir / "metrics.jsonl"
     outcome["epochs"] = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
     return outcome
+
+
+def provider_label(row: dict) -> str:
+    """The provider, and for the fused ones how many layers the path table moved to PyTorch's ops."""
+    moved = row.get("layers_on_torch_ops")
+    return f"{row['provider']} ({moved} layers on PyTorch ops)" if moved else row["provider"]
 
 
 def markdown(report: dict) -> str:
@@ -235,15 +261,15 @@ def markdown(report: dict) -> str:
         lines += ["", "## Training step (images/s)", "",
                   "| model | provider | images/s | vs eager-fp32 | vs compile | of floor | peak memory |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
-        for row in report["matrix"]["models"]:
+        for row in report["matrix"].get("models", []):
             if "images_per_second" in row:
-                lines.append(f"| {row['model']} | {row['provider']} | {row['images_per_second']:,.0f} | "
+                lines.append(f"| {row['model']} | {provider_label(row)} | {row['images_per_second']:,.0f} | "
                              f"{row.get('speedup_over_eager-fp32', float('nan')):.2f}x | {row.get('speedup_over_compile', float('nan')):.2f}x | "
                              f"{100 * row['fraction_of_floor']:.0f}% | {row['peak_memory_bytes'] / 2**30:.2f} GiB |")
             else:
                 lines.append(f"| {row['model']} | {row['provider']} | {row.get('skipped') or row.get('error')} | | | | |")
         lines += ["", "## Units (ms, median)", "", "| unit | part | pass | provider | ms | images/s |", "| --- | --- | --- | --- | --- | --- |"]
-        for row in report["matrix"]["units"]:
+        for row in report["matrix"].get("units", []):
             value = f"{row['ms']:.3f} | {row['images_per_second']:,.0f}" if "ms" in row else f"{row.get('skipped') or row.get('error')} |"
             lines.append(f"| {row['shape']} | {row['part']} | {row['pass']} | {row['provider']} | {value} |")
     run = report.get("real_data")
@@ -291,8 +317,9 @@ def main() -> int:
     (out / "conv_paths.json").write_text(json.dumps(report["conv_paths"], indent=1) + "\n")
     os.environ[TABLE_ENV] = str((out / "conv_paths.json").resolve())  # the fused runs below use the fresh table
     save()
-    report["matrix"] = benchmark_matrix(clock, args.batch_size, REAL_DATA_SECONDS if args.data_dir else 0)
-    save()
+    report["matrix"] = {}
+    benchmark_matrix(clock, args.batch_size, clock.budget * REAL_DATA_SHARE if args.data_dir else 0, report["matrix"],
+                     save)
     if args.data_dir:
         report["real_data"] = real_data_run(args.data_dir, out, clock)
     save()

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from bench.gpu_report import provider_label
+
 ROOT = Path(__file__).resolve().parents[1]
 CONV_PATHS = ROOT / "kernels" / "conv_paths.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
@@ -41,19 +43,24 @@ def table(reports: list[dict]) -> str:
             if "images_per_second" not in row:
                 continue
             speedups = [f"{row[key]:.2f}x" if key in row else "-" for key in ("speedup_over_eager-fp32", "speedup_over_compile")]
-            lines.append(f"| {row['model']} | {row['provider']} | {row['images_per_second']:,.0f} | {' | '.join(speedups)} | "
+            lines.append(f"| {row['model']} | {provider_label(row)} | {row['images_per_second']:,.0f} | {' | '.join(speedups)} | "
                          f"{100 * row['fraction_of_floor']:.0f}% | {env.get('gpu')} | {env.get('commit')} | "
                          f"{report['date'][:10]} | {report['path']} |")
     return "\n".join(lines)
 
 
 def conv_paths(reports: list[dict]) -> str:
-    """The path table of kernels.paths: per GPU and dtype, the newest report's measurements (reports
-    sort by folder name, which starts with the date)."""
+    """The path table of kernels.paths: per GPU, dtype and layer, the newest report that measured
+    that layer (reports sort by folder name, which starts with the date); entries a report skipped
+    for time do not replace measured ones."""
     table: dict = {}
     for report in reports:
         for gpu, dtypes in report.get("conv_paths", {}).items():
-            table.setdefault(gpu, {}).update(dtypes)
+            for dtype, entries in dtypes.items():
+                known = table.setdefault(gpu, {}).setdefault(dtype, {})
+                for key, entry in entries.items():
+                    if "skipped" not in entry or key not in known:
+                        known[key] = entry
     return json.dumps(table, indent=1, sort_keys=True) + "\n"
 
 

@@ -158,12 +158,13 @@ def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.d
     conv = nn.Conv2d(signature.in_channels, signature.out_channels, signature.kernel, signature.stride,
                      signature.kernel // 2, bias=False).to(device, memory_format=torch.channels_last)
     conv.fused_path = path
-    x = random_input(batch, signature.in_channels, signature.height, device, torch.channels_last)
+    # inputs in the operand dtype, as the layer before hands them over in a fused model
+    x = random_input(batch, signature.in_channels, signature.height, device, torch.channels_last).to(dtype)
     x = x[..., :signature.width].contiguous(memory_format=torch.channels_last).requires_grad_(signature.prologue)
-    var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
+    var, mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), unbiased=False)
     ho = (signature.height - 1) // signature.stride + 1
     wo = (signature.width - 1) // signature.stride + 1
-    residual = (random_input(batch, signature.out_channels, ho, device, torch.channels_last)[..., :wo]
+    residual = (random_input(batch, signature.out_channels, ho, device, torch.channels_last)[..., :wo].to(dtype)
                 .contiguous(memory_format=torch.channels_last) if signature.residual else None)
 
     def step():
@@ -172,9 +173,16 @@ def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.d
             y, _ = fused_conv(x, applied, conv, residual, emit_stats=True)
         y.float().square().mean().backward()
         synchronize(device)
-        return y
+        return y, x.grad, conv.weight.grad
 
     return step
+
+
+def torch_path_layers(name: str, device: str) -> dict[str, str]:
+    """The layers of a paper network that kernels/conv_paths.json moves to PyTorch's ops (bf16)."""
+    from kernels.paths import assign_paths
+
+    return assign_paths(get_model(name, fused=True), torch.device(device), torch.bfloat16)
 
 
 def training_step(name: str, provider: str, device: str, batch: int):

@@ -86,22 +86,22 @@ def fused_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, re
 
 def torch_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, residual: torch.Tensor | None,
                emit_stats: bool, dtype: torch.dtype) -> tuple[torch.Tensor, Stats]:
-    """fused_conv's layer in PyTorch ops (cuDNN on a GPU), for shapes where that is faster. In
-    training the BatchNorm recomputes the batch statistics it is given, so that autograd sees their
-    dependence on x; the running statistics were already updated by batchnorm_moments."""
-    a = x
+    """fused_conv's layer in PyTorch ops (cuDNN on a GPU), for shapes where that is faster: what the
+    unfused model runs, in the operand dtype. In training the BatchNorm recomputes the batch
+    statistics it is given, so that autograd sees their dependence on x; the running statistics
+    were already updated by batchnorm_moments, so none are passed here."""
+    a = x.to(dtype).contiguous(memory_format=torch.channels_last)
     if bn is not None:
         if bn.batch_stats:
-            a = F.batch_norm(x.float(), None, None, bn.gamma, bn.beta, training=True, eps=bn.eps)
-        else:
-            scale = bn.gamma.float() * bn.invstd
-            a = x.float() * scale[None, :, None, None] + (bn.beta.float() - bn.mean * scale)[None, :, None, None]
+            a = F.batch_norm(a, None, None, bn.gamma, bn.beta, training=True, eps=bn.eps)
+        else:  # the variance behind invstd, to hand the fixed statistics to the same op
+            a = F.batch_norm(a, bn.mean, bn.invstd.pow(-2) - bn.eps, bn.gamma, bn.beta, training=False, eps=bn.eps)
         a = torch.relu(a)
-    a = a.to(dtype).contiguous(memory_format=torch.channels_last)
     y = F.conv2d(a, conv.weight.to(dtype), stride=conv.stride, padding=conv.padding)
     if residual is not None:
         y = y + residual.to(dtype)
     if not emit_stats:
         return y, None
+    # fp32 statistics, as the kernel's epilogue gives: the next BatchNorm normalises with them
     var, mean = torch.var_mean(y.detach().float(), dim=(0, 2, 3), unbiased=False)
     return y, (mean, var)

@@ -319,7 +319,9 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
         distributed.convert_sync_batchnorm(model)
     model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
     on_torch_ops = {}
-    if runtime.fused:  # layers where measurements found PyTorch's ops faster than the Triton kernel
+    # layers where measurements found PyTorch's ops faster than the Triton kernel; with --sync-bn
+    # every layer stays on the kernel, which reduces across processes in its backward
+    if runtime.fused and not runtime.sync_bn:
         from kernels.paths import assign_paths
 
         on_torch_ops = assign_paths(model, device, runtime.amp_dtype or torch.float32)

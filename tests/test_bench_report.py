@@ -19,6 +19,7 @@ def synthetic_report() -> dict:
     models = [{"model": "preresnet110", "provider": p, "batch": 128, "images_per_second": ips, "ms": 128e3 / ips,
                "peak_memory_bytes": 2**30, "fraction_of_floor": ips / 315_780}
               for p, ips in (("eager-fp32", 10_000.0), ("compile", 20_000.0), ("fused", 30_000.0))]
+    models[-1]["layers_on_torch_ops"] = 3
     models.append({"model": "preresnet110", "provider": "cuda-graph", "error": "RuntimeError('x')"})
     add_speedups(models, "preresnet110")
     return {"date": "2026-11-27 12:00:00 UTC", "command": "python -m bench.gpu_report --out x", "environment": ENV,
@@ -44,7 +45,7 @@ def test_speedups_are_relative_to_eager_and_compile():
 def test_markdown_names_device_and_every_section():
     text = markdown(synthetic_report())
     assert "NVIDIA H100 80GB HBM3" in text and "commit abc1234" in text and "PASS" in text
-    assert "| preresnet110 | fused | 30,000 | 3.00x | 1.50x | 10% | 1.00 GiB |" in text
+    assert "| preresnet110 | fused (3 layers on PyTorch ops) | 30,000 | 3.00x | 1.50x | 10% | 1.00 GiB |" in text
     assert "RuntimeError" in text and "| 1 | 50.00% | 90,000 |" in text
     assert "| 64x8x8->64 k3 s1 +residual | 0.200 | 0.100 | torch |" in text
     assert "| 3x32x32->16 k3 s1 stem | time budget | | triton |" in text
@@ -55,16 +56,18 @@ def test_a_partial_report_renders():
     report = synthetic_report()
     del report["matrix"], report["conv_paths"], report["real_data"]
     assert "## Kernel correctness: PASS" in markdown(report) and "Training step" not in markdown(report)
-    assert "No GPU report yet" not in render_results.table([{**report, "path": "x"}])
+    assert render_results.table([{**report, "path": "x"}]).count("\n") == 1  # the header, no rows
 
 
-def test_conv_path_table_takes_each_gpus_newest_report():
+def test_conv_path_table_takes_each_gpus_newest_measurement():
     old, new = synthetic_report(), synthetic_report()
     new["conv_paths"][ENV["gpu"]]["bfloat16"]["64x8x8->64 k3 s1 +residual"]["path"] = "triton"
+    old["conv_paths"][ENV["gpu"]]["bfloat16"]["3x32x32->16 k3 s1 stem"] = {"path": "torch", "triton_ms": 2, "torch_ms": 1}
     other = {"conv_paths": {"NVIDIA A100": {"bfloat16": {"16x32x32->16 k3 s1": {"path": "torch"}}}}}
     table = json.loads(render_results.conv_paths([old, other, new]))
     assert table[ENV["gpu"]]["bfloat16"]["64x8x8->64 k3 s1 +residual"]["path"] == "triton"
     assert table["NVIDIA A100"]["bfloat16"]["16x32x32->16 k3 s1"]["path"] == "torch"
+    assert table[ENV["gpu"]]["bfloat16"]["3x32x32->16 k3 s1 stem"]["path"] == "torch"  # new one skipped it
 
 
 @pytest.mark.parametrize("fields", [(16, 16, 3, 1, True, True), (16, 32, 1, 2, True, False), (3, 16, 3, 1, False, False)],
@@ -75,8 +78,12 @@ def test_both_layer_paths_time_the_same_layer(fields):
 
     c_in, c_out, kernel, stride, prologue, residual = fields
     signature = ConvSignature(c_in, c_out, kernel, stride, 8, 8, prologue, residual)
-    outputs = [conv_path_step(signature, path, "cpu", 2, torch.float32)() for path in ("triton", "torch")]
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = (conv_path_step(signature, path, "cpu", 2, torch.float32)()
+                                            for path in ("triton", "torch"))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-4, atol=1e-6)
+    if prologue:
+        torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_readme_table_is_generated_from_reports(tmp_path):
@@ -85,7 +92,7 @@ def test_readme_table_is_generated_from_reports(tmp_path):
     readme = f"intro\n{render_results.START}\nold\n{render_results.END}\nrest\n"
     updated = render_results.render(readme, render_results.load_reports(tmp_path))
     assert updated.startswith("intro\n") and updated.endswith("\nrest\n") and "old" not in updated
-    assert "| preresnet110 | fused | 30,000 | 3.00x | 1.50x | 10% | NVIDIA H100 80GB HBM3 | abc1234 | 2026-11-27 |" in updated
+    assert "| preresnet110 | fused (3 layers on PyTorch ops) | 30,000 | 3.00x | 1.50x | 10% | NVIDIA H100 80GB HBM3 | abc1234 | 2026-11-27 |" in updated
     empty = render_results.render(readme, [])
     assert "No GPU report yet" in empty
 
