@@ -61,31 +61,38 @@ def test_two_processes_with_sync_bn_match_one_process(data_dir, single, tmp_path
     assert json.loads((out / "config.json").read_text())["runtime"]["processes"] == 1
 
 
-def test_compile_amp_and_channels_last_under_ddp(data_dir, single, tmp_path):
-    """torch.compile of the DDP-wrapped model, bf16 autocast and channels-last together: with
-    --sync-bn the 2-process run stays within bf16 rounding of the fp32 1-process run (per-process
-    statistics land about 30 times further from it, in the running variance)."""
+@pytest.fixture(scope="module")
+def per_process(data_dir, tmp_path_factory):
+    """2 processes, fp32, eager, each normalising with its own half of the batch (the default)."""
+    out = tmp_path_factory.mktemp("per-process") / "run"
+    result = torchrun(*TINY, "--data-dir", data_dir, "--epochs", "2", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_per_process_statistics_by_default(per_process, single):
+    # the ranks stay identical, but each normalised with its own half-batch: not the 1-process run
+    # (measured 0.098, in the running variance)
+    assert max_difference(load_weights(per_process)["model"], load_weights(single)["model"]) > 1e-2
+
+
+def test_compile_amp_and_channels_last_under_ddp(data_dir, per_process, tmp_path):
+    """torch.compile of the DDP-wrapped model, bf16 autocast and channels-last together stay within
+    bf16 rounding of the eager fp32 2-process run (measured 2.3e-3; a run that mixed up the two
+    processes' statistics or batches lands 0.1 away)."""
     out = tmp_path / "compiled"
-    result = torchrun(*TINY, "--data-dir", data_dir, "--epochs", "2", "--sync-bn", "--compile", "--amp", "bf16",
-                      "--channels-last", "--out", out)
+    result = torchrun(*TINY, "--data-dir", data_dir, "--epochs", "2", "--compile", "--amp", "bf16", "--channels-last",
+                      "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     runtime = json.loads((out / "config.json").read_text())["runtime"]
     assert (runtime["compile"], runtime["amp"], runtime["channels_last"], runtime["processes"]) == (True, "bf16", True, 2)
     assert "_broadcast_coalesced" not in result.stderr  # the known, harmless graph-break warning is filtered
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (per_process / "metrics.jsonl").read_text().splitlines()]
     assert [m["test_images"] for m in lines] == [36, 36]
     for mine, theirs in zip(lines, reference, strict=True):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=5e-3)
-    assert max_difference(load_weights(out)["model"], load_weights(single)["model"]) < 1.5e-2
-
-
-def test_per_process_statistics_by_default(data_dir, single, tmp_path):
-    out = tmp_path / "local-bn"
-    result = torchrun(*TINY, "--data-dir", data_dir, "--epochs", "2", "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # the ranks stay identical, but each normalised with its own half-batch: not the 1-process run
-    assert max_difference(load_weights(out)["model"], load_weights(single)["model"]) > 1e-4
+    assert max_difference(load_weights(out)["model"], load_weights(per_process)["model"]) < 1.5e-2
 
 
 def test_fused_kernels_synchronise_statistics(tmp_path):
