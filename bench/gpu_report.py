@@ -24,9 +24,9 @@ import torch
 
 from bench.floors import fraction_of_floor
 from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused,
-                             make_unit, skip_reason, torch_path_layers, training_step, unit_shapes, unit_step)
-from kernels.paths import TABLE_ENV, conv_signatures
-from preresnet import get_model
+                             layer_signatures, make_unit, skip_reason, torch_path_layers, training_step, unit_shapes,
+                             unit_step)
+from kernels.paths import TABLE_ENV
 
 BUDGET_SECONDS = 7.5 * 60
 # Parts of the budget. A part starts new work only while its share is not spent, so the later
@@ -172,12 +172,9 @@ def benchmark_matrix(clock: Clock, batch: int, reserve: float, matrix: dict, sav
 def choose_conv_paths(clock: Clock, batch: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Time every distinct fused layer of the paper networks on both paths (forward + backward at
     dtype, the training setting) and keep the faster: {signature key: {path, triton_ms, torch_ms}}."""
-    signatures = {}
-    for name in MODELS:
-        for signature in conv_signatures(get_model(name, fused=True)).values():
-            signatures.setdefault(signature.key, signature)
     entries = {}
-    for key, signature in signatures.items():
+    for signature in layer_signatures():
+        key = signature.key
         if clock.left() < clock.budget * (1 - CORRECTNESS_SHARE - PATHS_SHARE):
             entries[key] = {"path": "triton", "skipped": "time budget"}
             continue

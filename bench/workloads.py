@@ -178,6 +178,17 @@ def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.d
     return step
 
 
+def layer_signatures(models=MODELS) -> list:
+    """The distinct fused layers (kernels.paths.ConvSignature) of the networks, in order of appearance."""
+    from kernels.paths import conv_signatures
+
+    found = {}
+    for name in models:
+        for signature in conv_signatures(get_model(name, fused=True)).values():
+            found.setdefault(signature.key, signature)
+    return list(found.values())
+
+
 def torch_path_layers(name: str, device: str) -> dict[str, str]:
     """The layers of a paper network that kernels/conv_paths.json moves to PyTorch's ops (bf16)."""
     from kernels.paths import assign_paths
