@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,76 @@ def test_gpu_session_script_parses_and_passes_known_flags():
                        and not line.lstrip().startswith("#"))
     for flag in (word for word in report_line.split() if word.startswith("--")):
         assert flag in help_text, flag
+
+
+@pytest.fixture
+def stubbed_report(tmp_path, monkeypatch):
+    """bench.gpu_report with the GPU work replaced by stand-ins; returns (run(budget) -> exit status,
+    the list of timed steps, the output folder)."""
+    from bench import gpu_report, workloads
+
+    calls = []
+    out = tmp_path / "out"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("PRERESNET_CONV_PATHS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: ENV["gpu"])
+    monkeypatch.setattr(gpu_report, "environment", lambda device: ENV)
+    monkeypatch.setattr(gpu_report, "unit_shapes", lambda: workloads.unit_shapes()[:2])
+    monkeypatch.setattr(gpu_report, "layer_signatures", lambda: workloads.layer_signatures()[:2])
+    errors = {"output": 1e-3, "grad_input": 1e-3, "grad_conv1_weight": 1e-3}
+    monkeypatch.setattr(gpu_report, "unit_errors", lambda shape, dtype: {"fused": errors, "torch": errors})
+
+    def measure(make_step, batch, iterations=20):
+        calls.append(make_step)
+        return {"ms": 2.0, "images_per_second": batch * 500.0, "peak_memory_bytes": 1}
+
+    monkeypatch.setattr(gpu_report, "measure", measure)
+    monkeypatch.setattr(gpu_report, "torch_path_layers", lambda name, device: {"layer1.0.conv1": "torch"})
+
+    def fake_train(command, **kwargs):
+        run_dir = Path(command[command.index("--out") + 1])
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_error": 0.4, "images_per_second": 1e4}) + "\n")
+        assert kwargs["env"]["PRERESNET_CONV_PATHS"].endswith("conv_paths.json")  # the fresh table
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(gpu_report.subprocess, "run", fake_train)
+
+    def run(budget: float) -> int:
+        monkeypatch.setattr(sys, "argv", ["gpu_report", "--out", str(out), "--data-dir", "DATA",
+                                          "--budget-seconds", str(budget)])
+        return gpu_report.main()
+
+    return run, calls, out
+
+
+def test_report_runs_every_part_in_order(stubbed_report):
+    """main() end to end: each part's results land in report.json, the fresh layer-path table
+    reaches the fused rows and the real-data run, whose epochs are read back."""
+    run, calls, out = stubbed_report
+    assert run(600) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["correctness"]) == 6 and report["correctness_pass"]
+    assert len(report["conv_paths"][ENV["gpu"]]["bfloat16"]) == 2
+    assert json.loads((out / "conv_paths.json").read_text()) == report["conv_paths"]
+    fused = [row for row in report["matrix"]["models"] if row["provider"] == "fused"]
+    assert len(fused) == 3 and all(row["layers_on_torch_ops"] == 1 for row in fused)
+    assert [row["provider"] for row in report["matrix"]["models"][:3]] == ["eager-fp32"] * 3  # baseline first
+    assert report["real_data"]["epochs"][0]["test_error"] == 0.4
+    assert "## Real-data run" in (out / "report.md").read_text()
+    # timed: 2 layers x 2 paths, 6 providers x 3 networks, 2 units x 2 parts x 2 passes x 3 providers
+    assert len(calls) == 2 * 2 + 6 * 3 + 2 * 2 * 2 * 3
+
+
+def test_report_out_of_time_names_what_it_skipped(stubbed_report):
+    run, calls, out = stubbed_report
+    assert run(1) == 1  # unchecked kernels are not passed
+    report = json.loads((out / "report.json").read_text())
+    assert calls == []
+    assert all(row.get("skipped") == "time budget" for row in report["correctness"])
+    assert all(entry == {"path": "triton", "skipped": "time budget"}
+               for entry in report["conv_paths"][ENV["gpu"]]["bfloat16"].values())
+    assert all(row.get("skipped") for row in report["matrix"]["models"] + report["matrix"]["units"])
+    assert report["real_data"] == {"skipped": "time budget"}
+    assert "## Kernel correctness: FAIL" in (out / "report.md").read_text()
