@@ -39,12 +39,13 @@ class ConvSignature:
     stride: int
     height: int
     width: int
-    prologue: bool  # BatchNorm-ReLU of the input (all but the stem)
+    prologue: bool  # BatchNorm-ReLU of the input in the kernel (not in the stem, nor after an activation
+    # materialised before a split)
     residual: bool
 
     @property
     def key(self) -> str:
-        roles = ("" if self.prologue else " stem") + (" +residual" if self.residual else "")
+        roles = ("" if self.prologue else " plain") + (" +residual" if self.residual else "")
         return (f"{self.in_channels}x{self.height}x{self.width}->{self.out_channels} "
                 f"k{self.kernel} s{self.stride}{roles}")
 

@@ -32,6 +32,9 @@ class PreActBasicBlock(nn.Module):
     """BN-ReLU-conv3x3, BN-ReLU-(dropout)-conv3x3, plus the shortcut (normal and wide networks)."""
 
     expansion = 1
+    # The identity shortcut reads relu(bn1(x)) instead of x: He et al.'s first unit, whose activation
+    # comes "right after conv1 and before splitting into two paths" (appendix; set by PreActResNet).
+    activate_before_split = False
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0, fused: bool = False):
         super().__init__()
@@ -48,8 +51,9 @@ class PreActBasicBlock(nn.Module):
         if self.fused:
             return self.forward_fused(x, None)[0]
         preact = torch.relu(self.bn1(x))
-        # A projection shortcut reads the pre-activated input; the identity reads x itself.
-        residual = x if self.shortcut is None else self.shortcut(preact)
+        # A projection shortcut reads the pre-activated input; the identity reads x itself, but for
+        # He et al.'s first unit
+        residual = self.shortcut(preact) if self.shortcut is not None else preact if self.activate_before_split else x
         out = self.conv1(preact)
         out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
         return out + residual
@@ -59,6 +63,12 @@ class PreActBasicBlock(nn.Module):
         Returns the output and its statistics."""
         from kernels.layers import batchnorm_moments, fused_conv
 
+        if self.activate_before_split and self.shortcut is None:
+            # both paths read the activation, so it is materialised once, by the module itself
+            preact = torch.relu(self.bn1(x))
+            out, out_stats = fused_conv(preact, None, self.conv1, emit_stats=self.training)
+            return fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2, preact,
+                              emit_stats=self.training)
         bn1 = batchnorm_moments(self.bn1, x, stats)
         residual = x if self.shortcut is None else fused_conv(x, bn1, self.shortcut, emit_stats=False)[0]
         out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
@@ -124,6 +134,7 @@ class PreActResNet(nn.Module):
         dropout: float = 0.0,
         paper_name: str = "",
         fused: bool = False,
+        activate_before_first_split: bool = True,
     ):
         super().__init__()
         self.paper_name = paper_name
@@ -139,6 +150,11 @@ class PreActResNet(nn.Module):
                 channels = planes * width * block.expansion
             stages.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3 = stages
+        # He et al. activate conv1's output before the first unit splits (their appendix and code);
+        # Zagoruyko & Komodakis's identity units read the raw input, the first one too. With a
+        # projection (every bottleneck and wider network) both paths read the activation anyway.
+        self.layer1[0].activate_before_split = activate_before_first_split
+
         self.bn = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
@@ -153,7 +169,8 @@ class PreActResNet(nn.Module):
         if self.fused:
             from kernels.layers import fused_conv
 
-            # the stem's kernel measures its output for the first unit's BatchNorm
+            # the stem's kernel measures its output for the first unit's BatchNorm (unused by a unit
+            # that activates before its split: it normalises through its module)
             out, stats = fused_conv(x, None, self.conv1, emit_stats=self.training)
             for unit in (*self.layer1, *self.layer2, *self.layer3):
                 out, stats = unit.forward_fused(out, stats)
@@ -213,7 +230,8 @@ def build_model(
         except ImportError as exc:
             raise UserError(f"fused=True needs Triton and the kernels package ({exc}); use fused=False") from None
     block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock
-    return PreActResNet(block, depth, width, num_classes, dropout, paper_name(type, depth, width), fused)
+    return PreActResNet(block, depth, width, num_classes, dropout, paper_name(type, depth, width), fused,
+                        activate_before_first_split=type != "wide")
 
 
 # --- registry -----------------------------------------------------------------------------------

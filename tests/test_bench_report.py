@@ -32,7 +32,7 @@ def synthetic_report() -> dict:
                                                     "batch": 128, "ms": 0.5, "images_per_second": 256_000.0}]},
             "conv_paths": {ENV["gpu"]: {"bfloat16": {
                 "64x8x8->64 k3 s1 +residual": {"path": "torch", "triton_ms": 0.2, "torch_ms": 0.1, "batch": 128},
-                "3x32x32->16 k3 s1 stem": {"path": "triton", "skipped": "time budget"}}}},
+                "3x32x32->16 k3 s1 plain": {"path": "triton", "skipped": "time budget"}}}},
             "real_data": {"command": "python train.py ...", "epochs": [{"epoch": 1, "test_error": 0.5, "images_per_second": 9e4}]}}
 
 
@@ -49,7 +49,7 @@ def test_markdown_names_device_and_every_section():
     assert "| preresnet110 | fused (3 layers on PyTorch ops) | 30,000 | 3.00x | 1.50x | 10% | 1.00 GiB |" in text
     assert "RuntimeError" in text and "| 1 | 50.00% | 90,000 |" in text
     assert "| 64x8x8->64 k3 s1 +residual | 0.200 | 0.100 | torch |" in text
-    assert "| 3x32x32->16 k3 s1 stem | time budget | | triton |" in text
+    assert "| 3x32x32->16 k3 s1 plain | time budget | | triton |" in text
 
 
 def test_a_partial_report_renders():
@@ -63,12 +63,12 @@ def test_a_partial_report_renders():
 def test_conv_path_table_takes_each_gpus_newest_measurement():
     old, new = synthetic_report(), synthetic_report()
     new["conv_paths"][ENV["gpu"]]["bfloat16"]["64x8x8->64 k3 s1 +residual"]["path"] = "triton"
-    old["conv_paths"][ENV["gpu"]]["bfloat16"]["3x32x32->16 k3 s1 stem"] = {"path": "torch", "triton_ms": 2, "torch_ms": 1}
+    old["conv_paths"][ENV["gpu"]]["bfloat16"]["3x32x32->16 k3 s1 plain"] = {"path": "torch", "triton_ms": 2, "torch_ms": 1}
     other = {"conv_paths": {"NVIDIA A100": {"bfloat16": {"16x32x32->16 k3 s1": {"path": "torch"}}}}}
     table = json.loads(render_results.conv_paths([old, other, new]))
     assert table[ENV["gpu"]]["bfloat16"]["64x8x8->64 k3 s1 +residual"]["path"] == "triton"
     assert table["NVIDIA A100"]["bfloat16"]["16x32x32->16 k3 s1"]["path"] == "torch"
-    assert table[ENV["gpu"]]["bfloat16"]["3x32x32->16 k3 s1 stem"]["path"] == "torch"  # new one skipped it
+    assert table[ENV["gpu"]]["bfloat16"]["3x32x32->16 k3 s1 plain"]["path"] == "torch"  # new one skipped it
 
 
 @pytest.mark.parametrize("fields", [(16, 16, 3, 1, True, True), (16, 32, 1, 2, True, False), (3, 16, 3, 1, False, False)],

@@ -197,8 +197,8 @@ def half_on_torch(model, device: torch.device) -> dict:
     """A conv-path table for device that moves the stem, the 1x1 convs and every other remaining
     layer signature of model to PyTorch's ops."""
     keys = sorted({signature.key for signature in conv_signatures(model).values()})
-    moved = [key for i, key in enumerate(keys) if i % 2 == 0 or "stem" in key or " k1 " in key]
-    assert any("stem" in key for key in moved) and any(" k1 " in key for key in moved) and len(moved) < len(keys)
+    moved = [key for i, key in enumerate(keys) if i % 2 == 0 or "plain" in key or " k1 " in key]
+    assert any("plain" in key for key in moved) and any(" k1 " in key for key in moved) and len(moved) < len(keys)
     return {device_name(device): {"float32": {key: {"path": "torch"} for key in moved}}}
 
 
@@ -244,7 +244,8 @@ def test_conv_signatures_name_every_fused_layer():
     model = build_model("normal", 1, fused=True)
     signatures = conv_signatures(model)
     assert set(signatures) == {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert signatures["conv1"].key == "3x32x32->16 k3 s1 stem"
+    assert signatures["conv1"].key == "3x32x32->16 k3 s1 plain"
+    assert signatures["layer1.0.conv1"].key == "16x32x32->16 k3 s1 plain"  # activated before the split
     assert signatures["layer1.0.conv2"].key == "16x32x32->16 k3 s1 +residual"
     assert signatures["layer2.0.shortcut"].key == "16x32x32->32 k1 s2"
     assert signatures["layer3.0.conv1"].key == "32x16x16->64 k3 s2"

@@ -138,3 +138,21 @@ def test_bad_arguments_raise_user_error(kwargs, message):
 def test_unknown_registry_name():
     with pytest.raises(UserError, match="unknown model 'resnet50'"):
         get_model("resnet50")
+
+
+@pytest.mark.parametrize("type, width, first_reads", [("normal", 1, "activation"), ("wide", 1, "input")])
+def test_first_unit_shortcut_follows_its_paper(type, width, first_reads):
+    """He et al. (appendix): the activation after conv1 comes before the first unit splits, so its
+    identity shortcut reads relu(bn(x)); later identity units, and Zagoruyko & Komodakis's, read x."""
+    torch.manual_seed(0)
+    model = build_model(type, 2, width).eval()
+    x = torch.randn(2, 16, 8, 8)
+    for index, unit in enumerate(model.layer1):
+        with torch.no_grad():
+            preact = torch.relu(unit.bn1(x))
+            branch = unit.conv2(torch.relu(unit.bn2(unit.conv1(preact))))
+            reads = "activation" if index == 0 and first_reads == "activation" else "input"
+            expected = branch + (preact if reads == "activation" else x)
+            torch.testing.assert_close(unit(x), expected)
+            other = branch + (x if reads == "activation" else preact)
+            assert (unit(x) - other).abs().max() > 1e-3  # the two readings are told apart
