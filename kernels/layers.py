@@ -74,8 +74,6 @@ def fused_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, re
     # the Triton kernel alone spans ranks inside its backward; synchronised layers stay on it
     if getattr(conv, "fused_path", "triton") == "torch" and not (bn is not None and bn.sync_count):
         return torch_conv(x, bn, conv, residual, emit_stats, dtype)
-    if bn is None and x.requires_grad:  # without a prologue the kernel gives no input gradient (the stem needs none)
-        return torch_conv(x, bn, conv, residual, emit_stats, dtype)
     x = x.to(dtype).contiguous(memory_format=torch.channels_last)
     if residual is not None:
         residual = residual.to(dtype).contiguous(memory_format=torch.channels_last)

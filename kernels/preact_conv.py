@@ -11,6 +11,7 @@ needs no pass of its own. The activated tensor relu(bn(x)) is never written.
 Backward keeps only x (the pre-BN input):
   - dgrad: the transposed convolution of dy, whose epilogue applies the ReLU mask recomputed from x
     and reduces dbeta = sum(gz) and dgamma = sum(gz * xhat) per tile (gz: gradient at the BN output);
+    for a plain conv (no prologue) it is the input gradient itself;
   - apply: dx = scale * (gz - dbeta / M - xhat * dgamma / M) (batch statistics), or scale * gz;
   - wgrad: dW = sum over pixels of relu(bn(x)) (recomputed in the prologue) times dy, split over
     pixel ranges so that small layers still fill the GPU.
@@ -114,12 +115,13 @@ def _bn_relu_conv_dgrad_kernel(
     shift_ptr,  # (C_IN,) fp32 beta - mean * gamma * invstd
     mean_ptr,  # (C_IN,) fp32 mean used by the BatchNorm
     invstd_ptr,  # (C_IN,) fp32 1 / sqrt(var + eps) used by the BatchNorm
-    gz_ptr,  # (N, H, W, C_IN) fp32 out: gradient at the BatchNorm output, ReLU mask applied
-    tile_dbeta_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz
-    tile_dgamma_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz * xhat
+    gz_ptr,  # (N, H, W, C_IN) out: with PROLOGUE fp32 gradient at the BatchNorm output, ReLU mask
+    #          applied; without, the gradient of x itself, in x's dtype
+    tile_dbeta_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz, with PROLOGUE
+    tile_dgamma_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz * xhat, with PROLOGUE
     M, H, W, C_IN, HO, WO, C_OUT,  # M = N * H * W input pixels
-    STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -148,16 +150,19 @@ def _bn_relu_conv_dgrad_kernel(
                 acc += tl.dot(g.to(w.dtype), w, input_precision=PRECISION)
     tile = mask_m[:, None] & mask_c[None, :]
     offsets = offs_m[:, None] * C_IN + offs_c[None, :]
-    x = tl.load(x_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-    shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    gz = tl.where(tile & (x * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
-    tl.store(gz_ptr + offsets, gz, mask=tile)
-    xhat = (x - mean[None, :]) * invstd[None, :]
-    tl.store(tile_dbeta_ptr + pid_m * C_IN + offs_c, tl.sum(gz, axis=0), mask=mask_c)
-    tl.store(tile_dgamma_ptr + pid_m * C_IN + offs_c, tl.sum(gz * xhat, axis=0), mask=mask_c)
+    if PROLOGUE:
+        x = tl.load(x_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
+        gz = tl.where(tile & (x * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
+        tl.store(gz_ptr + offsets, gz, mask=tile)
+        xhat = (x - mean[None, :]) * invstd[None, :]
+        tl.store(tile_dbeta_ptr + pid_m * C_IN + offs_c, tl.sum(gz, axis=0), mask=mask_c)
+        tl.store(tile_dgamma_ptr + pid_m * C_IN + offs_c, tl.sum(gz * xhat, axis=0), mask=mask_c)
+    else:  # a plain conv: the transposed convolution is the input gradient
+        tl.store(gz_ptr + offsets, acc.to(gz_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
@@ -361,25 +366,29 @@ def bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride: int
     )
     # in the weight's own memory layout: the fake implementation promises empty_like(weight)
     dweight = torch.empty_like(weight).copy_(dw_parts.sum(0).permute(3, 2, 0, 1))
-    if not prologue:
-        if need_dx:
-            raise RuntimeError("the fused stem conv (no BatchNorm prologue) does not compute an input gradient; "
-                               "its input is the data, which needs none")
+    if not prologue and not need_dx:  # the stem: its input is the data
         return None, None, None, dweight
 
-    # gradient at the BatchNorm output, with its per-channel reductions
+    # gradient at the BatchNorm output with its per-channel reductions, or, for a plain conv, dx
     m_in = n * h * w
     block_in = _block(m_in, 16, BLOCK_M)
-    gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
     tiles = triton.cdiv(m_in, block_in)
-    tile_dbeta = torch.empty((tiles, c_in), device=x.device, dtype=torch.float32)
-    tile_dgamma = torch.empty_like(tile_dbeta)
+    if prologue:
+        gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
+        tile_dbeta = torch.empty((tiles, c_in), device=x.device, dtype=torch.float32)
+        tile_dgamma = torch.empty_like(tile_dbeta)
+    else:
+        gz = torch.empty_like(x, memory_format=torch.channels_last)  # dx itself
+        tile_dbeta = tile_dgamma = dummy
     _bn_relu_conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_c))](
-        dy, packed, x, scale, shift, mean, invstd, gz, tile_dbeta, tile_dgamma,
+        dy, packed, x, scale if prologue else dummy, shift if prologue else dummy, mean if prologue else dummy,
+        invstd if prologue else dummy, gz, tile_dbeta, tile_dgamma,
         m_in, h, w, c_in, ho, wo, c_out,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PRECISION=dot_precision(weight.dtype),
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=dot_precision(weight.dtype),
         BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co,
     )
+    if not prologue:
+        return gz, None, None, dweight
     dbeta = tile_dbeta.sum(0)
     dgamma = tile_dgamma.sum(0)
     dx = None

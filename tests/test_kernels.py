@@ -122,6 +122,30 @@ def test_bn_relu_conv_matches_reference(n, h, w, c_in, c_out, kernel, stride, tr
         assert_close(got, want, rtol=5e-5, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("c_in, c_out, kernel, stride", [pytest.param(16, 16, 3, 1, id="first-unit-16"),
+                                                          pytest.param(24, 40, 3, 2, id="non-power-of-two-down"),
+                                                          pytest.param(16, 32, 1, 2, id="projection-32")])
+@pytest.mark.usefixtures("gpu_tiles")
+def test_plain_conv_input_gradient(c_in, c_out, kernel, stride):
+    """Without a BatchNorm prologue (the stem, and the first unit of He et al.'s networks, whose
+    input is the activation materialised before the split), the kernels compute conv(x) [+ residual]
+    and, when x needs it, x's gradient."""
+    x, _, _, weight, res, _, _, padding = make_case(3, c_in, 5, 9, c_out, kernel, stride, stride == 1)
+    y, y_mean, y_var = bn_relu_conv(x, None, None, None, None, weight, res, stride, padding, False, True)
+    expected = F.conv2d(x, weight, stride=stride, padding=padding) + (0 if res is None else res)
+    assert_close(y, expected, name="y")
+    expected_var, expected_mean = torch.var_mean(expected.detach(), dim=(0, 2, 3), unbiased=False)
+    assert_close(y_mean, expected_mean, name="mean of y")
+    assert_close(y_var, expected_var, name="variance of y")
+    inputs = [x, weight] + ([res] if res is not None else [])
+    grad_out = torch.randn_like(expected)
+    for name, got, want in zip(("x", "weight", "residual"), torch.autograd.grad(y, inputs, grad_out),
+                               torch.autograd.grad(expected, inputs, grad_out)):
+        assert_close(got, want, rtol=5e-5, name=f"grad {name}")
+        if name == "x":
+            assert got.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.usefixtures("gpu_tiles")
 def test_padding_stays_zero_when_relu_of_the_shift_is_positive():
     """With beta > 0 everywhere, relu(bn(0)) > 0: padded positions must still contribute nothing."""
@@ -306,6 +330,7 @@ def test_custom_ops_pass_opcheck():
     args = (x, mean, torch.rsqrt(var + EPS), gamma, beta, channels_last(weight.detach()).requires_grad_(), res, 1,
             padding, True, True)
     torch.library.opcheck(bn_relu_conv, args)
+    torch.library.opcheck(bn_relu_conv, (x, None, None, None, None, *args[5:]))  # plain conv, input gradient
     dy = channels_last(torch.randn(2, 16, 6, 6))
     from kernels.preact_conv import bn_relu_conv_backward_op
 
