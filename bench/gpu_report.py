@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bench.floors import fraction_of_floor
+from bench.render_results import provider_label
 from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused,
                              layer_signatures, make_unit, skip_reason, torch_path_layers, training_step, unit_shapes,
                              unit_step)
@@ -221,12 +222,6 @@ def real_data_run(data_dir: str, out: Path, clock: Clock) -> dict:
     metrics_file = run_dir / "metrics.jsonl"
     outcome["epochs"] = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
     return outcome
-
-
-def provider_label(row: dict) -> str:
-    """The provider, and for the fused ones how many layers the path table moved to PyTorch's ops."""
-    moved = row.get("layers_on_torch_ops")
-    return f"{row['provider']} ({moved} layers on PyTorch ops)" if moved else row["provider"]
 
 
 def markdown(report: dict) -> str:

@@ -15,11 +15,15 @@ import json
 import sys
 from pathlib import Path
 
-from bench.gpu_report import provider_label
-
 ROOT = Path(__file__).resolve().parents[1]
 CONV_PATHS = ROOT / "kernels" / "conv_paths.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
+
+
+def provider_label(row: dict) -> str:
+    """The provider, and for the fused ones how many layers the path table moved to PyTorch's ops."""
+    moved = row.get("layers_on_torch_ops")
+    return f"{row['provider']} ({moved} layers on PyTorch ops)" if moved else row["provider"]
 
 
 def load_reports(results: Path) -> list[dict]:

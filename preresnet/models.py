@@ -33,7 +33,8 @@ class PreActBasicBlock(nn.Module):
 
     expansion = 1
     # The identity shortcut reads relu(bn1(x)) instead of x: He et al.'s first unit, whose activation
-    # comes "right after conv1 and before splitting into two paths" (appendix; set by PreActResNet).
+    # comes "right after conv1 and before splitting into two paths" (appendix; set by PreActResNet
+    # on an identity unit only).
     activate_before_split = False
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0, fused: bool = False):
@@ -53,7 +54,7 @@ class PreActBasicBlock(nn.Module):
         preact = torch.relu(self.bn1(x))
         # A projection shortcut reads the pre-activated input; the identity reads x itself, but for
         # He et al.'s first unit
-        residual = self.shortcut(preact) if self.shortcut is not None else preact if self.activate_before_split else x
+        residual = preact if self.activate_before_split else x if self.shortcut is None else self.shortcut(preact)
         out = self.conv1(preact)
         out = self.conv2(self.dropout(torch.relu(self.bn2(out))))
         return out + residual
@@ -63,14 +64,14 @@ class PreActBasicBlock(nn.Module):
         Returns the output and its statistics."""
         from kernels.layers import batchnorm_moments, fused_conv
 
-        if self.activate_before_split and self.shortcut is None:
-            # both paths read the activation, so it is materialised once, by the module itself
-            preact = torch.relu(self.bn1(x))
-            out, out_stats = fused_conv(preact, None, self.conv1, emit_stats=self.training)
-            return fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2, preact,
-                              emit_stats=self.training)
-        bn1 = batchnorm_moments(self.bn1, x, stats)
-        residual = x if self.shortcut is None else fused_conv(x, bn1, self.shortcut, emit_stats=False)[0]
+        if self.activate_before_split:
+            # both paths read the activation, so it is materialised once, by the module itself, and
+            # conv1 is a plain conv of it
+            x = residual = torch.relu(self.bn1(x))
+            bn1 = None
+        else:
+            bn1 = batchnorm_moments(self.bn1, x, stats)
+            residual = x if self.shortcut is None else fused_conv(x, bn1, self.shortcut, emit_stats=False)[0]
         out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
         return fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2, residual,
                           emit_stats=self.training)
@@ -153,7 +154,8 @@ class PreActResNet(nn.Module):
         # He et al. activate conv1's output before the first unit splits (their appendix and code);
         # Zagoruyko & Komodakis's identity units read the raw input, the first one too. With a
         # projection (every bottleneck and wider network) both paths read the activation anyway.
-        self.layer1[0].activate_before_split = activate_before_first_split
+        first = self.layer1[0]
+        first.activate_before_split = activate_before_first_split and first.shortcut is None
 
         self.bn = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, num_classes)
@@ -169,9 +171,10 @@ class PreActResNet(nn.Module):
         if self.fused:
             from kernels.layers import fused_conv
 
-            # the stem's kernel measures its output for the first unit's BatchNorm (unused by a unit
-            # that activates before its split: it normalises through its module)
-            out, stats = fused_conv(x, None, self.conv1, emit_stats=self.training)
+            # the stem's kernel measures its output for the first unit's BatchNorm, unless that unit
+            # activates before its split (it normalises through its module)
+            out, stats = fused_conv(x, None, self.conv1,
+                                    emit_stats=self.training and not self.layer1[0].activate_before_split)
             for unit in (*self.layer1, *self.layer2, *self.layer3):
                 out, stats = unit.forward_fused(out, stats)
         else:
