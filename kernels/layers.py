@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preresnet.distributed import is_synchronising, merge_across_ranks, update_running_stats
-
+from .batchnorm import is_synchronising, merge_across_ranks, update_running_stats
 from .paths import record
 from .preact_conv import bn_relu_conv
 
@@ -23,21 +22,29 @@ Stats = tuple[torch.Tensor, torch.Tensor] | None  # batch mean and biased varian
 
 
 class BatchNormApplied(NamedTuple):
-    mean: torch.Tensor
-    invstd: torch.Tensor
+    mean: torch.Tensor  # the statistics the BatchNorm normalises with (fp32)
+    var: torch.Tensor
     gamma: torch.Tensor
     beta: torch.Tensor
-    batch_stats: bool  # mean/invstd are the input's own batch statistics (training mode)
+    batch_stats: bool  # mean/var are the input's own batch statistics (training mode)
     eps: float
     sync_count: int = 0  # > 0: statistics over all ranks' batches, this many values per channel
+    # the module whose running statistics the next layer that reads this BatchNorm updates from
+    # mean/var (in its kernel); None once done, or in eval mode
+    update: nn.BatchNorm2d | None = None
+
+    def read_only(self) -> "BatchNormApplied":
+        """The same normalisation for a second layer reading it: the running statistics are updated once."""
+        return self._replace(update=None)
 
 
 def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> BatchNormApplied:
-    """How bn normalises x in this forward pass, updating its running statistics exactly as
-    nn.BatchNorm2d does (momentum or cumulative average, unbiased running variance). Call it once
-    per BatchNorm and forward: the result serves every conv that reads bn(x)."""
+    """How bn normalises x in this forward pass. In training, the first fused_conv that reads the
+    result updates bn's running statistics exactly as nn.BatchNorm2d does (momentum or cumulative
+    average, unbiased running variance); a second reader takes `.read_only()`. Call it once per
+    BatchNorm and forward. No kernel runs here when stats come from the layer before."""
     if not (bn.training or not bn.track_running_stats):
-        return BatchNormApplied(bn.running_mean, torch.rsqrt(bn.running_var + bn.eps), bn.weight, bn.bias, False, bn.eps)
+        return BatchNormApplied(bn.running_mean, bn.running_var, bn.weight, bn.bias, False, bn.eps)
     count = x.numel() // x.shape[1]
     if count < 2 and bn.training:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
@@ -47,10 +54,9 @@ def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> Batc
         mean, var = stats[0].detach(), stats[1].detach()
     sync_count = 0
     if getattr(bn, "sync", False) and is_synchronising():  # SyncBatchNorm2d: statistics over all ranks
-        mean, var, count = merge_across_ranks(mean, var, count)
-        sync_count = count
-    update_running_stats(bn, mean, var, count)
-    return BatchNormApplied(mean, torch.rsqrt(var + bn.eps), bn.weight, bn.bias, True, bn.eps, sync_count)
+        mean, var, sync_count = merge_across_ranks(mean, var, count)
+    update = bn if bn.training and bn.track_running_stats else None
+    return BatchNormApplied(mean, var, bn.weight, bn.bias, True, bn.eps, sync_count, update)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -66,22 +72,43 @@ def fused_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, re
     """conv(relu(bn(x))) [+ residual] in one kernel (bn None: conv(x)); with emit_stats, also the
     batch mean and variance of the result for the BatchNorm that reads it next. A conv whose
     `fused_path` is "torch" (see kernels.paths) runs PyTorch's ops instead, with the same results."""
+    y, stats, _ = _fused_conv(x, bn, conv, residual, emit_stats, carry=False)
+    return y, stats
+
+
+def fused_conv_carrying(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d,
+                        emit_stats: bool = True) -> tuple[torch.Tensor, Stats, torch.Tensor]:
+    """fused_conv, also returning x (in the operand dtype) for an identity shortcut to add: the
+    shortcut's gradient then joins x's gradient inside this layer's backward kernels."""
+    return _fused_conv(x, bn, conv, None, emit_stats, carry=True)
+
+
+def _fused_conv(x, bn, conv, residual, emit_stats, carry):
     record(x, conv, bn is not None, residual is not None)
     if conv.bias is not None or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" \
             or conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:
         raise ValueError(f"the fused kernels take square, ungrouped, undilated convs without bias, got {conv}")
     dtype = compute_dtype(conv.weight)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
     # the Triton kernel alone spans ranks inside its backward; synchronised layers stay on it
     if getattr(conv, "fused_path", "triton") == "torch" and not (bn is not None and bn.sync_count):
-        return torch_conv(x, bn, conv, residual, emit_stats, dtype)
-    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        return (*torch_conv(x, bn, conv, residual, emit_stats, dtype), x)
     if residual is not None:
         residual = residual.to(dtype).contiguous(memory_format=torch.channels_last)
-    weight = conv.weight.to(dtype)
-    mean, invstd, gamma, beta, batch_stats, _, sync_count = (None, None, None, None, False, 0.0, 0) if bn is None else bn
-    y, y_mean, y_var = bn_relu_conv(x, mean, invstd, gamma, beta, weight, residual, conv.stride[0], conv.padding[0],
-                                    batch_stats, emit_stats, sync_count)
-    return y, (y_mean, y_var) if emit_stats else None
+    # the conv's fp32 weight as it is: the kernel casts it to the operand dtype
+    if bn is None:
+        outputs = bn_relu_conv(x, None, None, None, None, conv.weight, residual, conv.stride[0], conv.padding[0],
+                               False, emit_stats, carry=carry)
+    else:
+        module = bn.update
+        running = {} if module is None else dict(running_mean=module.running_mean, running_var=module.running_var,
+                                                 num_batches_tracked=module.num_batches_tracked,
+                                                 momentum=module.momentum)
+        outputs = bn_relu_conv(x, bn.mean, bn.var, bn.gamma, bn.beta, conv.weight, residual, conv.stride[0],
+                               conv.padding[0], bn.batch_stats, emit_stats, bn.eps, bn.sync_count, carry=carry,
+                               **running)
+    y, y_mean, y_var = outputs[:3]
+    return y, (y_mean, y_var) if emit_stats else None, outputs[3] if carry else None
 
 
 def torch_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, residual: torch.Tensor | None,
@@ -89,13 +116,15 @@ def torch_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, re
     """fused_conv's layer in PyTorch ops (cuDNN on a GPU), for shapes where that is faster: what the
     unfused model runs, in the operand dtype. In training the BatchNorm recomputes the batch
     statistics it is given, so that autograd sees their dependence on x; the running statistics
-    were already updated by batchnorm_moments, so none are passed here."""
+    are updated from the given ones, as the kernel does."""
     a = x.to(dtype).contiguous(memory_format=torch.channels_last)
     if bn is not None:
+        if bn.update is not None:
+            update_running_stats(bn.update, bn.mean, bn.var, bn.sync_count or x.numel() // x.shape[1])
         if bn.batch_stats:
             a = F.batch_norm(a, None, None, bn.gamma, bn.beta, training=True, eps=bn.eps)
-        else:  # the variance behind invstd, to hand the fixed statistics to the same op
-            a = F.batch_norm(a, bn.mean, bn.invstd.pow(-2) - bn.eps, bn.gamma, bn.beta, training=False, eps=bn.eps)
+        else:
+            a = F.batch_norm(a, bn.mean, bn.var, bn.gamma, bn.beta, training=False, eps=bn.eps)
         a = torch.relu(a)
     y = F.conv2d(a, conv.weight.to(dtype), stride=conv.stride, padding=conv.padding)
     if residual is not None:

@@ -1,20 +1,31 @@
 """Fused pre-activation convolution: y = conv(relu(batchnorm(x))) [+ residual], forward and backward.
 
 Why this shape: in a pre-activation network nearly every layer is BN -> ReLU -> conv, and on CIFAR
-shapes the memory traffic of the unfused ops, not arithmetic, sets the speed. So the convolution is
-an implicit GEMM over channels-last tensors (rows = output pixels, columns = output channels,
-reduction = kernel taps x input channels) whose *prologue* applies BatchNorm and ReLU to each input
-tile as it is loaded (relu(x * scale + shift), forced back to 0 in the zero padding), and whose
-*epilogue* adds the residual and writes per-tile mean and M2 of the output, so the next BatchNorm
-needs no pass of its own. The activated tensor relu(bn(x)) is never written.
+shapes launches and memory traffic, not arithmetic, set the speed: a big GPU runs each kernel of a
+batch-128 step in microseconds, about the cost of launching it. So each layer is one kernel
+forward and three backward, with no PyTorch ops around them:
 
-Backward keeps only x (the pre-BN input):
+  - forward: the convolution is an implicit GEMM over channels-last tensors (rows = output pixels,
+    columns = output channels, reduction = kernel taps x input channels). Its prologue applies
+    BatchNorm and ReLU to each input tile as it is loaded (scale and shift computed from the batch
+    mean, variance, gamma and beta; relu(x * scale + shift), forced back to 0 in the zero padding),
+    and its first program updates the BatchNorm's running statistics exactly as nn.BatchNorm2d
+    does. The epilogue adds the residual and writes per-tile mean and M2 of the output; the last
+    program to finish merges them (Chan et al.'s parallel formula, fp32) into the batch mean and
+    variance the next BatchNorm uses, so no BatchNorm reads its input to measure it. The weight is
+    read in its own layout and dtype (fp32 master weights cast in the kernel): nothing is packed.
   - dgrad: the transposed convolution of dy, whose epilogue applies the ReLU mask recomputed from x
-    and reduces dbeta = sum(gz) and dgamma = sum(gz * xhat) per tile (gz: gradient at the BN output);
-    for a plain conv (no prologue) it is the input gradient itself;
+    and writes per-tile sums of gz and gz * xhat (gz: gradient at the BatchNorm output); the last
+    program reduces them into dbeta and dgamma. For a plain conv (no prologue) it is dx itself;
   - apply: dx = scale * (gz - dbeta / M - xhat * dgamma / M) (batch statistics), or scale * gz;
   - wgrad: dW = sum over pixels of relu(bn(x)) (recomputed in the prologue) times dy, split over
-    pixel ranges so that small layers still fill the GPU.
+    pixel ranges so that small layers still fill the GPU; the last split to finish for a tile sums
+    the splits in order (deterministic) and writes dW in the weight's layout and dtype.
+
+"The last program" is the classic single-pass reduction: each program stores its partials, waits
+at a barrier, and takes a ticket from an atomic counter (acquire-release); the program holding the
+last ticket reads every partial and resets the counter. The counters live in one zeroed int32
+workspace per device, reused by every launch (launches on a stream never overlap).
 
 Layers: Triton kernels -> launchers (checks, block sizes) -> torch.library custom ops with autograd
 (torch.compile sees one opaque op per layer) -> `kernels.layers` (modules and the statistics chain).
@@ -39,6 +50,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Read at call time.
 BLOCK_M = 4096 if INTERPRETED else 64
 MAX_WGRAD_SPLITS = 2 if INTERPRETED else 64
+MERGE_BLOCK = 64  # partials the last program reads at a time
+COUNTER_SLOTS = 1 << 14  # ticket counters per device; a launch needs one per output tile of its reduction
 
 
 # --- kernels ------------------------------------------------------------------------------------------
@@ -52,76 +65,155 @@ def _pixel_coordinates(offs, height, width):
 
 
 @triton.jit
+def _is_last_to_arrive(counter_ptr, programs):
+    """Whether this program is the last of `programs` to reach this point; that one also resets the
+    counter for the next launch. The barrier makes every thread's stores precede the ticket; the
+    acquire-release ticket makes them visible to the last program."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    last = ticket == programs - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")
+    return last
+
+
+@triton.jit
+def _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs, mask, eps):
+    """Per-channel BatchNorm as an affine map: scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
+    mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs, mask=mask, other=1.0) + eps)
+    scale = tl.load(gamma_ptr + offs, mask=mask, other=0.0).to(tl.float32) * invstd
+    shift = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mean * scale
+    return scale, shift, mean, invstd
+
+
+@triton.jit
+def _update_running_stats(mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, tracked_ptr, C, count, momentum,
+                          CUMULATIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """nn.BatchNorm2d's update: num_batches_tracked += 1; running = (1 - f) running + f batch, with
+    the unbiased batch variance; f = momentum, or 1 / num_batches_tracked for a cumulative average."""
+    tracked = tl.load(tracked_ptr) + 1
+    tl.store(tracked_ptr, tracked)
+    factor = 1.0 / tracked.to(tl.float32) if CUMULATIVE else momentum
+    unbiased = count / tl.maximum(count - 1.0, 1.0)
+    for c0 in range(0, C, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < C
+        mean = tl.load(mean_ptr + offs, mask=mask)
+        var = tl.load(var_ptr + offs, mask=mask)
+        running_mean = tl.load(running_mean_ptr + offs, mask=mask)
+        running_var = tl.load(running_var_ptr + offs, mask=mask)
+        tl.store(running_mean_ptr + offs, running_mean * (1 - factor) + mean * factor, mask=mask)
+        tl.store(running_var_ptr + offs, running_var * (1 - factor) + var * (unbiased * factor), mask=mask)
+
+
+@triton.jit
 def _bn_relu_conv_fwd_kernel(
     x_ptr,  # (N, H, W, C_IN) input before BatchNorm, channels-last
-    scale_ptr,  # (C_IN,) fp32 gamma * invstd
-    shift_ptr,  # (C_IN,) fp32 beta - mean * gamma * invstd
-    w_ptr,  # (KH, KW, C_IN, C_OUT) weight, packed
+    mean_ptr, var_ptr,  # (C_IN,) fp32 statistics the BatchNorm normalises with, read when PROLOGUE
+    gamma_ptr, beta_ptr,  # (C_IN,) BatchNorm weight and bias, read when PROLOGUE
+    running_mean_ptr, running_var_ptr,  # (C_IN,) fp32, updated when UPDATE_RUNNING
+    tracked_ptr,  # (1,) int64 num_batches_tracked, incremented when UPDATE_RUNNING
+    w_ptr,  # (C_OUT, C_IN, KH, KW) weight, any layout (strides below), any float dtype
     res_ptr,  # (N, HO, WO, C_OUT) residual, read when HAS_RESIDUAL
-    y_ptr,  # (N, HO, WO, C_OUT) output
-    tile_mean_ptr,  # (cdiv(M, BLOCK_M), C_OUT) fp32 mean of y over each row tile, when EMIT_STATS
-    tile_m2_ptr,  # (cdiv(M, BLOCK_M), C_OUT) fp32 sum of squared deviations from that mean
+    y_ptr,  # (N, HO, WO, C_OUT) output; its dtype is the operand dtype
+    partial_ptr,  # (2, cdiv(M, BLOCK_M), C_OUT) fp32 scratch: per-tile mean and M2 of y, when EMIT_STATS
+    y_mean_ptr, y_var_ptr,  # (C_OUT,) fp32 out: batch mean and biased variance of y, when EMIT_STATS
+    counter_ptr,  # (cdiv(C_OUT, BLOCK_N),) int32 zeros: tickets per column of tiles
     M, H, W, C_IN, HO, WO, C_OUT,  # M = N * HO * WO output pixels
+    stride_wo, stride_wi, stride_wh, stride_ww,
+    eps, momentum, count,  # count: values per channel behind the batch statistics (unbiased variance)
     STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EMIT_STATS: tl.constexpr, PRECISION: tl.constexpr,
+    PROLOGUE: tl.constexpr, UPDATE_RUNNING: tl.constexpr, CUMULATIVE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    EMIT_STATS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    if UPDATE_RUNNING:
+        if (pid_m == 0) & (pid_n == 0):
+            _update_running_stats(mean_ptr, var_ptr, running_mean_ptr, running_var_ptr, tracked_ptr, C_IN, count,
+                                  momentum, CUMULATIVE, BLOCK_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < C_OUT
     n, ho, wo = _pixel_coordinates(offs_m, HO, WO)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            hi = ho * STRIDE - PADDING + kh
-            wi = wo * STRIDE - PADDING + kw
-            inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            row = ((n * H + hi) * W + wi) * C_IN
-            for k0 in range(0, C_IN, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < C_IN
+    for k0 in range(0, C_IN, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_IN
+        if PROLOGUE:
+            scale, shift, _, _ = _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps)
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                hi = ho * STRIDE - PADDING + kh
+                wi = wo * STRIDE - PADDING + kw
+                inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
                 valid = inside[:, None] & mask_k[None, :]
-                a = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=valid, other=0.0).to(tl.float32)
+                a = tl.load(x_ptr + (((n * H + hi) * W + wi) * C_IN)[:, None] + offs_k[None, :], mask=valid,
+                            other=0.0).to(tl.float32)
                 if PROLOGUE:
-                    scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-                    shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
                     # relu(0 * scale + shift) need not be 0: the zero padding is applied after BN-ReLU
                     a = tl.where(valid, tl.maximum(a * scale[None, :] + shift[None, :], 0.0), 0.0)
-                w = tl.load(w_ptr + ((kh * KW + kw) * C_IN + offs_k[:, None]) * C_OUT + offs_n[None, :],
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc += tl.dot(a.to(w.dtype), w, input_precision=PRECISION)
+                w = tl.load(w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wi + kh * stride_wh
+                            + kw * stride_ww, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc += tl.dot(a.to(y_ptr.dtype.element_ty), w.to(y_ptr.dtype.element_ty), input_precision=PRECISION)
     out_mask = mask_m[:, None] & mask_n[None, :]
     out_offsets = offs_m[:, None] * C_OUT + offs_n[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(res_ptr + out_offsets, mask=out_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + out_offsets, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     if EMIT_STATS:
-        count = tl.sum(mask_m.to(tl.float32), axis=0)
-        tile_mean = tl.sum(tl.where(out_mask, acc, 0.0), axis=0) / count
+        tiles = tl.num_programs(0)
+        count_m = tl.sum(mask_m.to(tl.float32), axis=0)
+        tile_mean = tl.sum(tl.where(out_mask, acc, 0.0), axis=0) / count_m
         deviation = tl.where(out_mask, acc - tile_mean[None, :], 0.0)
-        tl.store(tile_mean_ptr + pid_m * C_OUT + offs_n, tile_mean, mask=mask_n)
-        tl.store(tile_m2_ptr + pid_m * C_OUT + offs_n, tl.sum(deviation * deviation, axis=0), mask=mask_n)
+        tl.store(partial_ptr + pid_m * C_OUT + offs_n, tile_mean, mask=mask_n)
+        tl.store(partial_ptr + (tiles + pid_m) * C_OUT + offs_n, tl.sum(deviation * deviation, axis=0), mask=mask_n)
+        if _is_last_to_arrive(counter_ptr + pid_n, tiles):
+            # M2 = sum M2_t + sum n_t (mean_t - mean)^2 over tiles of n_t rows (BLOCK_M but the last)
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for t0 in range(0, tiles, MERGE_BLOCK):
+                t = t0 + tl.arange(0, MERGE_BLOCK)
+                rows = tl.minimum(M - t * BLOCK_M, BLOCK_M).to(tl.float32)
+                tile = (t < tiles)[:, None] & mask_n[None, :]
+                means = tl.load(partial_ptr + t[:, None] * C_OUT + offs_n[None, :], mask=tile, other=0.0,
+                                cache_modifier=".cg")
+                total += tl.sum(tl.where(tile, means * rows[:, None], 0.0), axis=0)
+            mean = total / M
+            m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for t0 in range(0, tiles, MERGE_BLOCK):
+                t = t0 + tl.arange(0, MERGE_BLOCK)
+                rows = tl.minimum(M - t * BLOCK_M, BLOCK_M).to(tl.float32)
+                tile = (t < tiles)[:, None] & mask_n[None, :]
+                means = tl.load(partial_ptr + t[:, None] * C_OUT + offs_n[None, :], mask=tile, other=0.0,
+                                cache_modifier=".cg")
+                m2s = tl.load(partial_ptr + (tiles + t[:, None]) * C_OUT + offs_n[None, :], mask=tile, other=0.0,
+                              cache_modifier=".cg")
+                offset = means - mean[None, :]
+                m2 += tl.sum(tl.where(tile, m2s + rows[:, None] * offset * offset, 0.0), axis=0)
+            tl.store(y_mean_ptr + offs_n, mean, mask=mask_n)
+            tl.store(y_var_ptr + offs_n, m2 / M, mask=mask_n)
 
 
 @triton.jit
 def _bn_relu_conv_dgrad_kernel(
     dy_ptr,  # (N, HO, WO, C_OUT) gradient of the output
-    w_ptr,  # (KH, KW, C_IN, C_OUT) weight, packed
+    w_ptr,  # (C_OUT, C_IN, KH, KW) weight, any layout (strides below)
     x_ptr,  # (N, H, W, C_IN) input before BatchNorm
-    scale_ptr,  # (C_IN,) fp32 gamma * invstd
-    shift_ptr,  # (C_IN,) fp32 beta - mean * gamma * invstd
-    mean_ptr,  # (C_IN,) fp32 mean used by the BatchNorm
-    invstd_ptr,  # (C_IN,) fp32 1 / sqrt(var + eps) used by the BatchNorm
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr,  # (C_IN,) the BatchNorm as in the forward, read when PROLOGUE
     gz_ptr,  # (N, H, W, C_IN) out: with PROLOGUE fp32 gradient at the BatchNorm output, ReLU mask
     #          applied; without, the gradient of x itself, in x's dtype
-    tile_dbeta_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz, with PROLOGUE
-    tile_dgamma_ptr,  # (cdiv(M, BLOCK_M), C_IN) fp32 out: per-tile sum of gz * xhat, with PROLOGUE
+    partial_ptr,  # (2, cdiv(M, BLOCK_M), C_IN) fp32 scratch: per-tile sums of gz and gz * xhat, with PROLOGUE
+    dbeta_ptr, dgamma_ptr,  # (C_IN,) out, with PROLOGUE: sum of gz and of gz * xhat over this batch
+    counter_ptr,  # (cdiv(C_IN, BLOCK_C),) int32 zeros: tickets per column of tiles
+    add_ptr,  # (N, H, W, C_IN) gradient of x along another path, added when HAS_ADD (plain conv only)
     M, H, W, C_IN, HO, WO, C_OUT,  # M = N * H * W input pixels
+    stride_wo, stride_wi, stride_wh, stride_ww, eps,
     STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
+    HAS_ADD: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -145,23 +237,35 @@ def _bn_relu_conv_dgrad_kernel(
                 offs_co = co0 + tl.arange(0, BLOCK_CO)
                 mask_co = offs_co < C_OUT
                 g = tl.load(dy_ptr + row[:, None] + offs_co[None, :], mask=hit[:, None] & mask_co[None, :], other=0.0)
-                w = tl.load(w_ptr + ((kh * KW + kw) * C_IN + offs_c[None, :]) * C_OUT + offs_co[:, None],
-                            mask=mask_co[:, None] & mask_c[None, :], other=0.0)
-                acc += tl.dot(g.to(w.dtype), w, input_precision=PRECISION)
+                w = tl.load(w_ptr + offs_co[:, None] * stride_wo + offs_c[None, :] * stride_wi + kh * stride_wh
+                            + kw * stride_ww, mask=mask_co[:, None] & mask_c[None, :], other=0.0)
+                acc += tl.dot(g, w.to(g.dtype), input_precision=PRECISION)
     tile = mask_m[:, None] & mask_c[None, :]
     offsets = offs_m[:, None] * C_IN + offs_c[None, :]
     if PROLOGUE:
         x = tl.load(x_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
-        mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-        invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
+        scale, shift, mean, invstd = _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_c, mask_c, eps)
         gz = tl.where(tile & (x * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
         tl.store(gz_ptr + offsets, gz, mask=tile)
         xhat = (x - mean[None, :]) * invstd[None, :]
-        tl.store(tile_dbeta_ptr + pid_m * C_IN + offs_c, tl.sum(gz, axis=0), mask=mask_c)
-        tl.store(tile_dgamma_ptr + pid_m * C_IN + offs_c, tl.sum(gz * xhat, axis=0), mask=mask_c)
+        tiles = tl.num_programs(0)
+        tl.store(partial_ptr + pid_m * C_IN + offs_c, tl.sum(gz, axis=0), mask=mask_c)
+        tl.store(partial_ptr + (tiles + pid_m) * C_IN + offs_c, tl.sum(gz * xhat, axis=0), mask=mask_c)
+        if _is_last_to_arrive(counter_ptr + pid_c, tiles):
+            dbeta = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            dgamma = tl.zeros((BLOCK_C,), dtype=tl.float32)
+            for t0 in range(0, tiles, MERGE_BLOCK):
+                t = t0 + tl.arange(0, MERGE_BLOCK)
+                part = (t < tiles)[:, None] & mask_c[None, :]
+                dbeta += tl.sum(tl.load(partial_ptr + t[:, None] * C_IN + offs_c[None, :], mask=part, other=0.0,
+                                        cache_modifier=".cg"), axis=0)
+                dgamma += tl.sum(tl.load(partial_ptr + (tiles + t[:, None]) * C_IN + offs_c[None, :], mask=part,
+                                         other=0.0, cache_modifier=".cg"), axis=0)
+            tl.store(dbeta_ptr + offs_c, dbeta.to(dbeta_ptr.dtype.element_ty), mask=mask_c)
+            tl.store(dgamma_ptr + offs_c, dgamma.to(dgamma_ptr.dtype.element_ty), mask=mask_c)
     else:  # a plain conv: the transposed convolution is the input gradient
+        if HAS_ADD:
+            acc += tl.load(add_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
         tl.store(gz_ptr + offsets, acc.to(gz_ptr.dtype.element_ty), mask=tile)
 
 
@@ -169,14 +273,12 @@ def _bn_relu_conv_dgrad_kernel(
 def _bn_backward_apply_kernel(
     gz_ptr,  # (M, C) fp32 gradient at the BatchNorm output
     x_ptr,  # (M, C) input before BatchNorm
-    scale_ptr,  # (C,) fp32 gamma * invstd
-    mean_ptr,  # (C,) fp32
-    invstd_ptr,  # (C,) fp32
-    mean_dbeta_ptr,  # (C,) fp32 dbeta / M with batch statistics, else 0
-    mean_dgamma_ptr,  # (C,) fp32 dgamma / M with batch statistics, else 0
+    mean_ptr, var_ptr, gamma_ptr,  # (C,) the BatchNorm as in the forward
+    dbeta_ptr, dgamma_ptr,  # (C,) fp32 sums of gz and gz * xhat over the batch (all ranks when synchronised)
+    add_ptr,  # (M, C) gradient of x along another path (an identity shortcut), added when HAS_ADD
     dx_ptr,  # (M, C) out: gradient of x
-    M, C,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    M, C, count, eps,  # count: values per channel behind the batch statistics
+    BATCH_STATS: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -184,31 +286,38 @@ def _bn_backward_apply_kernel(
     tile = (offs_m < M)[:, None] & mask_c[None, :]
     offsets = offs_m[:, None] * C + offs_c[None, :]
     gz = tl.load(gz_ptr + offsets, mask=tile, other=0.0)
-    x = tl.load(x_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
     mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-    invstd = tl.load(invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    mean_dbeta = tl.load(mean_dbeta_ptr + offs_c, mask=mask_c, other=0.0)
-    mean_dgamma = tl.load(mean_dgamma_ptr + offs_c, mask=mask_c, other=0.0)
-    xhat = (x - mean[None, :]) * invstd[None, :]
-    dx = scale[None, :] * (gz - mean_dbeta[None, :] - xhat * mean_dgamma[None, :])
+    invstd = 1.0 / tl.sqrt(tl.load(var_ptr + offs_c, mask=mask_c, other=1.0) + eps)
+    scale = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32) * invstd
+    if BATCH_STATS:  # the batch statistics depend on x too
+        x = tl.load(x_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
+        xhat = (x - mean[None, :]) * invstd[None, :]
+        mean_dbeta = tl.load(dbeta_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32) / count
+        mean_dgamma = tl.load(dgamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32) / count
+        gz = gz - mean_dbeta[None, :] - xhat * mean_dgamma[None, :]
+    dx = scale[None, :] * gz
+    if HAS_ADD:
+        dx += tl.load(add_ptr + offsets, mask=tile, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
 def _bn_relu_conv_wgrad_kernel(
     x_ptr,  # (N, H, W, C_IN) input before BatchNorm
-    scale_ptr,  # (C_IN,) fp32 gamma * invstd, read when PROLOGUE
-    shift_ptr,  # (C_IN,) fp32 beta - mean * gamma * invstd, read when PROLOGUE
+    mean_ptr, var_ptr, gamma_ptr, beta_ptr,  # (C_IN,) the BatchNorm as in the forward, read when PROLOGUE
     dy_ptr,  # (N, HO, WO, C_OUT) gradient of the output
-    dw_ptr,  # (SPLITS, KH, KW, C_IN, C_OUT) fp32 out: per-split partial weight gradient
+    partial_ptr,  # (SPLITS, KH, KW, C_IN, C_OUT) fp32 scratch: per-split partial weight gradient
+    dw_ptr,  # (C_OUT, C_IN, KH, KW) out: weight gradient, in the weight's layout (strides below) and dtype
+    counter_ptr,  # (KH * KW * cdiv(C_IN, BLOCK_C) * cdiv(C_OUT, BLOCK_CO),) int32 zeros: tickets per tile
     M, H, W, C_IN, HO, WO, C_OUT, ROWS_PER_SPLIT,  # M = N * HO * WO output pixels
+    stride_wo, stride_wi, stride_wh, stride_ww, eps,
     STRIDE: tl.constexpr, PADDING: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, PROLOGUE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     pid_k = tl.program_id(0)  # kernel tap and input-channel block
     pid_co = tl.program_id(1)
     pid_s = tl.program_id(2)  # range of output pixels
+    splits = tl.num_programs(2)
     c_blocks = tl.cdiv(C_IN, BLOCK_C)
     tap = pid_k // c_blocks
     kh = tap // KW
@@ -218,8 +327,7 @@ def _bn_relu_conv_wgrad_kernel(
     mask_c = offs_c < C_IN
     mask_co = offs_co < C_OUT
     if PROLOGUE:
-        scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
-        shift = tl.load(shift_ptr + offs_c, mask=mask_c, other=0.0)
+        scale, shift, _, _ = _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_c, mask_c, eps)
     acc = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
     start = pid_s * ROWS_PER_SPLIT
     end = tl.minimum(start + ROWS_PER_SPLIT, M)
@@ -238,8 +346,16 @@ def _bn_relu_conv_wgrad_kernel(
         g = tl.load(dy_ptr + offs_m[:, None] * C_OUT + offs_co[None, :], mask=mask_m[:, None] & mask_co[None, :],
                     other=0.0)
         acc += tl.dot(a.to(g.dtype), g, input_precision=PRECISION)
-    out = dw_ptr + (((pid_s * KH + kh) * KW + kw) * C_IN + offs_c[:, None]) * C_OUT + offs_co[None, :]
-    tl.store(out, acc, mask=mask_c[:, None] & mask_co[None, :])
+    mask = mask_c[:, None] & mask_co[None, :]
+    part = ((kh * KW + kw) * C_IN + offs_c[:, None]) * C_OUT + offs_co[None, :]
+    tl.store(partial_ptr + pid_s * KH * KW * C_IN * C_OUT + part, acc, mask=mask)
+    if _is_last_to_arrive(counter_ptr + pid_k * tl.num_programs(1) + pid_co, splits):
+        total = tl.zeros((BLOCK_C, BLOCK_CO), dtype=tl.float32)
+        for s in range(0, splits):  # in order: the sum does not depend on which split finished last
+            total += tl.load(partial_ptr + s * KH * KW * C_IN * C_OUT + part, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        out = dw_ptr + offs_co[None, :] * stride_wo + offs_c[:, None] * stride_wi + kh * stride_wh + kw * stride_ww
+        tl.store(out, total.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
 # --- launchers ----------------------------------------------------------------------------------------
@@ -256,10 +372,18 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(size)))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """An N x C x H x W channels-last tensor seen as its (N*H*W) x C storage."""
-    n, c, h, w = t.shape
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+_counter_workspaces: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, slots: int) -> torch.Tensor:
+    """The zeroed ticket counters of a device (see the module docstring): every last program
+    resets its counter, so the workspace is allocated and zeroed once."""
+    if slots > COUNTER_SLOTS:
+        raise ValueError(f"a launch needs {slots} ticket counters, more than the {COUNTER_SLOTS} reserved")
+    workspace = _counter_workspaces.get(device)
+    if workspace is None:
+        workspace = _counter_workspaces[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return workspace
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> None:
@@ -284,15 +408,11 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(C_OUT, C_IN, KH, KW) -> contiguous (KH, KW, C_IN, C_OUT): the GEMM's B operand."""
-    return weight.permute(2, 3, 1, 0).contiguous()
-
-
-def bn_relu_conv_forward(x, scale, shift, weight, residual, stride: int, padding: int, prologue: bool,
-                         emit_stats: bool):
-    """y = conv(relu(x * scale + shift)) [+ residual], and y's batch mean and biased variance per
-    channel (fp32) when emit_stats, merged from the kernel's per-tile partials."""
+def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: int, padding: int, eps: float,
+                         emit_stats: bool, running=None, momentum: float | None = 0.1, count: int = 0):
+    """y = conv(relu(bn(x))) [+ residual] in x's dtype (bn None when mean is None), with y's batch
+    mean and biased variance per channel (fp32) when emit_stats. running: the BatchNorm's
+    (running_mean, running_var, num_batches_tracked) to update from mean/var over count values."""
     check_inputs(x, weight, residual)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -301,54 +421,49 @@ def bn_relu_conv_forward(x, scale, shift, weight, residual, stride: int, padding
         raise ValueError(f"a {kh}x{kw} conv with stride {stride} and padding {padding} has no output for {h}x{w}")
     if residual is not None and tuple(residual.shape) != (n, c_out, ho, wo):
         raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output {(n, c_out, ho, wo)}")
-    out_dtype = weight.dtype
-    y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=out_dtype, memory_format=torch.channels_last)
+    prologue = mean is not None
+    y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
     block_m = _block(m, 16, BLOCK_M)
     block_n = _block(c_out, 16, 64)
     block_k = _block(c_in, 16, 32)
-    tiles = triton.cdiv(m, block_m)
-    tile_mean = torch.empty((tiles, c_out) if emit_stats else (1,), device=x.device, dtype=torch.float32)
-    tile_m2 = torch.empty_like(tile_mean)
-    dummy = y  # never read when its flag is off
-    _bn_relu_conv_fwd_kernel[(tiles, triton.cdiv(c_out, block_n))](
-        x, scale if prologue else dummy, shift if prologue else dummy, pack_weight(weight),
-        residual if residual is not None else dummy, y, tile_mean, tile_m2,
-        m, h, w, c_in, ho, wo, c_out,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_RESIDUAL=residual is not None,
-        EMIT_STATS=emit_stats, PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    tiles, columns = triton.cdiv(m, block_m), triton.cdiv(c_out, block_n)
+    scratch = torch.empty((2, tiles, c_out) if emit_stats else (1,), device=x.device, dtype=torch.float32)
+    y_mean = torch.empty((c_out,) if emit_stats else (0,), device=x.device, dtype=torch.float32)
+    y_var = torch.empty_like(y_mean)
+    dummy = scratch  # never read when its flag is off
+    running_mean, running_var, tracked = running if running is not None else (dummy, dummy, dummy)
+    _bn_relu_conv_fwd_kernel[(tiles, columns)](
+        x, *((mean, var, gamma, beta) if prologue else (dummy,) * 4), running_mean, running_var, tracked,
+        weight, residual if residual is not None else dummy, y, scratch, y_mean if emit_stats else dummy,
+        y_var if emit_stats else dummy, counters(x.device, columns),
+        m, h, w, c_in, ho, wo, c_out, *weight.stride(), eps, 0.0 if momentum is None else momentum, float(count),
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, UPDATE_RUNNING=running is not None,
+        CUMULATIVE=momentum is None, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats,
+        PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
-    if not emit_stats:
-        return y, None, None
-    return (y, *merge_tile_stats(tile_mean, tile_m2, m, block_m))
+    return y, y_mean, y_var
 
 
-def merge_tile_stats(tile_mean: torch.Tensor, tile_m2: torch.Tensor, rows: int, block_m: int):
-    """Per-tile (count, mean, M2) -> batch mean and biased variance: the parallel form of Chan et
-    al.'s update, M2 = sum M2_t + sum n_t (mean_t - mean)^2, in float64 (tiles x channels is small).
-    Every tile holds block_m rows but the last."""
-    counts = torch.full((tile_mean.shape[0], 1), float(block_m), dtype=torch.float64, device=tile_mean.device)
-    counts[-1] = rows - block_m * (tile_mean.shape[0] - 1)
-    mean = (counts * tile_mean.double()).sum(0) / rows
-    m2 = tile_m2.double().sum(0) + (counts * (tile_mean.double() - mean) ** 2).sum(0)
-    return mean.float(), (m2 / rows).float()
-
-
-def bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride: int, padding: int, prologue: bool,
-                          batch_stats: bool, need_dx: bool, sync_count: int = 0):
+def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, padding: int, eps: float,
+                          batch_stats: bool, need_dx: bool, sync_count: int = 0, dx_add=None):
     """Gradients of conv(relu(bn(x))) [+ residual]: (dx, dgamma, dbeta, dweight); BN terms are None
-    without a prologue, dx is None when not needed. sync_count > 0: the statistics spanned all
-    ranks (that many values per channel), so the normalisation terms of dx use sums over all ranks;
-    dgamma and dbeta stay local, as DistributedDataParallel averages parameter gradients."""
-    dy = dy.contiguous(memory_format=torch.channels_last)
-    check_inputs(x, weight, dy)
+    without a prologue (mean None), dx is None when not needed. dx_add: x's gradient along another
+    path (the identity shortcut that carried x), added into dx in the same pass. sync_count > 0: the statistics
+    spanned all ranks (that many values per channel), so the normalisation terms of dx use sums over
+    all ranks; dgamma and dbeta stay local, as DistributedDataParallel averages parameter gradients."""
+    dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    if dx_add is not None:
+        dx_add = dx_add.contiguous(memory_format=torch.channels_last)
+    check_inputs(x, weight, dy, dx_add)
+    prologue = mean is not None
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     _, _, ho, wo = dy.shape
-    packed = pack_weight(weight)
-    dummy = dy
+    bn = (mean, var, gamma, beta) if prologue else (dy,) * 4
+    precision = dot_precision(x.dtype)
 
-    # weight gradient, split over output-pixel ranges
+    # weight gradient, split over output-pixel ranges; the last split of each tile sums them
     m_out = n * ho * wo
     block_out = _block(m_out, 16, BLOCK_M)
     block_c = _block(c_in, 16, 32)
@@ -356,52 +471,48 @@ def bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride: int
     splits = max(1, min(triton.cdiv(m_out, block_out), MAX_WGRAD_SPLITS))
     rows_per_split = triton.cdiv(triton.cdiv(m_out, splits), block_out) * block_out
     splits = triton.cdiv(m_out, rows_per_split)
-    dw_parts = torch.empty((splits, kh, kw, c_in, c_out), device=x.device, dtype=torch.float32)
+    dweight = torch.empty_like(weight)  # in the weight's layout and dtype, as the fake implementation says
+    scratch = torch.empty((splits, kh, kw, c_in, c_out), device=x.device, dtype=torch.float32)
     grid = (kh * kw * triton.cdiv(c_in, block_c), triton.cdiv(c_out, block_co), splits)
     _bn_relu_conv_wgrad_kernel[grid](
-        x, scale if prologue else dummy, shift if prologue else dummy, dy, dw_parts,
-        m_out, h, w, c_in, ho, wo, c_out, rows_per_split,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=dot_precision(weight.dtype),
+        x, *bn, dy, scratch, dweight, counters(x.device, grid[0] * grid[1]),
+        m_out, h, w, c_in, ho, wo, c_out, rows_per_split, *weight.stride(), eps,
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=precision,
         BLOCK_M=block_out, BLOCK_C=block_c, BLOCK_CO=block_co,
     )
-    # in the weight's own memory layout: the fake implementation promises empty_like(weight)
-    dweight = torch.empty_like(weight).copy_(dw_parts.sum(0).permute(3, 2, 0, 1))
     if not prologue and not need_dx:  # the stem: its input is the data
         return None, None, None, dweight
 
-    # gradient at the BatchNorm output with its per-channel reductions, or, for a plain conv, dx
+    # gradient at the BatchNorm output with dbeta and dgamma, or, for a plain conv, dx
     m_in = n * h * w
     block_in = _block(m_in, 16, BLOCK_M)
-    tiles = triton.cdiv(m_in, block_in)
+    tiles, columns = triton.cdiv(m_in, block_in), triton.cdiv(c_in, block_c)
     if prologue:
         gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
-        tile_dbeta = torch.empty((tiles, c_in), device=x.device, dtype=torch.float32)
-        tile_dgamma = torch.empty_like(tile_dbeta)
+        scratch = torch.empty((2, tiles, c_in), device=x.device, dtype=torch.float32)
+        dbeta, dgamma = torch.empty_like(beta), torch.empty_like(gamma)
     else:
         gz = torch.empty_like(x, memory_format=torch.channels_last)  # dx itself
-        tile_dbeta = tile_dgamma = dummy
-    _bn_relu_conv_dgrad_kernel[(tiles, triton.cdiv(c_in, block_c))](
-        dy, packed, x, scale if prologue else dummy, shift if prologue else dummy, mean if prologue else dummy,
-        invstd if prologue else dummy, gz, tile_dbeta, tile_dgamma,
-        m_in, h, w, c_in, ho, wo, c_out,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=dot_precision(weight.dtype),
+        scratch = dbeta = dgamma = dy
+    _bn_relu_conv_dgrad_kernel[(tiles, columns)](
+        dy, weight, x, *bn, gz, scratch, dbeta, dgamma, counters(x.device, columns), dy if dx_add is None else dx_add,
+        m_in, h, w, c_in, ho, wo, c_out, *weight.stride(), eps,
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_ADD=dx_add is not None, PRECISION=precision,
         BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co,
     )
     if not prologue:
         return gz, None, None, dweight
-    dbeta = tile_dbeta.sum(0)
-    dgamma = tile_dgamma.sum(0)
     dx = None
     if need_dx:
-        sums = torch.stack([dbeta, dgamma])
-        count = m_in
+        sums, count = (dbeta, dgamma), m_in
         if batch_stats and sync_count:
+            sums = torch.stack([dbeta, dgamma]).float()
             torch.distributed.all_reduce(sums)
             count = sync_count
-        means = sums / count if batch_stats else torch.zeros_like(sums)
         dx = torch.empty_like(x, memory_format=torch.channels_last)
-        _bn_backward_apply_kernel[(tiles, triton.cdiv(c_in, block_c))](
-            gz, x, scale, mean, invstd, means[0], means[1], dx, m_in, c_in, BLOCK_M=block_in, BLOCK_C=block_c,
+        _bn_backward_apply_kernel[(tiles, columns)](
+            gz, x, mean, var, gamma, *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), eps,
+            BATCH_STATS=batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=block_in, BLOCK_C=block_c,
         )
     # dgamma/dbeta of the BN parameters: d(scale * x + shift)/dgamma = xhat, /dbeta = 1
     return dx, dgamma, dbeta, dweight
@@ -410,90 +521,112 @@ def bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride: int
 # --- custom ops with autograd --------------------------------------------------------------------------
 
 
-def bn_scale_shift(mean, invstd, gamma, beta):
-    scale = gamma.float() * invstd
-    return scale, beta.float() - mean * scale
-
-
-@torch.library.custom_op("preresnet::bn_relu_conv", mutates_args=())
-def bn_relu_conv(
-    x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None, gamma: torch.Tensor | None,
+@torch.library.custom_op("preresnet::bn_relu_conv", mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+def bn_relu_conv_op(
+    x: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None, gamma: torch.Tensor | None,
     beta: torch.Tensor | None, weight: torch.Tensor, residual: torch.Tensor | None, stride: int, padding: int,
-    batch_stats: bool, emit_stats: bool, sync_count: int = 0,
+    emit_stats: bool, eps: float, sync_count: int, running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None, num_batches_tracked: torch.Tensor | None, momentum: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """conv(relu(bn(x))) [+ residual] with BN given by mean/invstd/gamma/beta (None: plain conv).
-
-    Returns y and, when emit_stats, y's batch mean and biased variance (fp32, per channel).
-    batch_stats says mean/invstd are x's own batch statistics, so the backward includes their
-    dependence on x (training mode); they are never differentiated directly. sync_count > 0 says
-    they are statistics over all ranks' batches (that many values per channel).
-    """
-    prologue = mean is not None
-    scale, shift = bn_scale_shift(mean, invstd, gamma, beta) if prologue else (None, None)
-    y, mean_y, var_y = bn_relu_conv_forward(x, scale, shift, weight, residual, stride, padding, prologue, emit_stats)
-    if not emit_stats:
-        return y, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
-    return y, mean_y, var_y
+    """The forward of `bn_relu_conv` (which see), without autograd: an op that mutates its inputs
+    (the running statistics) cannot carry an autograd formula, so `BnReluConv` supplies it."""
+    running = (running_mean, running_var, num_batches_tracked) if running_mean is not None else None
+    count = sync_count or x.numel() // x.shape[1]
+    return bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride, padding, eps, emit_stats,
+                                running, momentum, count)
 
 
-@bn_relu_conv.register_fake
-def _(x, mean, invstd, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats, sync_count=0):
+@bn_relu_conv_op.register_fake
+def _(x, mean, var, gamma, beta, weight, residual, stride, padding, emit_stats, eps, sync_count, running_mean,
+      running_var, num_batches_tracked, momentum):
     n, _, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     y = x.new_empty((n, c_out, conv_output_size(h, kh, stride, padding), conv_output_size(w, kw, stride, padding)),
-                    dtype=weight.dtype).contiguous(memory_format=torch.channels_last)
+                    ).contiguous(memory_format=torch.channels_last)
     stats = x.new_empty((c_out,) if emit_stats else (0,), dtype=torch.float32)
     return y, stats, stats.clone()
 
 
 @torch.library.custom_op("preresnet::bn_relu_conv_backward", mutates_args=())
 def bn_relu_conv_backward_op(
-    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, invstd: torch.Tensor | None,
+    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
     gamma: torch.Tensor | None, beta: torch.Tensor | None, weight: torch.Tensor, stride: int, padding: int,
-    batch_stats: bool, need_dx: bool, sync_count: int,
+    eps: float, batch_stats: bool, need_dx: bool, sync_count: int, dx_add: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    prologue = mean is not None
-    scale, shift = bn_scale_shift(mean, invstd, gamma, beta) if prologue else (None, None)
-    dx, dgamma, dbeta, dweight = bn_relu_conv_backward(dy, x, scale, shift, mean, invstd, weight, stride, padding,
-                                                       prologue, batch_stats, need_dx, sync_count)
-    return (dx if dx is not None else x.new_empty(0), dgamma.to(gamma.dtype) if prologue else x.new_empty(0),
-            dbeta.to(beta.dtype) if prologue else x.new_empty(0), dweight)
+    dx, dgamma, dbeta, dweight = bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride, padding, eps,
+                                                       batch_stats, need_dx, sync_count, dx_add)
+    empty = x.new_empty(0)
+    return (dx if dx is not None else empty, dgamma if dgamma is not None else empty.clone(),
+            dbeta if dbeta is not None else empty.clone(), dweight)
 
 
 @bn_relu_conv_backward_op.register_fake
-def _(dy, x, mean, invstd, gamma, beta, weight, stride, padding, batch_stats, need_dx, sync_count):
+def _(dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, need_dx, sync_count, dx_add):
     prologue = mean is not None
     return (torch.empty_like(x, memory_format=torch.channels_last) if need_dx else x.new_empty(0),
             torch.empty_like(gamma) if prologue else x.new_empty(0),
             torch.empty_like(beta) if prologue else x.new_empty(0), torch.empty_like(weight))
 
 
-def _setup_context(ctx, inputs, output):
-    x, mean, invstd, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats, sync_count = inputs
-    ctx.save_for_backward(x, mean, invstd, gamma, beta, weight)
-    ctx.conf = (stride, padding, batch_stats, residual is not None, sync_count)
+class BnReluConv(torch.autograd.Function):
+    """Autograd of the fused layer: one forward op (which also updates the running statistics) and
+    one backward op; torch.compile traces through it and sees the two opaque ops.
+
+    With carry, x itself is a fourth output, for the identity shortcut to read: its gradient then
+    comes back to this backward, which adds it into dx in its last pass, instead of autograd adding
+    the two paths' gradients in a kernel of its own."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats, eps,
+                sync_count, running_mean, running_var, num_batches_tracked, momentum, carry):
+        y, y_mean, y_var = bn_relu_conv_op(x, mean, var, gamma, beta, weight, residual, stride, padding, emit_stats,
+                                           eps, sync_count, running_mean, running_var, num_batches_tracked, momentum)
+        ctx.save_for_backward(x, mean, var, gamma, beta, weight)
+        ctx.conf = (stride, padding, eps, batch_stats, residual is not None, sync_count)
+        ctx.mark_non_differentiable(y_mean, y_var)
+        ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
+        return (y, y_mean, y_var, x) if carry else (y, y_mean, y_var)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, dx_carried=None):
+        x, mean, var, gamma, beta, weight = ctx.saved_tensors
+        stride, padding, eps, batch_stats, has_residual, sync_count = ctx.conf
+        prologue = mean is not None
+        dx, dgamma, dbeta, dweight = bn_relu_conv_backward_op(
+            dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, ctx.needs_input_grad[0],
+            sync_count, dx_carried)
+        return (dx if ctx.needs_input_grad[0] else None, None, None, dgamma if prologue else None,
+                dbeta if prologue else None, dweight, dy if has_residual else None, *(None,) * 11)
 
 
-def _backward(ctx, dy, _dmean, _dvar):
-    x, mean, invstd, gamma, beta, weight = ctx.saved_tensors
-    stride, padding, batch_stats, has_residual, sync_count = ctx.conf
-    prologue = mean is not None
-    dx, dgamma, dbeta, dweight = bn_relu_conv_backward_op(
-        dy, x, mean, invstd, gamma, beta, weight, stride, padding, batch_stats, ctx.needs_input_grad[0], sync_count)
-    return (dx if ctx.needs_input_grad[0] else None, None, None, dgamma if prologue else None,
-            dbeta if prologue else None, dweight, dy if has_residual else None, None, None, None, None, None)
+def bn_relu_conv(x: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None, gamma: torch.Tensor | None,
+                 beta: torch.Tensor | None, weight: torch.Tensor, residual: torch.Tensor | None, stride: int,
+                 padding: int, batch_stats: bool, emit_stats: bool, eps: float = 1e-5, sync_count: int = 0,
+                 running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+                 num_batches_tracked: torch.Tensor | None = None, momentum: float | None = 0.1, carry: bool = False):
+    """conv(relu(bn(x))) [+ residual] in x's dtype, with BN given by the statistics mean/var (fp32)
+    and gamma/beta (mean None: a plain conv). The weight may be in any layout and float dtype.
 
-
-bn_relu_conv.register_autograd(_backward, setup_context=_setup_context)
+    Returns y and, when emit_stats, y's batch mean and biased variance (fp32, per channel; else
+    empty); with carry, also x itself, to be read by an identity shortcut (see BnReluConv).
+    batch_stats says mean/var are x's own batch statistics, so the backward includes their
+    dependence on x (training mode); they are never differentiated directly. sync_count > 0 says
+    they are statistics over all ranks' batches (that many values per channel). Given running_mean,
+    running_var and num_batches_tracked, the kernel updates them from mean/var as nn.BatchNorm2d
+    does (momentum None: cumulative average).
+    """
+    return BnReluConv.apply(x, mean, var, gamma, beta, weight, residual, stride, padding, batch_stats, emit_stats,
+                            eps, sync_count, running_mean, running_var, num_batches_tracked, momentum, carry)
 
 
 # --- reference ------------------------------------------------------------------------------------------
 
 
-def bn_relu_conv_ref(x, mean, invstd, gamma, beta, weight, residual, stride: int, padding: int):
-    """What `bn_relu_conv` computes, in plain PyTorch ops (mean/invstd None: a plain conv)."""
+def bn_relu_conv_ref(x, mean, var, gamma, beta, weight, residual, stride: int, padding: int, eps: float = 1e-5):
+    """What `bn_relu_conv` computes, in plain PyTorch ops (mean/var None: a plain conv)."""
     a = x.float()
     if mean is not None:
+        invstd = torch.rsqrt(var.float() + eps)
         a = torch.relu((a - mean[None, :, None, None]) * invstd[None, :, None, None] * gamma.float()[None, :, None, None]
                        + beta.float()[None, :, None, None])
     y = F.conv2d(a, weight.float(), stride=stride, padding=padding)

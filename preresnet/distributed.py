@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kernels.batchnorm import is_synchronising, merge_across_ranks, update_running_stats
+
 from .errors import UserError
 
 
@@ -51,10 +53,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def is_synchronising() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (identity for one process)."""
     if is_synchronising():
@@ -69,22 +67,6 @@ def broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def merge_across_ranks(mean: torch.Tensor, var: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Batch mean and biased variance over all ranks from each rank's (count, mean, var): the same
-    parallel merge as the kernels' tiles, M2 = sum M2_r + sum n_r (mean_r - mean)^2, in float64."""
-    local = torch.cat([torch.tensor([float(count)], device=mean.device, dtype=torch.float64),
-                       mean.double(), var.double()])
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    parts = torch.stack(gathered)  # ranks x (1 + 2C)
-    channels = mean.numel()
-    counts, means, variances = parts[:, :1], parts[:, 1 : 1 + channels], parts[:, 1 + channels :]
-    total = counts.sum()
-    merged_mean = (counts * means).sum(0) / total
-    m2 = (counts * variances).sum(0) + (counts * (means - merged_mean) ** 2).sum(0)
-    return merged_mean.float(), (m2 / total).float(), int(total.item())
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
@@ -114,17 +96,6 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dx = scale * (grad - sums[0][None, :, None, None] / ctx.total - xhat * sums[1][None, :, None, None] / ctx.total)
         # the parameter gradients stay local: DistributedDataParallel averages them over ranks
         return dx.to(x.dtype), dgamma.to(weight.dtype), dbeta.to(weight.dtype), None
-
-
-def update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """nn.BatchNorm2d's running-statistics update: momentum (or cumulative average) and unbiased variance."""
-    if not (bn.training and bn.track_running_stats):
-        return
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn.running_mean.mul_(1 - factor).add_(mean * factor)
-        bn.running_var.mul_(1 - factor).add_(var * (count / max(count - 1, 1) * factor))
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):

@@ -62,17 +62,20 @@ class PreActBasicBlock(nn.Module):
     def forward_fused(self, x: torch.Tensor, stats):
         """The same unit in fused kernels; stats are x's batch mean and variance when known.
         Returns the output and its statistics."""
-        from kernels.layers import batchnorm_moments, fused_conv
+        from kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
 
         if self.activate_before_split:
             # both paths read the activation, so it is materialised once, by the module itself, and
             # conv1 is a plain conv of it
-            x = residual = torch.relu(self.bn1(x))
-            bn1 = None
+            out, out_stats, residual = fused_conv_carrying(torch.relu(self.bn1(x)), None, self.conv1,
+                                                           emit_stats=self.training)
         else:
             bn1 = batchnorm_moments(self.bn1, x, stats)
-            residual = x if self.shortcut is None else fused_conv(x, bn1, self.shortcut, emit_stats=False)[0]
-        out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
+            if self.shortcut is None:  # the identity reads x, carried through conv1's layer
+                out, out_stats, residual = fused_conv_carrying(x, bn1, self.conv1, emit_stats=self.training)
+            else:
+                residual = fused_conv(x, bn1.read_only(), self.shortcut, emit_stats=False)[0]
+                out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
         return fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2, residual,
                           emit_stats=self.training)
 
@@ -105,11 +108,14 @@ class PreActBottleneck(nn.Module):
         return out + residual
 
     def forward_fused(self, x: torch.Tensor, stats):
-        from kernels.layers import batchnorm_moments, fused_conv
+        from kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
 
         bn1 = batchnorm_moments(self.bn1, x, stats)
-        residual = x if self.shortcut is None else fused_conv(x, bn1, self.shortcut, emit_stats=False)[0]
-        out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
+        if self.shortcut is None:  # the identity reads x, carried through conv1's layer
+            out, out_stats, residual = fused_conv_carrying(x, bn1, self.conv1, emit_stats=self.training)
+        else:
+            residual = fused_conv(x, bn1.read_only(), self.shortcut, emit_stats=False)[0]
+            out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
         out, out_stats = fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2,
                                     emit_stats=self.training)
         return fused_conv(out, batchnorm_moments(self.bn3, out, out_stats), self.conv3, residual,

@@ -98,7 +98,7 @@ def test_bn_relu_conv_matches_reference(n, h, w, c_in, c_out, kernel, stride, tr
         else:
             mean, var = running_mean, running_var
             normalised = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=EPS)
-        y, y_mean, y_var = bn_relu_conv(x, mean, torch.rsqrt(var + EPS), gamma, beta, weight, res, stride, padding,
+        y, y_mean, y_var = bn_relu_conv(x, mean, var, gamma, beta, weight, res, stride, padding,
                                         training, True)
         expected = F.conv2d(torch.relu(normalised), weight, stride=stride, padding=padding)
         if res is not None:
@@ -106,7 +106,7 @@ def test_bn_relu_conv_matches_reference(n, h, w, c_in, c_out, kernel, stride, tr
         inputs = [x, gamma, beta, weight] + ([res] if res is not None else [])
         ref_inputs = inputs
         # the reference next to the kernel says the same
-        assert_close(bn_relu_conv_ref(x, mean, torch.rsqrt(var + EPS), gamma, beta, weight, res, stride, padding),
+        assert_close(bn_relu_conv_ref(x, mean, var, gamma, beta, weight, res, stride, padding, EPS),
                      expected, name="bn_relu_conv_ref")
     assert y.shape == expected.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert_close(y, expected, name="y")
@@ -152,8 +152,8 @@ def test_padding_stays_zero_when_relu_of_the_shift_is_positive():
     x, gamma, beta, weight, _, _, _, padding = make_case(1, 16, 5, 5, 16, 3, 1, False, seed=3)
     with torch.no_grad():
         beta.fill_(2.0)
-        mean, invstd = torch.zeros(16), torch.ones(16)
-        y, _, _ = bn_relu_conv(x, mean, invstd, gamma, beta, weight, None, 1, padding, False, False)
+        mean, var = torch.zeros(16), torch.ones(16) - EPS  # the identity normalisation
+        y, _, _ = bn_relu_conv(x, mean, var, gamma, beta, weight, None, 1, padding, False, False)
         expected = F.conv2d(torch.relu(x * gamma[:, None, None] + 2.0), weight, padding=1)
     assert_close(y, expected, name="y")
 
@@ -177,23 +177,52 @@ def test_statistics_are_stable_for_a_large_offset():
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_running_statistics_follow_batchnorm2d(momentum):
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_running_statistics_follow_batchnorm2d(momentum, path):
+    """The first layer reading a BatchNorm updates its running statistics (in the forward kernel, or
+    in PyTorch's ops on the torch path), exactly as nn.BatchNorm2d; a second reader (read_only)
+    leaves them alone; eval mode normalises with them and changes nothing."""
+    from kernels.layers import fused_conv
+
     generator = torch.Generator().manual_seed(1)
     reference = nn.BatchNorm2d(24, momentum=momentum)
     fused = copy.deepcopy(reference)
+    conv = nn.Conv2d(24, 16, 3, padding=1, bias=False)
+    conv.fused_path = path
     for step in range(3):
-        x = torch.randn(3, 24, 5, 7, generator=generator) * (step + 1) + step
-        reference(x)
+        x = channels_last(torch.randn(3, 24, 5, 7, generator=generator) * (step + 1) + step)
+        expected = F.conv2d(torch.relu(reference(x)), conv.weight, padding=1)
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
         applied = batchnorm_moments(fused, x, (mean, var))
-        assert applied.batch_stats
-        torch.testing.assert_close(applied.invstd, torch.rsqrt(var + fused.eps))
+        assert applied.batch_stats and applied.update is fused
+        assert int(fused.num_batches_tracked) == step  # batchnorm_moments itself updates nothing
+        y, _ = fused_conv(x, applied, conv, emit_stats=False)
+        fused_conv(x, applied.read_only(), conv, emit_stats=False)  # a second reader: no second update
+        assert_close(y, expected, name="y")
     torch.testing.assert_close(fused.running_mean, reference.running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(fused.running_var, reference.running_var, rtol=1e-6, atol=1e-7)
     assert int(fused.num_batches_tracked) == int(reference.num_batches_tracked) == 3
     fused.eval()
+    reference.eval()
+    before = copy.deepcopy(fused.state_dict())
     applied = batchnorm_moments(fused, x, None)
-    assert not applied.batch_stats and torch.equal(applied.mean, fused.running_mean)
+    assert not applied.batch_stats and applied.update is None and torch.equal(applied.mean, fused.running_mean)
+    y, _ = fused_conv(x, applied, conv, emit_stats=False)
+    assert_close(y, F.conv2d(torch.relu(reference(x)), conv.weight, padding=1), name="eval y")
+    assert all(torch.equal(before[name], value) for name, value in fused.state_dict().items())
+
+
+def test_ticket_counters_are_left_zero():
+    """Every last program resets its counter: the shared workspace is zero after forward and
+    backward, so the next launch (or a CUDA graph replay) starts from zero."""
+    from kernels import preact_conv
+
+    x, gamma, beta, weight, res, _, _, padding = make_case(2, 16, 9, 9, 24, 3, 1, False)
+    var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
+    y, _, _ = bn_relu_conv(x, mean, var, gamma, beta, weight, None, 1, padding, True, True)
+    y.square().sum().backward()
+    workspace = preact_conv.counters(x.device, 1)
+    assert workspace.numel() == preact_conv.COUNTER_SLOTS and not workspace.any()
 
 
 def test_batch_of_one_value_per_channel_is_refused_like_batchnorm2d():
@@ -327,15 +356,20 @@ def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations, strides and autograd registration agree with the real ops."""
     x, gamma, beta, weight, res, _, _, padding = make_case(2, 16, 6, 6, 16, 3, 1, True)
     var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
-    args = (x, mean, torch.rsqrt(var + EPS), gamma, beta, channels_last(weight.detach()).requires_grad_(), res, 1,
-            padding, True, True)
-    torch.library.opcheck(bn_relu_conv, args)
-    torch.library.opcheck(bn_relu_conv, (x, None, None, None, None, *args[5:]))  # plain conv, input gradient
-    dy = channels_last(torch.randn(2, 16, 6, 6))
-    from kernels.preact_conv import bn_relu_conv_backward_op
+    from kernels.preact_conv import bn_relu_conv_backward_op, bn_relu_conv_op
 
-    torch.library.opcheck(bn_relu_conv_backward_op, (dy, x.detach(), mean, torch.rsqrt(var + EPS), gamma.detach(),
-                                                     beta.detach(), weight.detach(), 1, padding, True, True, 0))
+    running = (torch.zeros(16), torch.ones(16), torch.zeros((), dtype=torch.long))
+    weight = channels_last(weight.detach())
+    args = (x.detach(), mean, var, gamma.detach(), beta.detach(), weight, res.detach(), 1, padding, True, EPS, 0)
+    torch.library.opcheck(bn_relu_conv_op, (*args, *running, 0.1))  # updates the running statistics
+    torch.library.opcheck(bn_relu_conv_op, (*args, None, None, None, None))
+    torch.library.opcheck(bn_relu_conv_op, (x.detach(), None, None, None, None, *args[5:], None, None, None, None))
+    dy = channels_last(torch.randn(2, 16, 6, 6))
+    backward = (dy, x.detach(), mean, var, gamma.detach(), beta.detach(), weight, 1, padding, EPS, True, True, 0)
+    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, None))
+    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, channels_last(torch.randn(2, 16, 6, 6))))
+    plain = (dy, x.detach(), None, None, None, None, weight, 1, padding, EPS, False, True, 0)
+    torch.library.opcheck(bn_relu_conv_backward_op, (*plain, channels_last(torch.randn(2, 16, 6, 6))))
 
 
 def test_fused_model_trains_under_inductor():
@@ -407,14 +441,13 @@ def test_bn_relu_conv_on_gpu(c_in, c_out, kernel, stride, dtype):
     to = dict(device="cuda")
     x64 = x.detach().double()
     var, mean = torch.var_mean(x64, dim=(0, 2, 3), unbiased=False)
-    exact = bn_relu_conv_ref(x64, mean, torch.rsqrt(var + EPS), gamma.detach().double(), beta.detach().double(),
+    exact = bn_relu_conv_ref(x64, mean, var, gamma.detach().double(), beta.detach().double(),
                              weight.detach().double(), None if res is None else res.detach().double(), stride, padding)
     xd = x.detach().to(dtype=dtype, **to).contiguous(memory_format=torch.channels_last)
     wd = weight.detach().to(dtype=dtype, **to)
     rd = None if res is None else res.detach().to(dtype=dtype, **to).contiguous(memory_format=torch.channels_last)
     var32, mean32 = torch.var_mean(xd.float(), dim=(0, 2, 3), unbiased=False)
-    invstd = torch.rsqrt(var32 + EPS)
-    y, _, _ = bn_relu_conv(xd, mean32, invstd, gamma.detach().to(**to), beta.detach().to(**to), wd, rd, stride, padding,
+    y, _, _ = bn_relu_conv(xd, mean32, var32, gamma.detach().to(**to), beta.detach().to(**to), wd, rd, stride, padding,
                            True, True)
     torch_y = F.conv2d(torch.relu(F.batch_norm(xd, None, None, gamma.detach().to(dtype=dtype, **to),
                                                beta.detach().to(dtype=dtype, **to), training=True, eps=EPS)),
@@ -445,3 +478,6 @@ def test_fused_model_on_gpu(type, depth, width, paths):
         torch.backends.cudnn.allow_tf32 = allow_tf32
     for (name, p_ref), p in zip(reference.named_parameters(), fused.parameters()):
         assert_close(p.grad, p_ref.grad, rtol=1e-3, name=f"grad {name}")
+    # the running statistics come from the statistics the last program of each forward kernel merges
+    for (name, b_ref), b in zip(reference.named_buffers(), fused.buffers()):
+        assert_close(b.float(), b_ref.float(), rtol=1e-4, name=name)

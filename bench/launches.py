@@ -1,0 +1,171 @@
+"""Device launches per training step, counted on the CPU.
+
+    python -m bench.launches [--models preresnet110 ...] [--batch 128]
+
+At CIFAR sizes a big GPU runs most kernels of a training step in a few microseconds, about the
+cost of launching one, so the number of launches bounds the step as much as the arithmetic does.
+It can be counted without a GPU: the step runs on CPU tensors under a TorchDispatchMode that sees
+every ATen op, and every Triton launch goes through a proxy that counts it (and, here, skips it:
+the values do not matter, only which kernels would run). The count of one op:
+
+  - a view or alias (a result sharing an input's storage, from an op that is not in place), a
+    metadata change (`as_strided_`), an allocation (`empty` and kin), and ops outside ATen (the
+    profiler's markers): 0, no kernel;
+  - a `_foreach_*` op (SGD's default on CUDA): one launch per chunk of tensors CUDA's
+    multi_tensor_apply takes in one launch (110, 64, 48, 36, 30 tensors for 1..5 tensor lists);
+  - any other ATen op: 1 (a cuDNN convolution or its backward is several kernels on a GPU: this
+    undercounts the unfused model, which makes the comparison harder on the fused one);
+  - a Triton launch: 1; the ATen ops inside the fused layers' custom ops are counted as well.
+
+`_local_scalar_dense` (`.item()`, a host synchronisation) is reported apart: a training step must
+have none. torch.compile'd providers are not counted: on the CPU, inductor generates C++ kernels,
+fused differently from the Triton kernels it generates for a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the launchers accept CPU tensors only then
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+import sys
+
+import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+COUNTED_PROVIDERS = ("eager-fp32", "eager-amp-cl", "fused")
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "set_", "as_strided_"}
+# CUDA's multi_tensor_apply: tensors one launch takes, by the number of tensor lists (depth)
+FOREACH_TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+HOST_SYNC = "_local_scalar_dense"
+
+
+def _storages(value) -> set[int]:
+    found = set()
+    for item in value if isinstance(value, (list, tuple)) else (value,):
+        if isinstance(item, torch.Tensor) and item.device.type != "meta":
+            found.add(item.untyped_storage().data_ptr())
+        elif isinstance(item, (list, tuple)):
+            found |= _storages(item)
+    return found
+
+
+def _foreach_launches(args) -> int:
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+    depth = min(max(len(lists), 1), max(FOREACH_TENSORS_PER_LAUNCH))
+    return math.ceil(len(lists[0]) / FOREACH_TENSORS_PER_LAUNCH[depth]) if lists else 1
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the device kernels the ops it sees would launch (rules in the module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aten = collections.Counter()
+        self.triton = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "preresnet":  # count what the custom op's implementation runs
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func.namespace != "aten":  # the profiler's record_function markers: host-side only
+            return out
+        name = func._schema.name.removeprefix("aten::")
+        mutates = func._schema.is_mutable
+        if name in NO_KERNEL or func.is_view or (not mutates and _storages(out) & _storages((args, kwargs))):
+            return out
+        self.aten[name] += _foreach_launches(args) if name.startswith("_foreach_") else 1
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.aten.values()) + sum(self.triton.values())
+
+    @property
+    def host_syncs(self) -> int:
+        return self.aten[HOST_SYNC]
+
+
+class _CountingKernel:
+    """Stands in for a Triton kernel: `kernel[grid](...)` counts the launch and skips it."""
+
+    def __init__(self, name: str, counters: list[LaunchCounter]):
+        self.name, self.counters = name, counters
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            for counter in self.counters:
+                counter.triton[self.name] += 1
+
+        return launch
+
+
+@contextlib.contextmanager
+def counting_triton_launches(counter: LaunchCounter):
+    """Replace every Triton kernel of kernels.preact_conv by a counting stand-in."""
+    from triton.runtime.jit import KernelInterface
+
+    from kernels import preact_conv
+
+    originals = {name: value for name, value in vars(preact_conv).items() if isinstance(value, KernelInterface)}
+    try:
+        for name in originals:
+            setattr(preact_conv, name, _CountingKernel(name.strip("_").removesuffix("_kernel"), [counter]))
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(preact_conv, name, value)
+
+
+def count_step(step) -> LaunchCounter:
+    """The launches of one call of step() (after one untimed call, so that lazy state exists)."""
+    step()
+    counter = LaunchCounter()
+    with counting_triton_launches(counter), counter:
+        step()
+    return counter
+
+
+def step_launches(name: str, provider: str, batch: int = 128) -> LaunchCounter:
+    """Launches of one training step (forward, loss, backward, SGD) of a registry network."""
+    from bench.workloads import training_step
+
+    with _disable_current_modes():
+        step = training_step(name, provider, "cpu", batch)
+    return count_step(step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.workloads import MODELS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--providers", nargs="+", default=list(COUNTED_PROVIDERS), choices=COUNTED_PROVIDERS)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--json", action="store_true", help="one JSON object per model and provider")
+    args = parser.parse_args(argv)
+    print("| model | provider | launches | ATen | Triton | host syncs | largest |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models:
+        for provider in args.providers:
+            counter = step_launches(name, provider, args.batch)
+            if args.json:
+                print(json.dumps({"model": name, "provider": provider, "launches": counter.total,
+                                  "aten": dict(counter.aten), "triton": dict(counter.triton)}))
+                continue
+            top = ", ".join(f"{op} {n}" for op, n in (counter.aten + counter.triton).most_common(4))
+            print(f"| {name} | {provider} | {counter.total} | {sum(counter.aten.values())} | "
+                  f"{sum(counter.triton.values())} | {counter.host_syncs} | {top} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
