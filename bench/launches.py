@@ -11,8 +11,9 @@ the values do not matter, only which kernels would run). The count of one op:
   - a view or alias (a result sharing an input's storage, from an op that is not in place), a
     metadata change (`as_strided_`), an allocation (`empty` and kin), and ops outside ATen (the
     profiler's markers): 0, no kernel;
-  - a `_foreach_*` op (SGD's default on CUDA): one launch per chunk of tensors CUDA's
-    multi_tensor_apply takes in one launch (110, 64, 48, 36, 30 tensors for 1..5 tensor lists);
+  - a `_foreach_*` or `_fused_*` op (SGD's multi-tensor and fused forms): one launch per chunk of
+    tensors CUDA's multi_tensor_apply takes in one launch (110, 64, 48, 36, 30 tensors for 1..5
+    tensor lists);
   - any other ATen op: 1 (a cuDNN convolution or its backward is several kernels on a GPU: this
     undercounts the unfused model, which makes the comparison harder on the fused one);
   - a Triton launch: 1; the ATen ops inside the fused layers' custom ops are counted as well.
@@ -82,7 +83,8 @@ class LaunchCounter(TorchDispatchMode):
         mutates = func._schema.is_mutable
         if name in NO_KERNEL or func.is_view or (not mutates and _storages(out) & _storages((args, kwargs))):
             return out
-        self.aten[name] += _foreach_launches(args) if name.startswith("_foreach_") else 1
+        multi_tensor = name.startswith(("_foreach_", "_fused_"))  # _fused_sgd_ and kin: multi_tensor_apply too
+        self.aten[name] += _foreach_launches(args) if multi_tensor else 1
         return out
 
     @property

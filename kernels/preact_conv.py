@@ -50,7 +50,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Read at call time.
 BLOCK_M = 4096 if INTERPRETED else 64
 MAX_WGRAD_SPLITS = 2 if INTERPRETED else 64
-MERGE_BLOCK = 64  # partials the last program reads at a time
+MERGE_BLOCK = tl.constexpr(64)  # partials the last program reads at a time (a constexpr: read inside kernels)
 COUNTER_SLOTS = 1 << 14  # ticket counters per device; a launch needs one per output tile of its reduction
 
 
@@ -140,20 +140,20 @@ def _bn_relu_conv_fwd_kernel(
     mask_n = offs_n < C_OUT
     n, ho, wo = _pixel_coordinates(offs_m, HO, WO)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C_IN, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_IN
-        if PROLOGUE:
-            scale, shift, _, _ = _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps)
-        for kh in tl.static_range(KH):
-            for kw in tl.static_range(KW):
-                hi = ho * STRIDE - PADDING + kh
-                wi = wo * STRIDE - PADDING + kw
-                inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            hi = ho * STRIDE - PADDING + kh
+            wi = wo * STRIDE - PADDING + kw
+            inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            row = ((n * H + hi) * W + wi) * C_IN
+            for k0 in range(0, C_IN, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < C_IN
                 valid = inside[:, None] & mask_k[None, :]
-                a = tl.load(x_ptr + (((n * H + hi) * W + wi) * C_IN)[:, None] + offs_k[None, :], mask=valid,
-                            other=0.0).to(tl.float32)
+                a = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=valid, other=0.0).to(tl.float32)
                 if PROLOGUE:
+                    # per-channel vectors, recomputed per tap: cheaper than keeping them live
+                    scale, shift, _, _ = _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps)
                     # relu(0 * scale + shift) need not be 0: the zero padding is applied after BN-ReLU
                     a = tl.where(valid, tl.maximum(a * scale[None, :] + shift[None, :], 0.0), 0.0)
                 w = tl.load(w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wi + kh * stride_wh
