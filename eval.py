@@ -17,7 +17,9 @@ from preresnet.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file, or the run folder holding checkpoint.pt")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="checkpoint file, the run folder holding checkpoint.pt, or a finished run's exported "
+                             "weights (bench/results/reproduce/*/weights-bf16.pt)")
     parser.add_argument("--dataset", choices=("cifar10", "cifar100", "folder"), help="default: the dataset the run trained on")
     parser.add_argument("--data-dir", help="default: the data folder the run trained on")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
@@ -35,7 +37,7 @@ def main(args: argparse.Namespace) -> dict:
     from preresnet.loaders import build_loader
     from preresnet.training import evaluate, load_checkpoint, model_from_checkpoint, resolve_runtime
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint, weights_ok=True)  # also a finished run's exported bf16 weights
     config = checkpoint["config"]
     model = model_from_checkpoint(checkpoint, args.checkpoint)
     runtime = resolve_runtime(args.device, args.amp, channels_last=False, compile=False, loader=args.loader)

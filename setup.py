@@ -13,7 +13,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["preresnet", "preresnet.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["conv_paths.json"]},  # measured per GPU: which layers leave the Triton kernel
+    # measured per GPU: which layers leave the Triton kernel, and each kernel's launch configuration
+    package_data={"kernels": ["conv_paths.json", "launch_configs.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

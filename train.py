@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -20,9 +21,11 @@ from preresnet.errors import UserError
 from preresnet.models import MODEL_TYPES, check_model_args, paper_name
 from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe
 
+COMMAND_START = time.monotonic()  # --time-limit counts from here
+
 # Flags that may differ when resuming: they change how the run executes, not what it computes.
 RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "loader", "fused", "sync_bn", "progress",
-                     "resume"}
+                     "resume", "cuda_graphs", "time_limit"}
 
 
 def parse_milestones(text: str) -> tuple[int, ...]:
@@ -74,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")
-    run.add_argument("--resume", metavar="PATH", help="continue the run in this folder (or from this checkpoint file)")
+    run.add_argument("--resume", metavar="PATH", help="continue the run in this folder (or from this checkpoint file); "
+                                                      "auto: continue the run in --out if it holds a checkpoint, else start "
+                                                      "it (one command line for torchrun --max-restarts and requeued jobs)")
     run.add_argument("--seed", type=int, help="seed for initialisation, data order and augmentation (default 0)")
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
@@ -83,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="channels-last memory format (default on for GPU, off for CPU)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the model (default on for GPU, off for CPU)")
+    run.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                     help="capture the whole training step (forward, loss, backward, SGD) and the evaluation forward "
+                          "in CUDA graphs and replay them (default on for GPU, off for CPU; fp16 loss scaling and "
+                          "multi-process runs fall back to the plain step, with the reason printed)")
+    run.add_argument("--time-limit", type=float, metavar="SECONDS",
+                     help="stop cleanly at the end of an epoch (checkpoint written) when the next epoch would end "
+                          "more than this many seconds after the start of this command (the first epoch always "
+                          "runs); continue with --resume")
     run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                      help="under torchrun: BatchNorm statistics over the batch of all processes (default off: "
                           "per-process statistics, as the paper's 2-GPU runs)")
@@ -125,17 +138,18 @@ def new_run(args: argparse.Namespace):
     return config, recipe, out, dataset
 
 
-def resumed_run(args: argparse.Namespace):
-    """Config, recipe and folder of the run being resumed; only execution flags may change."""
+def resumed_run(args: argparse.Namespace, resume: str):
+    """Config, recipe and folder of the run being resumed (resume: a folder or checkpoint file);
+    only execution flags may change."""
     from preresnet.training import load_checkpoint
 
-    checkpoint = load_checkpoint(args.resume)
+    checkpoint = load_checkpoint(resume)
     config, recipe = checkpoint["config"], Recipe(**{**checkpoint["recipe"], "milestones": tuple(checkpoint["recipe"]["milestones"])})
     saved = {**config, "recipe": config["recipe_name"], **asdict(recipe)}
-    if args.out is not None:
+    if args.out is not None and args.resume != "auto":
         raise UserError("--resume continues the run in its own folder: drop --out")
     for flag, value in vars(args).items():
-        if value is None or flag in RESUME_MAY_CHANGE:
+        if value is None or flag in RESUME_MAY_CHANGE or flag == "out":  # --out: the folder resumed, under auto
             continue
         saved_value = saved.get(flag)
         if flag == "data_dir":
@@ -148,28 +162,38 @@ def resumed_run(args: argparse.Namespace):
     if args.epochs is not None:
         recipe = replace(recipe, epochs=args.epochs)
         check_recipe(recipe)
-    out = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    out = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     return config, recipe, out, checkpoint
 
 
 def main(args: argparse.Namespace) -> dict:
-    from preresnet import distributed
+    from preresnet import distributed, faults
     from preresnet.training import resolve_runtime
 
     device = resolve_runtime(args.device or "auto", "off").device.type
     try:
-        return train(args, distributed.init(device))
+        dist = distributed.init(device)
+        with faults.stop_on_signals(repeat_interrupts=not dist.enabled):
+            return train(args, dist)
     finally:
         distributed.shutdown()
 
 
 def train(args: argparse.Namespace, dist) -> dict:
-    from preresnet.training import resolve_runtime, run
+    from preresnet.training import CHECKPOINT_NAME, checkpoint_path, resolve_runtime, run
 
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise UserError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
     runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile,
-                              args.loader or "auto", args.fused, args.sync_bn, dist)
-    if args.resume:
-        config, recipe, out, checkpoint = resumed_run(args)
+                              args.loader or "auto", args.fused, args.sync_bn, dist, cuda_graphs=args.cuda_graphs)
+    resume = args.resume
+    if resume == "auto":  # the same command line starts the run and continues it after a restart
+        if args.out is None:
+            raise UserError("--resume auto continues or starts the run in --out: give --out")
+        # every process must take the same branch: rank 0 looks
+        resume = args.out if broadcast_object((Path(args.out) / CHECKPOINT_NAME).is_file()) else None
+    if resume:
+        config, recipe, out, checkpoint = resumed_run(args, resume)
         dataset = None
     else:
         config, recipe, out, dataset = new_run(args)
@@ -180,20 +204,33 @@ def train(args: argparse.Namespace, dist) -> dict:
         except OSError as exc:
             raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
         write_config(out, config, recipe, runtime)
-    final = run(config, recipe, out, runtime, resume_from=checkpoint, progress=args.progress, dataset=dataset)
-    if final and dist.is_main:
+    deadline = None if args.time_limit is None else COMMAND_START + args.time_limit
+    # resumed from another file than the folder's checkpoint (its predecessor, when it was unreadable):
+    # that checkpoint is not kept as checkpoint-prev.pt
+    keep_previous = not resume or checkpoint_path(resume).resolve() == (out / CHECKPOINT_NAME).resolve()
+    final = run(config, recipe, out, runtime, resume_from=checkpoint, progress=args.progress, dataset=dataset,
+                deadline=deadline, keep_previous=keep_previous)
+    if final and dist.is_main and final["epoch"] < recipe.epochs:
+        print(f"stopped after epoch {final['epoch']} of {recipe.epochs} (--time-limit), test error "
+              f"{100 * final['test_error']:.2f}%; continue with: python train.py --resume {out}")
+    elif final and dist.is_main:
         print(f"final test error {100 * final['test_error']:.2f}% after {final['epoch']} epochs ({out})")
     return final
 
 
 def write_config(out: Path, config: dict, recipe: Recipe, runtime) -> None:
-    (out / "config.json").write_text(json.dumps({**config, "recipe": asdict(recipe), "runtime": {
+    from preresnet.training import atomic_write
+
+    text = json.dumps({**config, "recipe": asdict(recipe), "runtime": {
         "device": str(runtime.device), "amp": runtime.amp, "channels_last": runtime.channels_last,
         "compile": runtime.compile, "loader": runtime.loader, "fused": runtime.fused, "sync_bn": runtime.sync_bn,
-        "processes": runtime.dist.world_size}}, indent=2) + "\n")
+        "cuda_graphs": runtime.cuda_graphs,
+        "processes": runtime.dist.world_size}}, indent=2) + "\n"
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))  # a failed write leaves the old one
 
 
 def cli(argv: list[str] | None = None) -> int:
+    from preresnet.faults import Interrupted
     from preresnet.training import NonFiniteLoss
 
     args = build_parser().parse_args(argv)
@@ -203,6 +240,10 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"train.py: stopped: {exc}; the last checkpoint was left as it was "
               f"(try a lower --lr, or --amp off)", file=sys.stderr)
         return 1
+    except Interrupted as exc:  # a stop signal: the position is saved; the shell's status for that signal
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
+            print(f"train.py: {exc}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("train.py: interrupted; continue with --resume and the run folder", file=sys.stderr)
         return 130

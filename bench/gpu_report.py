@@ -27,6 +27,8 @@ from bench.render_results import provider_label
 from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused,
                              layer_signatures, make_unit, skip_reason, torch_path_layers, training_step, unit_shapes,
                              unit_step)
+from bench import config_search
+from kernels import launch_configs
 from kernels.paths import TABLE_ENV
 
 BUDGET_SECONDS = 7.5 * 60
@@ -35,6 +37,7 @@ BUDGET_SECONDS = 7.5 * 60
 # first), the real-data run last with the share kept for it when --data-dir is given.
 CORRECTNESS_SHARE = 0.2
 PATHS_SHARE = 0.15
+LAUNCH_CONFIGS_SHARE = 0.1  # bench.config_search, after the layer paths (a longer search: python -m bench.config_search)
 REAL_DATA_SHARE = 0.3
 MODEL_ROW_SECONDS = 45  # one model row may compile a whole network
 TORCH_PATH_MARGIN = 0.95  # PyTorch's ops replace the Triton kernel only when at least 5% faster: it keeps more memory
@@ -249,6 +252,7 @@ def markdown(report: dict) -> str:
                     lines.append(f"| {key} | {entry['triton_ms']:.3f} | {entry['torch_ms']:.3f} | {entry['path']} |")
                 else:
                     lines.append(f"| {key} | {entry.get('skipped') or entry.get('error')} | | {entry['path']} |")
+    lines += config_search.markdown_lines(report.get("launch_configs", {}))
     if "matrix" in report:
         lines += ["", "## Training step (images/s)", "",
                   "| model | provider | images/s | vs eager-fp32 | vs compile | of floor | peak memory |",
@@ -308,6 +312,13 @@ def main() -> int:
     report["conv_paths"] = choose_conv_paths(clock, args.batch_size)
     (out / "conv_paths.json").write_text(json.dumps(report["conv_paths"], indent=1) + "\n")
     os.environ[TABLE_ENV] = str((out / "conv_paths.json").resolve())  # the fused runs below use the fresh table
+    save()
+    # launch configurations per layer (those left on the Triton kernel), in this part's share of the budget
+    seconds = clock.left() - clock.budget * (1 - CORRECTNESS_SHARE - PATHS_SHARE - LAUNCH_CONFIGS_SHARE)
+    report["launch_configs"] = config_search.run_on_gpu(seconds, args.batch_size)
+    (out / "launch_configs.json").write_text(launch_configs.table_json(config_search.table_from(report["launch_configs"])))
+    os.environ[launch_configs.TABLE_ENV] = str((out / "launch_configs.json").resolve())  # and the fresh configs
+    launch_configs.clear_cache()
     save()
     report["matrix"] = {}
     benchmark_matrix(clock, args.batch_size, clock.budget * REAL_DATA_SHARE if args.data_dir else 0, report["matrix"],

@@ -1,5 +1,6 @@
 """Regenerate what is derived from the GPU reports under bench/results/: the README's performance
-table and the fused layers' path table kernels/conv_paths.json.
+table, its table of finished reproduction runs (bench/results/reproduce/*/run.json, written by
+`python -m bench.gpu_plan reproduce`) and the fused layers' path table kernels/conv_paths.json.
 
     python -m bench.render_results           # rewrite both
     python -m bench.render_results --check   # exit 1 if either is not up to date
@@ -17,7 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV_PATHS = ROOT / "kernels" / "conv_paths.json"
+LAUNCH_CONFIGS = ROOT / "kernels" / "launch_configs.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
+RUNS_START, RUNS_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 
 
 def provider_label(row: dict) -> str:
@@ -68,6 +71,78 @@ def conv_paths(reports: list[dict]) -> str:
     return json.dumps(table, indent=1, sort_keys=True) + "\n"
 
 
+def launch_configs(reports: list[dict]) -> str:
+    """The launch-config table of kernels.launch_configs: per GPU, dtype and layer, the configs
+    (other than the defaults) of the newest report whose bench.config_search measured that layer;
+    a layer it measured at the defaults leaves the table, one it skipped keeps the older entry."""
+    table: dict = {}
+    for report in reports:
+        for gpu, dtypes in report.get("launch_configs", {}).items():
+            for dtype, entries in dtypes.items():
+                known = table.setdefault(gpu, {}).setdefault(dtype, {})
+                for key, entry in entries.items():
+                    if "configs" not in entry:
+                        continue
+                    if entry["configs"]:
+                        known[key] = entry["configs"]
+                    else:
+                        known.pop(key, None)
+    table = {gpu: {dtype: entries for dtype, entries in dtypes.items() if entries} for gpu, dtypes in table.items()}
+    return json.dumps({gpu: dtypes for gpu, dtypes in table.items() if dtypes}, indent=1, sort_keys=True) + "\n"
+
+
+def load_runs(results: Path) -> list[dict]:
+    """The reproduction runs bench.gpu_plan's reproduce stage wrote: results/reproduce/NAME/run.json."""
+    runs = []
+    for path in sorted(results.glob("reproduce/*/run.json")):
+        run = json.loads(path.read_text())
+        run["path"] = str(path.parent.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path.parent)
+        runs.append(run)
+    return runs
+
+
+def duration(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def runs_table(runs: list[dict]) -> str:
+    """One row per finished run: the last epoch's test error (no selection on the test set)."""
+    runs = [run for run in runs if not run.get("dry_run")]
+    finished = [run for run in runs if run.get("finished")]
+    lines = []
+    if not finished:
+        lines.append("No finished reproduction run yet: `python -m bench.gpu_plan reproduce` (bench/README.md) writes "
+                     "them under `bench/results/reproduce/`; this table is generated from them.")
+    else:
+        lines += ["| network | recipe | data | test error (last epoch) | paper | wall time | images/s | GPU | "
+                  "torch / triton | commit | weights |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for run in finished:
+            weights = run.get("weights", {})
+            check = weights.get("eval_test_error")
+            weights_cell = (f"`{run['path']}/{weights['file']}` (eval.py: {100 * check:.2f}%)" if check is not None
+                            else f"`{run['path']}/{weights.get('file', '-')}`")
+            paper = f"{100 * run['paper_test_error']:.2f}%" if run.get("paper_test_error") is not None else "-"
+            ips = f"{run['images_per_second']:,.0f}" if run.get("images_per_second") else "-"
+            lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | **{100 * run['final_test_error']:.2f}%** | "
+                         f"{paper} | {duration(run['wall_seconds'])} in {len(run.get('commands', []))} commands | {ips} | "
+                         f"{run.get('gpu')} | {run.get('torch')} / {run.get('triton')} | {run.get('commit')} | {weights_cell} |")
+    for run in runs:
+        if not run.get("finished"):
+            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}), {max(run.get('epochs_done') or 0, 0)} of "
+                          f"{run.get('epochs')} epochs after {duration(run.get('wall_seconds', 0))} (`{run['path']}`)."]
+    return "\n".join(lines)
+
+
+def render_runs(readme: str, runs: list[dict]) -> str:
+    if RUNS_START not in readme:
+        return readme
+    head, rest = readme.split(RUNS_START, 1)
+    _, tail = rest.split(RUNS_END, 1)
+    return f"{head}{RUNS_START}\n{runs_table(runs)}\n{RUNS_END}{tail}"
+
+
 def render(readme: str, reports: list[dict]) -> str:
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
@@ -80,7 +155,8 @@ def main() -> int:
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     reports = load_reports(Path(args.results))
-    outputs = {ROOT / "README.md": render((ROOT / "README.md").read_text(), reports), CONV_PATHS: conv_paths(reports)}
+    readme = render_runs(render((ROOT / "README.md").read_text(), reports), load_runs(Path(args.results)))
+    outputs = {ROOT / "README.md": readme, CONV_PATHS: conv_paths(reports), LAUNCH_CONFIGS: launch_configs(reports)}
     stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:

@@ -206,8 +206,9 @@ def training_step(name: str, provider: str, device: str, batch: int):
         from kernels.paths import assign_paths
 
         assign_paths(model, torch.device(device), torch.bfloat16)
-    # multi-tensor SGD, CUDA's default, on every device: bench.launches counts this step's ops on the CPU
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, foreach=True)
+    # fused SGD, as train.py runs it (preresnet.steps.make_optimizer), on every device: bench.launches
+    # counts this step's ops on the CPU
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
     module, memory_format, amp = prepare(model, provider, device)
     x = random_input(batch, 3, 32, device, memory_format)
     y = torch.randint(0, 10, (batch,), device=device, generator=torch.Generator(device=device).manual_seed(1))

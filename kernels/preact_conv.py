@@ -41,14 +41,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import launch_configs
+
 # triton.jit reads this when a kernel is defined: CPU tensors work only if it was set before import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Most pixels per tile (fewer for a smaller tensor). The interpreter runs one program at a time in
-# Python, so there few, large tiles make the CPU runs fast (a batch-4 32x32 unit conv: 6x faster at
-# 4096 than at 128); the op-level tests set the GPU's 64 to cover the multi-tile statistics merge.
-# Read at call time.
-BLOCK_M = 4096 if INTERPRETED else 64
+# Block sizes, warps and stages come from kernels.launch_configs (per GPU, dtype and layer shape).
+# Under the interpreter, which runs one program at a time in Python, the pixel tiles are enlarged
+# to up to INTERPRETER_BLOCK_M (a batch-4 32x32 unit conv: 6x faster at 4096 than at 128); the
+# op-level tests set 64 to cover the multi-tile statistics merge. Read at call time.
+INTERPRETER_BLOCK_M = 4096
 MAX_WGRAD_SPLITS = 2 if INTERPRETED else 64
 MERGE_BLOCK = tl.constexpr(64)  # partials the last program reads at a time (a constexpr: read inside kernels)
 COUNTER_SLOTS = 1 << 14  # ticket counters per device; a launch needs one per output tile of its reduction
@@ -140,20 +142,22 @@ def _bn_relu_conv_fwd_kernel(
     mask_n = offs_n < C_OUT
     n, ho, wo = _pixel_coordinates(offs_m, HO, WO)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            hi = ho * STRIDE - PADDING + kh
-            wi = wo * STRIDE - PADDING + kw
-            inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            row = ((n * H + hi) * W + wi) * C_IN
-            for k0 in range(0, C_IN, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < C_IN
+    # channel blocks outer, taps inner: the BatchNorm's scale and shift once per channel block (with
+    # the default launch configs this order compiles without spills; the compile audit checks it)
+    for k0 in range(0, C_IN, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_IN
+        if PROLOGUE:
+            scale, shift, _, _ = _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps)
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                hi = ho * STRIDE - PADDING + kh
+                wi = wo * STRIDE - PADDING + kw
+                inside = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
                 valid = inside[:, None] & mask_k[None, :]
-                a = tl.load(x_ptr + row[:, None] + offs_k[None, :], mask=valid, other=0.0).to(tl.float32)
+                a = tl.load(x_ptr + (((n * H + hi) * W + wi) * C_IN)[:, None] + offs_k[None, :], mask=valid,
+                            other=0.0).to(tl.float32)
                 if PROLOGUE:
-                    # per-channel vectors, recomputed per tap: cheaper than keeping them live
-                    scale, shift, _, _ = _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs_k, mask_k, eps)
                     # relu(0 * scale + shift) need not be 0: the zero padding is applied after BN-ReLU
                     a = tl.where(valid, tl.maximum(a * scale[None, :] + shift[None, :], 0.0), 0.0)
                 w = tl.load(w_ptr + offs_n[None, :] * stride_wo + offs_k[:, None] * stride_wi + kh * stride_wh
@@ -367,9 +371,20 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block(size: int, low: int, high: int) -> int:
-    """A power of two covering size, clamped to [low, high] (tl.dot needs at least 16)."""
-    return max(low, min(high, triton.next_power_of_2(size)))
+def _config(kind: str, x: torch.Tensor, weight: torch.Tensor, stride: int, prologue: bool, residual: bool):
+    """The launch configuration of one kernel of a layer (kernels.launch_configs: the measured
+    table's entry for this GPU, dtype and layer, else the default)."""
+    c_out, c_in, kernel, _ = weight.shape
+    key = launch_configs.layer_key(c_in, x.shape[2], x.shape[3], c_out, kernel, stride, prologue, residual)
+    return launch_configs.launch_config(kind, key, x.dtype, x.device)
+
+
+def _block_m(config, rows: int) -> int:
+    """The config's pixel tile, enlarged under the interpreter (unless the compile audit is recording
+    the GPU's launches)."""
+    if INTERPRETED and not launch_configs.auditing():
+        return max(16, min(INTERPRETER_BLOCK_M, triton.next_power_of_2(rows)))
+    return config.block("BLOCK_M", rows)
 
 
 _counter_workspaces: dict[torch.device, torch.Tensor] = {}
@@ -424,9 +439,10 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
     prologue = mean is not None
     y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
-    block_m = _block(m, 16, BLOCK_M)
-    block_n = _block(c_out, 16, 64)
-    block_k = _block(c_in, 16, 32)
+    config = _config(launch_configs.CONV_FWD, x, weight, stride, prologue, residual is not None)
+    block_m = _block_m(config, m)
+    block_n = config.block("BLOCK_N", c_out)
+    block_k = config.block("BLOCK_K", c_in)
     tiles, columns = triton.cdiv(m, block_m), triton.cdiv(c_out, block_n)
     scratch = torch.empty((2, tiles, c_out) if emit_stats else (1,), device=x.device, dtype=torch.float32)
     y_mean = torch.empty((c_out,) if emit_stats else (0,), device=x.device, dtype=torch.float32)
@@ -440,16 +456,17 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
         m, h, w, c_in, ho, wo, c_out, *weight.stride(), eps, 0.0 if momentum is None else momentum, float(count),
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, UPDATE_RUNNING=running is not None,
         CUMULATIVE=momentum is None, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats,
-        PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **config.options,
     )
     return y, y_mean, y_var
 
 
 def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, padding: int, eps: float,
-                          batch_stats: bool, need_dx: bool, sync_count: int = 0, dx_add=None):
+                          batch_stats: bool, need_dx: bool, sync_count: int = 0, dx_add=None, residual: bool = False):
     """Gradients of conv(relu(bn(x))) [+ residual]: (dx, dgamma, dbeta, dweight); BN terms are None
     without a prologue (mean None), dx is None when not needed. dx_add: x's gradient along another
-    path (the identity shortcut that carried x), added into dx in the same pass. sync_count > 0: the statistics
+    path (the identity shortcut that carried x), added into dx in the same pass. residual: the
+    forward added one (for the launch-configuration lookup). sync_count > 0: the statistics
     spanned all ranks (that many values per channel), so the normalisation terms of dx use sums over
     all ranks; dgamma and dbeta stay local, as DistributedDataParallel averages parameter gradients."""
     dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
@@ -465,9 +482,10 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
 
     # weight gradient, split over output-pixel ranges; the last split of each tile sums them
     m_out = n * ho * wo
-    block_out = _block(m_out, 16, BLOCK_M)
-    block_c = _block(c_in, 16, 32)
-    block_co = _block(c_out, 16, 64)
+    config = _config(launch_configs.CONV_WGRAD, x, weight, stride, prologue, residual)
+    block_out = _block_m(config, m_out)
+    block_c = config.block("BLOCK_C", c_in)
+    block_co = config.block("BLOCK_CO", c_out)
     splits = max(1, min(triton.cdiv(m_out, block_out), MAX_WGRAD_SPLITS))
     rows_per_split = triton.cdiv(triton.cdiv(m_out, splits), block_out) * block_out
     splits = triton.cdiv(m_out, rows_per_split)
@@ -478,14 +496,17 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
         x, *bn, dy, scratch, dweight, counters(x.device, grid[0] * grid[1]),
         m_out, h, w, c_in, ho, wo, c_out, rows_per_split, *weight.stride(), eps,
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=precision,
-        BLOCK_M=block_out, BLOCK_C=block_c, BLOCK_CO=block_co,
+        BLOCK_M=block_out, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
     )
     if not prologue and not need_dx:  # the stem: its input is the data
         return None, None, None, dweight
 
     # gradient at the BatchNorm output with dbeta and dgamma, or, for a plain conv, dx
     m_in = n * h * w
-    block_in = _block(m_in, 16, BLOCK_M)
+    config = _config(launch_configs.CONV_DGRAD, x, weight, stride, prologue, residual)
+    block_in = _block_m(config, m_in)
+    block_c = config.block("BLOCK_C", c_in)
+    block_co = config.block("BLOCK_CO", c_out)
     tiles, columns = triton.cdiv(m_in, block_in), triton.cdiv(c_in, block_c)
     if prologue:
         gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
@@ -498,7 +519,7 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
         dy, weight, x, *bn, gz, scratch, dbeta, dgamma, counters(x.device, columns), dy if dx_add is None else dx_add,
         m_in, h, w, c_in, ho, wo, c_out, *weight.stride(), eps,
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_ADD=dx_add is not None, PRECISION=precision,
-        BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co,
+        BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
     )
     if not prologue:
         return gz, None, None, dweight
@@ -510,9 +531,12 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
             torch.distributed.all_reduce(sums)
             count = sync_count
         dx = torch.empty_like(x, memory_format=torch.channels_last)
+        apply = _config(launch_configs.ELEMENTWISE, x, weight, stride, prologue, residual)
+        tiles, columns = triton.cdiv(m_in, _block_m(apply, m_in)), triton.cdiv(c_in, apply.block("BLOCK_C", c_in))
         _bn_backward_apply_kernel[(tiles, columns)](
             gz, x, mean, var, gamma, *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), eps,
-            BATCH_STATS=batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=block_in, BLOCK_C=block_c,
+            BATCH_STATS=batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=_block_m(apply, m_in),
+            BLOCK_C=apply.block("BLOCK_C", c_in), **apply.options,
         )
     # dgamma/dbeta of the BN parameters: d(scale * x + shift)/dgamma = xhat, /dbeta = 1
     return dx, dgamma, dbeta, dweight
@@ -551,17 +575,18 @@ def _(x, mean, var, gamma, beta, weight, residual, stride, padding, emit_stats, 
 def bn_relu_conv_backward_op(
     dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
     gamma: torch.Tensor | None, beta: torch.Tensor | None, weight: torch.Tensor, stride: int, padding: int,
-    eps: float, batch_stats: bool, need_dx: bool, sync_count: int, dx_add: torch.Tensor | None,
+    eps: float, batch_stats: bool, need_dx: bool, sync_count: int, dx_add: torch.Tensor | None, residual: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dgamma, dbeta, dweight = bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride, padding, eps,
-                                                       batch_stats, need_dx, sync_count, dx_add)
+                                                       batch_stats, need_dx, sync_count, dx_add, residual)
     empty = x.new_empty(0)
     return (dx if dx is not None else empty, dgamma if dgamma is not None else empty.clone(),
             dbeta if dbeta is not None else empty.clone(), dweight)
 
 
 @bn_relu_conv_backward_op.register_fake
-def _(dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, need_dx, sync_count, dx_add):
+def _(dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, need_dx, sync_count, dx_add,
+      residual):
     prologue = mean is not None
     return (torch.empty_like(x, memory_format=torch.channels_last) if need_dx else x.new_empty(0),
             torch.empty_like(gamma) if prologue else x.new_empty(0),
@@ -594,7 +619,7 @@ class BnReluConv(torch.autograd.Function):
         prologue = mean is not None
         dx, dgamma, dbeta, dweight = bn_relu_conv_backward_op(
             dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, ctx.needs_input_grad[0],
-            sync_count, dx_carried)
+            sync_count, dx_carried, has_residual)
         return (dx if ctx.needs_input_grad[0] else None, None, None, dgamma if prologue else None,
                 dbeta if prologue else None, dweight, dy if has_residual else None, *(None,) * 11)
 

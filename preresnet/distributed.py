@@ -44,7 +44,13 @@ def init(device_type: str) -> Dist:
             raise UserError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # torchrun keeps one store across the restarts of --max-restarts: under a prefix of their own, the
+        # processes of a restarted group cannot read the addresses the previous group left there (and
+        # fail, or hang, connecting to processes that are gone)
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world_size)
     return Dist(rank, world_size, local_rank)
 
 
@@ -67,6 +73,21 @@ def broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_object(value) -> list:
+    """Every rank's value in rank order on rank 0 ([value] for one process; other ranks get [])."""
+    if not is_synchronising():
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered or []
+
+
+def barrier() -> None:
+    """Wait until every rank got here (a no-op for one process)."""
+    if is_synchronising():
+        dist.barrier()
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):

@@ -118,13 +118,18 @@ class BaseLoader:
         self.mean255 = np.asarray(mean, dtype=np.float32) * np.float32(255.0)
         self.std255 = np.asarray(std, dtype=np.float32) * np.float32(255.0)
         self.epoch = 0
+        self.first_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, first_batch: int = 0) -> None:
+        """Draw epoch's plan on the next iteration; first_batch > 0 skips that many of its batches
+        (a run resumed inside an epoch), without changing the draws of the others."""
+        self.epoch, self.first_batch = epoch, first_batch
 
     def plan(self) -> EpochPlan:
-        return plan_epoch(len(self.images_np), self.batch_size, self.train, self.seed, self.epoch,
+        plan = plan_epoch(len(self.images_np), self.batch_size, self.train, self.seed, self.epoch,
                           self.rank, self.world_size)
+        plan.batches = plan.batches[self.first_batch:]
+        return plan
 
     def __len__(self) -> int:
         count = len(self.images_np)

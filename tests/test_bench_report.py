@@ -104,18 +104,6 @@ def test_committed_readme_matches_the_committed_reports():
     assert result.returncode == 0, result.stderr
 
 
-def test_gpu_session_script_parses_and_passes_known_flags():
-    """bench/gpu_session.sh cannot be run without a GPU; at least its syntax and the report flags it uses hold."""
-    script = render_results.ROOT / "bench" / "gpu_session.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    help_text = subprocess.run([sys.executable, "-m", "bench.gpu_report", "--help"], capture_output=True, text=True,
-                               cwd=render_results.ROOT).stdout
-    report_line = next(line for line in script.read_text().splitlines() if "bench.gpu_report" in line
-                       and not line.lstrip().startswith("#"))
-    for flag in (word for word in report_line.split() if word.startswith("--")):
-        assert flag in help_text, flag
-
-
 @pytest.fixture
 def stubbed_report(tmp_path, monkeypatch):
     """bench.gpu_report with the GPU work replaced by stand-ins; returns (run(budget) -> exit status,

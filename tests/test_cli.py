@@ -97,7 +97,7 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     assert config["recipe"]["epochs"] == 3 and config["recipe"]["lr"] == 0.1 and config["seed"] == 7
     assert config["runtime"] == {"device": "cpu", "amp": "off", "channels_last": False, "compile": False,
                                  "loader": "torch", "fused": False,
-                                 "sync_bn": False, "processes": 1}
+                                 "sync_bn": False, "cuda_graphs": False, "processes": 1}
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -219,7 +219,7 @@ def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["runtime"] == {"device": "cpu", "amp": "bf16", "channels_last": True, "compile": True,
                                  "loader": "torch", "fused": False,
-                                 "sync_bn": False, "processes": 1}
+                                 "sync_bn": False, "cuda_graphs": False, "processes": 1}
     assert config["model"] == "WRN-10-2" and config["recipe"]["nesterov"] is True  # the wrn recipe
     metrics = json.loads((out / "metrics.jsonl").read_text())
     assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["test_error"] <= 1

@@ -51,7 +51,7 @@ def gpu_tiles(monkeypatch):
     several tiles (and a partial last one) and the statistics merge and split weight gradient run."""
     from kernels import preact_conv
 
-    monkeypatch.setattr(preact_conv, "BLOCK_M", 64)
+    monkeypatch.setattr(preact_conv, "INTERPRETER_BLOCK_M", 64)
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -366,10 +366,10 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(bn_relu_conv_op, (x.detach(), None, None, None, None, *args[5:], None, None, None, None))
     dy = channels_last(torch.randn(2, 16, 6, 6))
     backward = (dy, x.detach(), mean, var, gamma.detach(), beta.detach(), weight, 1, padding, EPS, True, True, 0)
-    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, None))
-    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, channels_last(torch.randn(2, 16, 6, 6))))
+    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, None, True))
+    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, channels_last(torch.randn(2, 16, 6, 6)), False))
     plain = (dy, x.detach(), None, None, None, None, weight, 1, padding, EPS, False, True, 0)
-    torch.library.opcheck(bn_relu_conv_backward_op, (*plain, channels_last(torch.randn(2, 16, 6, 6))))
+    torch.library.opcheck(bn_relu_conv_backward_op, (*plain, channels_last(torch.randn(2, 16, 6, 6)), False))
 
 
 def test_fused_model_trains_under_inductor():

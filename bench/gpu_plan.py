@@ -1,0 +1,887 @@
+"""The staged GPU plan: what a lent GPU window (15 minutes of device time, commands of at most 10
+minutes) is asked, one stage per command, each ending by itself well inside 10 minutes.
+
+    python -m bench.gpu_plan next                 # which stage (and model) the committed results call for
+    python -m bench.gpu_plan first-contact        # kernel tests, launch configs, layer paths, speed matrix
+    python -m bench.gpu_plan reproduce [--model preresnet110]   # the paper's schedule, resumable
+    python -m bench.gpu_plan STAGE --dry-run --results DIR      # on the CPU: tiny network, stand-ins
+
+The order (`next` applies it): `first-contact` until it has passed on the current kernels
+(kernels/*.py hashed into its report), then `reproduce` until PreResNet-110 is finished, then
+PreResNet-164, then WRN-16-4. bench/README.md has the exact device commands.
+
+Every stage keeps a wall-clock budget (`--budget-seconds`, default 540 of the command's 600), starts
+a part only while it fits, and writes its results after every part, so a stage cut short still
+returns what it measured. Results go under `--results` (default `$OUT/bench/results` on a device
+machine, where `$OUT` is the folder that comes back, else `bench/results`): the layout of this
+repository, so the returned folder is copied over the checkout as it is. State that only needs to
+live while the machine is warm (the extracted data, the run folders, the torch.compile and Triton
+caches, so that a second command on the same machine compiles nothing again) is kept under
+`--work` (default /tmp/preresnet-plan).
+
+`--dry-run` runs a stage on the CPU with a tiny network, a synthetic dataset and one or two epochs;
+each GPU-only part is replaced by a stand-in that prints `STAND-IN` and says what it replaces, so a
+GPU window never finds a crash that the CPU could have shown (tests/test_gpu_plan.py runs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS = ROOT / "bench" / "results"
+BUDGET_SECONDS = 540.0  # of the 600 s a device command may run: start-up, copying back and a margin
+DEFAULT_WORK = Path("/tmp/preresnet-plan")
+DATA_ARCHIVE = ROOT / "data" / "cifar10-jpeg.tar.gz"
+DATA_DESCRIPTION = "CIFAR-10 re-encoded as JPEG (lossy; not the papers' data)"
+ORDER = ("preresnet110", "preresnet164", "wrn16_4")
+# the networks of the reproduction: (type, depth, width, recipe)
+NETWORKS = {"preresnet110": ("normal", 18, 1, "paper"), "preresnet164": ("bottleneck", 18, 1, "paper"),
+            "wrn16_4": ("wide", 2, 4, "wrn")}
+PAPER_ERROR = {"preresnet110": 0.0637, "preresnet164": 0.0546, "wrn16_4": 0.0502}
+WEIGHTS_NAME = "weights-bf16.pt"
+
+# The speed matrix: training steps of train.py's own step function (preresnet.training.make_step_fn).
+VARIANTS = {
+    "eager-fp32": dict(amp="off", channels_last=False, compile=False, fused=False, cuda_graphs=False),
+    "eager-amp-cl": dict(amp="bf16", channels_last=True, compile=False, fused=False, cuda_graphs=False),
+    "fused": dict(amp="bf16", channels_last=True, compile=False, fused=True, cuda_graphs=False),
+    "fused-graphs": dict(amp="bf16", channels_last=True, compile=False, fused=True, cuda_graphs=True),
+    "compile": dict(amp="bf16", channels_last=True, compile=True, fused=False, cuda_graphs=False),
+    "compile-graphs": dict(amp="bf16", channels_last=True, compile=True, fused=False, cuda_graphs=True),
+    "fused-compile-graphs": dict(amp="bf16", channels_last=True, compile=True, fused=True, cuda_graphs=True),
+    "compile-reduce-overhead": dict(amp="bf16", channels_last=True, compile=True, fused=False, cuda_graphs=True,
+                                    graph_mode="reduce-overhead"),
+}
+# the cheap, telling rows first; every network's eager rows before any compiled row of the next
+MATRIX_MODELS = ("preresnet110", "preresnet164", "wrn16_4")
+ROW_SECONDS = {"eager-fp32": 15, "eager-amp-cl": 15, "fused": 25, "fused-graphs": 25}  # others compile: 75
+LOSS_TOLERANCE = 0.05  # relative: a variant's first losses against eager-amp-cl's (bf16 rounding, not a broken step)
+MATRIX_STEPS = 40
+WARM_STEPS = 6  # loss-checked steps before timing: compilation, graph warm-up (3 steps) and capture
+
+
+def say(*parts) -> None:
+    print("[gpu_plan]", *parts, flush=True)
+
+
+def stand_in(what: str) -> None:
+    say(f"STAND-IN (dry run): {what}")
+
+
+class Clock:
+    def __init__(self, budget: float):
+        self.start, self.budget = time.monotonic(), budget
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def default_results() -> Path:
+    out = os.environ.get("OUT")
+    return Path(out) / "bench" / "results" if out else COMMITTED_RESULTS
+
+
+def kernels_digest() -> str:
+    """What 'passed on the current kernels' refers to: a hash of kernels/*.py and the tables."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_env(work: Path) -> dict:
+    """Compile caches under the work folder, so a second command on the same machine finds them."""
+    env = dict(os.environ)
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor-cache"))
+    env.setdefault("TRITON_CACHE_DIR", str(work / "triton-cache"))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_logged(command: list[str], log: Path, timeout: float, env: dict, cwd: Path = ROOT,
+               term_grace: float = 30.0) -> dict:
+    """Run command, its output appended to log and echoed; at timeout SIGTERM (train.py stops at a
+    step boundary with a checkpoint), SIGKILL after term_grace. Returns returncode and seconds."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with open(log, "a") as sink:
+        sink.write(f"$ {' '.join(command)}\n")
+        sink.flush()
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, bufsize=1, start_new_session=True)
+        timed_out = False
+        import threading
+
+        def pump():
+            for line in process.stdout:
+                sink.write(line)
+                sink.flush()
+                print(line, end="", flush=True)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            process.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            say(f"time limit: SIGTERM to {command[1] if len(command) > 1 else command[0]}")
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=term_grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(timeout=10)
+    return {"returncode": process.returncode, "seconds": time.monotonic() - start, "timed_out": timed_out}
+
+
+# --- first-contact --------------------------------------------------------------------------------
+
+
+class Report:
+    """report.json in bench.gpu_report's format (so bench.render_results reads its matrix and layer
+    paths), plus this stage's parts; rewritten after every part."""
+
+    def __init__(self, folder: Path, command: str, dry_run: bool, mirror: Path | None = None):
+        self.folder, self.mirror = folder, mirror
+        self.data = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "stage": "first-contact",
+                     "dry_run": dry_run, "kernels_digest": kernels_digest(), "parts": [], "correctness": [],
+                     "correctness_pass": False, "matrix": {"models": []}}
+
+    def part(self, name: str, status: str, seconds: float, **detail) -> None:
+        self.data["parts"] = [p for p in self.data["parts"] if p["name"] != name]
+        self.data["parts"].append({"name": name, "status": status, "seconds": round(seconds, 1), **detail})
+        say(f"part {name}: {status} ({seconds:.0f} s){' - ' + detail['note'] if 'note' in detail else ''}")
+        self.save()
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.folder / "report.json", self.data)
+        (self.folder / "report.md").write_text(first_contact_markdown(self.data))
+        if self.mirror is not None:  # what a later command on this warm machine continues from
+            shutil.copytree(self.folder, self.mirror, dirs_exist_ok=True)
+
+    def earlier(self, previous: dict | None, name: str, *statuses: str) -> bool:
+        """Whether an earlier command on this machine finished this part (same kernels, same GPU)."""
+        return bool(previous) and any(p["name"] == name and p["status"] in statuses for p in previous["parts"])
+
+
+def gpu_slug(name: str | None) -> str:
+    if not name:
+        return "cpu"
+    for key in ("H200", "H100", "A100", "L40S", "L4", "B200", "GH200"):
+        if key in name:
+            return key.lower()
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:24]
+
+
+def first_contact(args) -> int:
+    import torch
+
+    from bench.workloads import environment
+
+    dry = args.dry_run
+    clock = Clock(args.budget_seconds)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = cache_env(work)
+    os.environ.update({k: env[k] for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")})
+    on_gpu = torch.cuda.is_available() and not dry
+    if not dry and not on_gpu:
+        print("gpu_plan: error: first-contact needs a CUDA GPU (or --dry-run on the CPU)", file=sys.stderr)
+        return 2
+    if not dry and os.environ.get("TRITON_INTERPRET") == "1":
+        print("gpu_plan: error: unset TRITON_INTERPRET: first-contact measures compiled kernels", file=sys.stderr)
+        return 2
+    device = "cuda" if on_gpu else "cpu"
+    info = environment(device)
+    folder = Path(args.results) / f"{time.strftime('%Y-%m-%d')}-{gpu_slug(info.get('gpu')) if on_gpu else 'cpu-dry-run'}"
+    state = work / "first-contact"
+    previous = None
+    if (state / "report.json").is_file():
+        candidate = json.loads((state / "report.json").read_text())
+        if candidate.get("kernels_digest") == kernels_digest() and candidate.get("dry_run") == dry \
+                and candidate.get("environment", {}).get("gpu") == info.get("gpu"):
+            previous = candidate
+            say(f"continuing the first-contact of an earlier command on this machine ({state})")
+            if folder != state:
+                shutil.copytree(state, folder, dirs_exist_ok=True)
+        else:
+            shutil.rmtree(state)
+    report = Report(folder, "python -m bench.gpu_plan " + " ".join(sys.argv[1:]), dry, mirror=state)
+    report.data["environment"] = info
+    if previous:
+        report.data["parts"] = previous["parts"]
+    report.save()
+    say(f"first-contact into {folder}: {info.get('gpu') or 'CPU'}, torch {info['torch']}, triton {info['triton']}, "
+        f"budget {args.budget_seconds:.0f} s")
+
+    # 1. the compiled kernel tests (bf16/fp16 against PyTorch's own error) and the captured step
+    start = time.monotonic()
+    timeout = min(150.0, clock.left() * 0.3)
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+               "tests/test_steps.py"]
+    test_env = {**env, "TRITON_INTERPRET": "1" if dry else "0"}
+    if dry:
+        stand_in("the gpu-marked tests need a CUDA GPU: they run here only to show they collect and skip")
+    if report.earlier(previous, "kernel-tests", "pass"):
+        passed = True
+        say("part kernel-tests: passed in an earlier command on this machine")
+    else:
+        (folder / "pytest-gpu.log").unlink(missing_ok=True)
+        result = run_logged(command, folder / "pytest-gpu.log", timeout, test_env)
+        passed = result["returncode"] == 0 and not result["timed_out"]
+        report.part("kernel-tests", ("stand-in" if dry else "pass" if passed else "FAIL"), result["seconds"],
+                    returncode=result["returncode"], timed_out=result["timed_out"], log="pytest-gpu.log")
+
+    # 2. kernel errors per unit shape and dtype against float64, the layer-path table (bench.gpu_report)
+    start = time.monotonic()
+    if dry:
+        stand_in("bench.gpu_report's correctness check and layer-path timing need CUDA events: one entry each")
+        report.data["correctness"] = [{"shape": "stand-in", "dtype": "float32", "pass": True, "stand_in": True}]
+        report.data["correctness_pass"] = True
+        report.data["conv_paths"] = {"stand-in (dry run)": {"bfloat16": {}}}
+        report.part("kernel-errors", "stand-in", time.monotonic() - start)
+        report.part("layer-paths", "stand-in", 0.0)
+    else:
+        from bench import gpu_report
+
+        if report.earlier(previous, "kernel-errors", "pass"):
+            report.data["correctness"], report.data["correctness_pass"] = previous["correctness"], True
+        else:
+            share = min(75.0, clock.left() * 0.2)
+            # gpu_report's correctness part uses the first 20% of its clock's budget
+            rows, ok = gpu_report.check_correctness(gpu_report.Clock(share / gpu_report.CORRECTNESS_SHARE))
+            report.data["correctness"], report.data["correctness_pass"] = rows, ok
+            report.part("kernel-errors", "pass" if ok else "FAIL", time.monotonic() - start)
+        start = time.monotonic()
+        if report.earlier(previous, "layer-paths", "done"):
+            report.data["conv_paths"] = previous["conv_paths"]
+        else:
+            share = min(75.0, clock.left() * 0.2)
+            # its layer-path part starts new layers while less than 35% of its budget is spent
+            paths_clock = gpu_report.Clock(share / (gpu_report.CORRECTNESS_SHARE + gpu_report.PATHS_SHARE))
+            report.data["conv_paths"] = gpu_report.choose_conv_paths(paths_clock, args.batch_size)
+            write_json(folder / "conv_paths.json", report.data["conv_paths"])
+            report.part("layer-paths", "done", time.monotonic() - start)
+        os.environ["PRERESNET_CONV_PATHS"] = str((folder / "conv_paths.json").resolve())  # the fused rows use it
+
+    # 3. the launch-configuration search (bench/config_search.py, when it is in this checkout)
+    start = time.monotonic()
+    search = ROOT / "bench" / "config_search.py"
+    if not search.is_file():
+        report.part("config-search", "skipped", 0.0, note="bench/config_search.py is not in this checkout yet")
+    elif report.earlier(previous, "config-search", "done"):
+        report.data["launch_configs"] = previous["launch_configs"]
+        from kernels import launch_configs
+
+        os.environ[launch_configs.TABLE_ENV] = str((folder / "launch_configs.json").resolve())
+    elif dry:
+        stand_in("the launch-configuration search times kernels on a GPU: only its --help runs here")
+        result = run_logged([sys.executable, "-m", "bench.config_search", "--help"], folder / "config-search.log",
+                            min(60.0, clock.left()), env)
+        report.part("config-search", "stand-in" if result["returncode"] == 0 else "FAIL", result["seconds"],
+                    log="config-search.log")
+    else:
+        # as bench.gpu_report runs it: in this process, the result in report.json for render_results
+        # (kernels/launch_configs.json) and in force for the fused rows of the matrix
+        seconds = min(120.0, clock.left() * 0.3)
+        try:
+            from bench import config_search
+            from kernels import launch_configs
+
+            report.data["launch_configs"] = config_search.run_on_gpu(seconds, args.batch_size)
+            (folder / "launch_configs.json").write_text(
+                launch_configs.table_json(config_search.table_from(report.data["launch_configs"])))
+            os.environ[launch_configs.TABLE_ENV] = str((folder / "launch_configs.json").resolve())
+            launch_configs.clear_cache()
+            report.part("config-search", "done", time.monotonic() - start)
+        except Exception as exc:  # the matrix still runs, on the default launch configurations
+            report.part("config-search", "FAIL", time.monotonic() - start, note=repr(exc)[:300])
+
+    # 4. the compact speed matrix, one process per network (a crash loses that network's rest only)
+    start = time.monotonic()
+    rows_file = folder / "matrix-rows.jsonl"
+    # rows an earlier command on this machine measured are kept; the rest are measured (again)
+    kept = [row for row in read_rows(rows_file) if "images_per_second" in row] if previous else []
+    rows_file.unlink(missing_ok=True)
+    for row in kept:
+        append_row(rows_file, row)
+    models = ("tiny",) if dry else MATRIX_MODELS
+    env = cache_env(work)  # now with the fresh layer-path and launch-config tables
+    for name in models:
+        pending = [v for v in VARIANTS if not any(r["model"] == name and r["variant"] == v for r in kept)]
+        while pending and clock.left() > 20:
+            command = [sys.executable, "-m", "bench.gpu_plan", "_matrix", "--model", name, "--variants", ",".join(pending),
+                       "--rows", str(rows_file), "--seconds", str(int(max_share(clock, name, models)))]
+            if dry:
+                command.append("--dry-run")
+            result = run_logged(command, folder / "matrix.log", max_share(clock, name, models) + 30, env)
+            done = {row["variant"] for row in read_rows(rows_file) if row["model"] == name}
+            started = [row for row in read_rows(rows_file, status="started") if row["model"] == name]
+            if result["returncode"] != 0 and started and started[-1]["variant"] not in done:
+                crashed = started[-1]["variant"]
+                append_row(rows_file, {"model": name, "variant": crashed, "provider": crashed,
+                                       "error": f"the process ended with status {result['returncode']} (matrix.log)"})
+                done.add(crashed)
+            progress = [v for v in pending if v in done]
+            pending = [v for v in pending if v not in done]
+            if result["returncode"] == 0 or result["timed_out"]:
+                break
+            if not progress:  # the process died before its first row (at import, say): nothing to retry
+                for variant in pending:
+                    append_row(rows_file, {"model": name, "variant": variant, "provider": variant,
+                                           "error": f"the process ended with status {result['returncode']} (matrix.log)"})
+                break
+        report.data["matrix"]["models"] = matrix_rows(rows_file)
+        report.save()
+    choice = choose_variant(report.data["matrix"]["models"], "tiny" if dry else "preresnet110")
+    report.data["choice"] = choice
+    report.part("speed-matrix", "stand-in" if dry else "done", time.monotonic() - start,
+                note=f"fastest correct for the reproduction: {choice['variant'] if choice else 'none'}")
+    ok = passed and report.data["correctness_pass"]
+    report.data["passed"] = ok and not dry
+    report.data["seconds"] = clock.elapsed()
+    report.save()
+    verdict = "dry run done (stand-ins: nothing is passed on a CPU)" if dry else "PASSED" if ok else "NOT passed"
+    say(f"first-contact {verdict} in {clock.elapsed():.0f} s: {folder}")
+    return 0 if ok else 1
+
+
+def max_share(clock: Clock, name: str, models) -> float:
+    """Seconds for this network's rows: an equal share of what is left among the networks to go."""
+    remaining = list(models)[list(models).index(name):]
+    return max(10.0, (clock.left() - 10) / len(remaining))
+
+
+def read_rows(path: Path, status: str | None = None) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("status") == status]
+
+
+def append_row(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def matrix_rows(path: Path) -> list[dict]:
+    """The measured rows, with speed-ups, floors and the loss check against eager-amp-cl."""
+    from bench.floors import fraction_of_floor
+    from bench.gpu_report import add_speedups
+
+    rows = read_rows(path)
+    for name in {row["model"] for row in rows}:
+        mine = [row for row in rows if row["model"] == name]
+        reference = next((row["losses"] for row in mine if row["variant"] == "eager-amp-cl" and "losses" in row), None)
+        for row in mine:
+            if "images_per_second" in row and name in ORDER:
+                row["fraction_of_floor"] = fraction_of_floor(row["images_per_second"], name)
+            elif "images_per_second" in row:
+                row["fraction_of_floor"] = 0.0
+            if reference and "losses" in row:
+                worst = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(row["losses"], reference))
+                row["loss_rel_diff"] = worst
+                row["correct"] = worst <= (LOSS_TOLERANCE if row["variant"] != "eager-fp32" else 2 * LOSS_TOLERANCE)
+        add_speedups(rows, name)
+    return rows
+
+
+def choose_variant(rows: list[dict], name: str) -> dict | None:
+    """The fastest variant whose losses tracked the reference, with the train.py flags that run it."""
+    good = [row for row in rows if row["model"] == name and row.get("correct") and "images_per_second" in row]
+    if not good:
+        return None
+    best = max(good, key=lambda row: row["images_per_second"])
+    return {"variant": best["variant"], "images_per_second": best["images_per_second"],
+            "flags": variant_flags(best["variant"]), "env": variant_env(best["variant"])}
+
+
+def variant_flags(variant: str) -> list[str]:
+    v = VARIANTS[variant]
+    return [f"--amp={v['amp']}", "--channels-last" if v["channels_last"] else "--no-channels-last",
+            "--compile" if v["compile"] else "--no-compile", "--fused" if v["fused"] else "--no-fused",
+            "--cuda-graphs" if v["cuda_graphs"] else "--no-cuda-graphs"]
+
+
+def variant_env(variant: str) -> dict:
+    mode = VARIANTS[variant].get("graph_mode")
+    return {"PRERESNET_GRAPH_MODE": mode} if mode else {}
+
+
+def matrix_child(args) -> int:
+    """One network's rows (a child process of first-contact): train.py's step, timed."""
+    import torch
+
+    from preresnet import build_model, get_model
+    from preresnet.recipes import resolve_recipe
+    from preresnet.steps import GRAPH_MODE_ENV, make_optimizer
+    from preresnet.training import Runtime, make_step_fn
+
+    dry = args.dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    batch = 8 if dry else 128
+    size = 16 if dry else 32
+    steps = 3 if dry else MATRIX_STEPS
+    clock = Clock(args.seconds)
+    rows_file = Path(args.rows)
+    for variant in args.variants.split(","):
+        v = dict(VARIANTS[variant])
+        row = {"model": args.model, "variant": variant, "provider": variant, "batch": batch}
+        need = ROW_SECONDS.get(variant, 75) if not dry else 1
+        if clock.left() < need:
+            append_row(rows_file, {**row, "skipped": "time budget"})
+            continue
+        notes = []
+        if dry:
+            if v["compile"]:
+                notes.append("compile replaced by eager (compiling takes minutes on a CPU)")
+                v["compile"] = False
+            if v["fused"]:
+                notes.append("fused replaced by unfused (the interpreted kernels' timings mean nothing)")
+                v["fused"] = False
+            if v["cuda_graphs"]:
+                notes.append("the capturable step runs without capture (no CUDA)")
+            if v["amp"] == "bf16":
+                v["amp"] = "off"  # CPU bf16 convs are slow and not what is measured
+            stand_in(f"{variant}: " + "; ".join(notes or ["CPU timing of a tiny network"]))
+        append_row(rows_file, {**row, "status": "started"})
+        os.environ[GRAPH_MODE_ENV] = v.pop("graph_mode", "step")
+        step = model = optimizer = None
+        if v["compile"]:
+            torch._dynamo.reset()  # each variant compiles afresh, clear of the others' guards and limits
+        try:
+            torch.manual_seed(0)
+            model = (build_model("normal", 1, num_classes=10, fused=v["fused"]) if dry
+                     else get_model(args.model, fused=v["fused"]))
+            if v["fused"]:
+                from kernels.paths import assign_paths
+
+                assign_paths(model, device, torch.bfloat16)
+            memory_format = torch.channels_last if v["channels_last"] else torch.contiguous_format
+            model.to(device, memory_format=memory_format)
+            runtime = Runtime(device=device, amp=v["amp"], channels_last=v["channels_last"], compile=v["compile"],
+                              loader="torch", fused=v["fused"], cuda_graphs=v["cuda_graphs"])
+            recipe = resolve_recipe(NETWORKS.get(args.model, ("", 0, 0, "paper"))[3])
+            optimizer = make_optimizer(model, recipe, device)
+            step, _ = make_step_fn(model, optimizer, torch.amp.GradScaler(device.type, enabled=False), runtime)
+            generator = torch.Generator(device=device).manual_seed(0)
+            data = [(torch.randn(batch, 3, size, size, device=device, generator=generator)
+                     .contiguous(memory_format=memory_format),
+                     torch.randint(0, 10, (batch,), device=device, generator=generator)) for _ in range(4)]
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            model.train()
+            losses = []
+            for i in range(WARM_STEPS):
+                step.set_lr(0.1 if i < WARM_STEPS // 2 else 0.02)  # an lr change on the way, as in training
+                losses.append(step(*data[i % len(data)])[0].item())
+            timings = step.take_timings()
+            sync(device)
+            start = time.perf_counter()
+            for i in range(steps):
+                step(*data[i % len(data)])
+            sync(device)
+            seconds = time.perf_counter() - start
+            row.update(images_per_second=steps * batch / seconds, ms=1000 * seconds / steps, losses=losses,
+                       compile_seconds=timings.get("compile_seconds"), capture_seconds=timings.get("capture_seconds"),
+                       step=step.describe(), captured=bool(getattr(step, "captured", False)))
+            if device.type == "cuda":
+                row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            if notes:
+                row["stand_in"] = "; ".join(notes)
+        except Exception as exc:  # reported with the rest; the next variant runs
+            row["error"] = repr(exc)[:400]
+        append_row(rows_file, row)
+        print(f"matrix {args.model} {variant}: {row.get('images_per_second', row.get('error'))}", flush=True)
+        step = model = optimizer = None  # free this variant's memory (and graphs) before the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def first_contact_markdown(data: dict) -> str:
+    env = data.get("environment", {})
+    lines = [f"# first-contact {data['date']}{' (DRY RUN on the CPU: stand-ins, no GPU figure)' if data['dry_run'] else ''}",
+             "", f"{env.get('gpu') or 'CPU'}, driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, commit {env.get('commit')}, kernels {data['kernels_digest']}", "",
+             f"Command: `{data['command']}`", "", "| part | status | seconds | note |", "| --- | --- | --- | --- |"]
+    for part in data["parts"]:
+        lines.append(f"| {part['name']} | {part['status']} | {part['seconds']} | {part.get('note', part.get('log', ''))} |")
+    checks = data.get("correctness", [])
+    if checks:
+        failed = [row for row in checks if not row.get("pass")]
+        lines += ["", f"## Kernel errors: {len(checks) - len(failed)} of {len(checks)} checks pass "
+                      "(fused error at most 3x PyTorch's, against float64)", ""]
+        lines += [f"- {row['shape']} {row['dtype']}: {row.get('error') or row.get('skipped') or 'FAIL'}" for row in failed]
+    for gpu, dtypes in data.get("conv_paths", {}).items():
+        for dtype, entries in dtypes.items():
+            lines += ["", f"## Layer paths ({gpu}, {dtype}, forward + backward, ms)", "",
+                      "| layer | Triton | PyTorch | kept |", "| --- | --- | --- | --- |"]
+            for key, entry in entries.items():
+                timed = f"{entry['triton_ms']:.3f} | {entry['torch_ms']:.3f}" if "triton_ms" in entry \
+                    else f"{entry.get('skipped') or entry.get('error')} |"
+                lines.append(f"| {key} | {timed} | {entry['path']} |")
+    if data.get("launch_configs"):
+        from bench import config_search
+
+        lines += config_search.markdown_lines(data["launch_configs"])
+    rows = data["matrix"]["models"]
+    if rows:
+        lines += ["", "## Training step of train.py (batch %s)" % rows[0].get("batch"), "",
+                  "| model | variant | images/s | vs eager-fp32 | vs compile | first step s | capture s | losses vs eager-amp-cl | captured |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for row in rows:
+            if "images_per_second" in row:
+                def fmt(key, pattern="{:.2f}x"):
+                    return pattern.format(row[key]) if row.get(key) is not None else "-"
+                check = f"{100 * row['loss_rel_diff']:.2f}% {'ok' if row.get('correct') else 'DIFFERS'}" \
+                    if "loss_rel_diff" in row else "-"
+                lines.append(f"| {row['model']} | {row['variant']} | {row['images_per_second']:,.0f} | "
+                             f"{fmt('speedup_over_eager-fp32')} | {fmt('speedup_over_compile')} | "
+                             f"{fmt('compile_seconds', '{:.1f}')} | {fmt('capture_seconds', '{:.2f}')} | {check} | "
+                             f"{'yes' if row.get('captured') else 'no'} |")
+            else:
+                lines.append(f"| {row['model']} | {row['variant']} | {row.get('skipped') or row.get('error')} | | | | | | |")
+    if data.get("choice"):
+        choice = data["choice"]
+        lines += ["", f"Fastest correct for the reproduction: **{choice['variant']}** "
+                      f"({choice['images_per_second']:,.0f} images/s): `{' '.join(choice['flags'])}`"]
+    return "\n".join(lines) + "\n"
+
+
+# --- reproduce ----------------------------------------------------------------------------------------
+
+
+def run_name(model: str, dry: bool) -> str:
+    return f"dryrun-{model}" if dry else f"{model}-{NETWORKS[model][3]}-cifar10-jpeg"
+
+
+def newest_choice(results_dirs) -> dict | None:
+    """The speed choice of the newest first-contact report that passed on the current kernels."""
+    digest = kernels_digest()
+    reports = []
+    for results in results_dirs:
+        for path in Path(results).glob("*/report.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if data.get("stage") == "first-contact" and data.get("passed") and data.get("choice"):
+                reports.append((data.get("kernels_digest") == digest, data["date"], data["choice"]))
+    return max(reports, key=lambda r: (r[0], r[1]))[2] if reports else None
+
+
+def checkpoint_epoch(path: Path) -> int:
+    if not path.is_file():
+        return -1
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:
+        return -1
+
+
+def prepare_data(args, work: Path) -> Path:
+    """The extracted dataset under the work folder (kept while the machine is warm)."""
+    target = work / ("dry-data" if args.dry_run else "cifar10-jpeg")
+    if (target / "train").is_dir() and (target / "test").is_dir():
+        return target
+    archive = Path(args.data_archive)
+    if args.dry_run and not archive.is_file():
+        stand_in(f"a synthetic 4-class folder dataset in place of {DATA_DESCRIPTION}")
+        archive = work / "dry-data.tar.gz"
+        make_synthetic_archive(archive)
+    if not archive.is_file():
+        raise SystemExit(f"gpu_plan: error: {archive} is missing: copy ../shared/data/cifar10-jpeg.tar.gz to "
+                         f"data/ and carry it (bench/README.md)")
+    tmp = work / f".extract-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+    # the archive holds train/ and test/, possibly under one top folder
+    root = tmp if (tmp / "train").is_dir() else next(p for p in tmp.iterdir() if (p / "train").is_dir())
+    root.rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def make_synthetic_archive(path: Path, per_class: int = 12) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    staging = path.with_suffix(".d")
+    shutil.rmtree(staging, ignore_errors=True)
+    for split, count in (("train", per_class), ("test", per_class // 2)):
+        for c, name in enumerate(("a", "b", "c", "d")):
+            folder = staging / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 60, size=(32, 32, 3))
+                image[8 * c: 8 * c + 8] = 200 + 10 * c  # a class-specific band: learnable at once
+                Image.fromarray(image.astype(np.uint8)).save(folder / f"{i:03d}.png")
+    with tarfile.open(path, "w:gz") as tar:
+        for sub in ("train", "test"):
+            tar.add(staging / sub, arcname=sub)
+    shutil.rmtree(staging)
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def export_weights(run_dir: Path, target: Path) -> dict:
+    """The finished run's final weights for eval.py: conv and linear weights and BatchNorm affine
+    parameters in bf16, the BatchNorm running statistics in fp32 (they are 0.1% of the size and
+    set the eval-mode normalisation)."""
+    import torch
+
+    from preresnet.training import WEIGHTS_FORMAT, load_checkpoint
+
+    checkpoint = load_checkpoint(run_dir)
+    state = {key: (tensor.to(torch.bfloat16) if tensor.is_floating_point() and "running_" not in key else tensor)
+             for key, tensor in checkpoint["model"].items()}
+    weights = {"format": WEIGHTS_FORMAT, "config": checkpoint["config"], "recipe": checkpoint["recipe"],
+               "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"], "model": state}
+    tmp = target.with_name(f".{target.name}.tmp")
+    torch.save(weights, tmp)
+    os.replace(tmp, target)
+    return {"file": target.name, "bytes": target.stat().st_size}
+
+
+def reproduce(args) -> int:
+    import torch
+
+    from bench.workloads import environment
+
+    dry = args.dry_run
+    clock = Clock(args.budget_seconds)
+    if not dry and not torch.cuda.is_available():
+        print("gpu_plan: error: reproduce needs a CUDA GPU (or --dry-run on the CPU)", file=sys.stderr)
+        return 2
+    model = args.model
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    env = cache_env(work)
+    name = run_name(model, dry)
+    results = Path(args.results) / "reproduce" / name
+    committed = COMMITTED_RESULTS / "reproduce" / name
+    local = work / "runs" / name
+    info = environment("cpu" if dry else "cuda")
+    say(f"reproduce {name}: {info.get('gpu') or 'CPU'}, budget {args.budget_seconds:.0f} s")
+
+    summary_path = results / "run.json"
+    summary = {}
+    for source in (summary_path, committed / "run.json", local / "run.json"):
+        if source.is_file():
+            candidate = json.loads(source.read_text())
+            if len(candidate.get("commands", [])) >= len(summary.get("commands", [])):
+                summary = candidate
+    if summary.get("finished"):
+        say(f"{name} is finished ({summary['epochs']} epochs, test error {100 * summary['final_test_error']:.2f}%): "
+            f"nothing to do; `python -m bench.gpu_plan next` names the next stage")
+        return 0
+
+    # where the run continues from: this machine's run folder, or the committed (or returned) checkpoint
+    candidates = [(checkpoint_epoch(folder / "checkpoint.pt"), folder) for folder in (local, results, committed)]
+    epoch, source = max(candidates, key=lambda c: c[0])
+    if epoch >= 0 and source != local:
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        for file in ("checkpoint.pt", "metrics.jsonl", "config.json", "curves.png"):
+            if (source / file).is_file():
+                shutil.copy2(source / file, local / file)
+        say(f"continuing from {source / 'checkpoint.pt'} (epoch {epoch})")
+    elif epoch >= 0:
+        say(f"continuing this machine's run folder {local} (epoch {epoch})")
+    else:
+        shutil.rmtree(local, ignore_errors=True)  # nothing to continue: a fresh run
+        say(f"starting {name}")
+    data = prepare_data(args, work)
+
+    kind, depth, width, recipe_name = NETWORKS.get(model, ("normal", 1, 1, "paper"))
+    command = [sys.executable, str(ROOT / "train.py"), "--dataset", "folder", "--data-dir", str(data),
+               "--recipe", recipe_name, "--loader", "torch", "--no-progress"]
+    run_env = dict(env)
+    if dry:
+        stand_in("PreResNet-8 on a synthetic dataset for 3 epochs on the CPU, in place of the paper network on the GPU")
+        command += ["--type", "normal", "--depth", "1", "--epochs", "3", "--batch-size", "16", "--device", "cpu",
+                    "--no-cuda-graphs"]
+        flags = []
+    else:
+        command += ["--type", kind, "--depth", str(depth)] + (["--width", str(width)] if kind == "wide" else [])
+        choice = None if args.flags else newest_choice([args.results, COMMITTED_RESULTS])
+        if args.flags:
+            flags = args.flags.split()
+        elif choice:
+            flags = choice["flags"]
+            run_env.update(choice.get("env", {}))
+            say(f"flags of the fastest correct variant first-contact measured ({choice['variant']}): {' '.join(flags)}")
+        else:
+            flags = ["--amp=bf16", "--channels-last", "--compile", "--no-fused", "--cuda-graphs"]
+            say("no passed first-contact report on these kernels: the unfused compiled step with CUDA graphs "
+                f"({' '.join(flags)}); run first-contact first to use the fastest correct one")
+        command += flags
+    resume_auto = "auto" in subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                                           text=True, cwd=ROOT, env=env).stdout.split("--resume", 1)[-1][:400]
+    if resume_auto:
+        command += ["--resume", "auto", "--out", str(local)]
+    elif (local / "checkpoint.pt").is_file():
+        command = [sys.executable, str(ROOT / "train.py"), "--resume", str(local), "--no-progress",
+                   *flags] + (["--device", "cpu", "--no-cuda-graphs"] if dry else [])
+    else:
+        command += ["--out", str(local)]
+    train_seconds = args.train_seconds if args.train_seconds else clock.left() - args.reserve_seconds
+    if train_seconds < 30 and not args.train_seconds:
+        say(f"only {clock.left():.0f} s left: no training in this command")
+        return 1
+    command += ["--time-limit", str(int(train_seconds))]
+    results.mkdir(parents=True, exist_ok=True)
+    outcome = run_logged(command, results / "train.log", train_seconds + 30, run_env)
+    # 143: SIGTERM, the time guard's backstop; train.py saved its position first
+    ok = outcome["returncode"] in (0, 128 + signal.SIGTERM)
+
+    # what comes back: config, metrics, curves; the checkpoint while unfinished, the weights once finished
+    from preresnet.training import read_metrics
+
+    history = read_metrics(local / "metrics.jsonl")
+    config = json.loads((local / "config.json").read_text()) if (local / "config.json").is_file() else {}
+    epochs = config.get("recipe", {}).get("epochs")
+    done = checkpoint_epoch(local / "checkpoint.pt")
+    finished = bool(epochs) and done == epochs
+    for file in ("metrics.jsonl", "config.json", "curves.png"):
+        if (local / file).is_file():
+            shutil.copy2(local / file, results / file)
+    commands = summary.get("commands", []) + [{
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": info.get("gpu"), "seconds": round(outcome["seconds"], 1),
+        "returncode": outcome["returncode"], "epochs_after": done, "command": " ".join(command[1:])}]
+    summary = {
+        "name": name, "model": model, "network": config.get("model"), "recipe": config.get("recipe_name"),
+        "data": DATA_DESCRIPTION if not dry else "synthetic (dry run)", "epochs": epochs, "epochs_done": done,
+        "finished": finished, "final_test_error": history[-1]["test_error"] if history else None,
+        "paper_test_error": PAPER_ERROR.get(model),
+        "wall_seconds": round(sum(c["seconds"] for c in commands), 1),
+        "train_seconds": round(sum(m.get("train_seconds", 0.0) for m in history), 1),
+        # training images/s of the epochs that compiled nothing (each command's first epoch compiles)
+        "images_per_second": mean([m["images_per_second"] for m in history if "compile_seconds" not in m]
+                                  or [m["images_per_second"] for m in history]),
+        "flags": flags, "runtime": config.get("runtime"), "gpu": info.get("gpu"), "torch": info["torch"],
+        "triton": info["triton"], "cuda": info.get("cuda"), "commit": info["commit"], "commands": commands,
+        "dry_run": dry,
+    }
+    if finished:
+        summary["weights"] = export_weights(local, results / WEIGHTS_NAME)
+        (results / "checkpoint.pt").unlink(missing_ok=True)  # only the weights are kept once finished
+        check = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(results / WEIGHTS_NAME),
+                                "--json"] + (["--device", "cpu"] if dry else []),
+                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(60, clock.left()))
+        if check.returncode == 0:
+            summary["weights"]["eval_test_error"] = json.loads(check.stdout)["test_error"]
+        else:
+            summary["weights"]["eval_error"] = check.stderr.strip()[-300:]
+    elif done >= 0:
+        shutil.copy2(local / "checkpoint.pt", results / "checkpoint.pt")  # the newest unfinished one only
+    write_json(summary_path, summary)
+    state = "finished" if finished else f"{done} of {epochs} epochs"
+    say(f"reproduce {name}: {state} after {outcome['seconds']:.0f} s of training; results in {results}")
+    return 0 if ok else 1
+
+
+# --- next -----------------------------------------------------------------------------------------
+
+
+def next_stage(results_dirs=(COMMITTED_RESULTS,)) -> tuple[str, str]:
+    """(stage, why) by the documented order."""
+    digest = kernels_digest()
+    passed = False
+    for results in results_dirs:
+        for path in Path(results).glob("*/report.json"):
+            data = json.loads(path.read_text())
+            passed |= data.get("stage") == "first-contact" and bool(data.get("passed")) \
+                and data.get("kernels_digest") == digest
+    if not passed:
+        return "first-contact", f"no first-contact report has passed on the current kernels ({digest})"
+    for model in ORDER:
+        runs = [Path(results) / "reproduce" / run_name(model, False) / "run.json" for results in results_dirs]
+        summary = next((json.loads(p.read_text()) for p in runs if p.is_file()), {})
+        if not summary.get("finished"):
+            done = summary.get("epochs_done", 0)
+            return f"reproduce --model {model}", f"{model}: {max(done, 0)} of {summary.get('epochs') or 'all'} epochs done"
+    return "none", "every run of the plan is finished"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dry-run", action="store_true", help="on the CPU: tiny network, stand-ins for the GPU parts")
+    common.add_argument("--results", default=None, help="results root (default $OUT/bench/results, else bench/results)")
+    common.add_argument("--work", default=str(DEFAULT_WORK), help="machine-local state: data, run folders, caches")
+    common.add_argument("--budget-seconds", type=float, default=BUDGET_SECONDS,
+                        help="wall-clock budget of the whole command (default 540)")
+    fc = sub.add_parser("first-contact", parents=[common], help="kernel tests, launch configs, layer paths, speed matrix")
+    fc.add_argument("--batch-size", type=int, default=128)
+    rp = sub.add_parser("reproduce", parents=[common], help="the paper schedule of one network, resumable")
+    rp.add_argument("--model", choices=ORDER, default="preresnet110")
+    rp.add_argument("--data-archive", default=str(DATA_ARCHIVE), help="the JPEG CIFAR-10 archive (carried)")
+    rp.add_argument("--flags", help="train.py execution flags instead of first-contact's choice, with '=': "
+                                    "--flags='--no-fused --compile --cuda-graphs'")
+    rp.add_argument("--train-seconds", type=float, help="train.py --time-limit (default: the budget left minus the reserve)")
+    rp.add_argument("--reserve-seconds", type=float, default=45.0,
+                    help="kept after training for copying, export and evaluation (default 45)")
+    sub.add_parser("next", help="the next stage by the documented order")
+    child = sub.add_parser("_matrix", parents=[common])
+    child.add_argument("--model", required=True)
+    child.add_argument("--variants", required=True)
+    child.add_argument("--rows", required=True)
+    child.add_argument("--seconds", type=float, required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "results", None) is None and args.stage != "next":
+        args.results = str(default_results())
+    if args.stage == "next":
+        stage, why = next_stage()
+        print(f"next: python -m bench.gpu_plan {stage}   ({why})")
+        return 0
+    if args.stage == "_matrix":
+        return matrix_child(args)
+    return first_contact(args) if args.stage == "first-contact" else reproduce(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

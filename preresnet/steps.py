@@ -1,0 +1,312 @@
+"""The training step as one capturable unit: CUDA graphs of the whole step, and of evaluation.
+
+At batch 128 a PreResNet-110 step launches some 900 to 2,000 kernels of a few microseconds each, so
+on a GPU the CPU's launch overhead, not arithmetic, bounds the step. `--cuda-graphs` captures the
+whole step -- forward, loss, backward and the SGD update (momentum, weight decay, Nesterov) -- once,
+and replays it:
+
+- the batch is copied into static input and label buffers (one device-to-device copy each), which
+  the captured kernels read;
+- the learning rate is a 0-dim float32 tensor on the device that the optimizer reads
+  (`torch.optim.SGD(fused=True)` takes a Tensor lr and reads it on the device, with no host
+  synchronisation); `set_lr` writes it with `fill_` outside the graph, only when it changes, so
+  the warm-up and the decays need no recapture;
+- BatchNorm running statistics and `num_batches_tracked` are updated in place inside the graph;
+- the first `WARMUP_STEPS` steps run eagerly on a side stream (torch.compile compiles there, the
+  Triton kernels and cuDNN pick their configurations there, the optimizer creates its momentum
+  buffers); they are real training steps, so the run's trajectory does not change. The next step
+  is captured (capture records, it does not execute) and then replayed; every later step is one
+  replay.
+
+On the CPU the "capturable" step is the same function run directly (no capture): what
+tests/test_steps.py compares with the plain step, bit for bit.
+
+Where capture cannot work the step falls back to the plain step and says why: fp16 loss scaling
+(GradScaler decides on the host whether to skip a step), multi-process runs (DDP's gradient
+all-reduce is launched from autograd hooks on its own schedule), and any batch whose shape differs
+from the captured one (never in training: the last partial batch is dropped).
+
+`PRERESNET_GRAPH_MODE=reduce-overhead` replaces the manual capture with
+`torch.compile(mode="reduce-overhead")` (forward and backward graphed by Inductor, the fused SGD
+update eager); the GPU plan (`bench/gpu_plan.py`) measures both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (PyTorch's whole-network example uses 3)
+GRAPH_MODES = ("step", "reduce-overhead")
+GRAPH_MODE_ENV = "PRERESNET_GRAPH_MODE"
+
+
+def graph_mode() -> str:
+    mode = os.environ.get(GRAPH_MODE_ENV, "step")
+    if mode not in GRAPH_MODES:
+        raise ValueError(f"{GRAPH_MODE_ENV}={mode!r}: choose one of {', '.join(GRAPH_MODES)}")
+    return mode
+
+
+def make_optimizer(model: torch.nn.Module, recipe, device: torch.device) -> torch.optim.SGD:
+    """The recipe's SGD, fused (one kernel for the whole update, on CUDA and CPU): it takes a
+    Tensor lr without a host synchronisation, so the same optimizer serves the plain and the
+    captured step, and the two compute bit-identical updates."""
+    fused = device.type in ("cuda", "cpu")
+    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                           weight_decay=recipe.weight_decay, fused=fused)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PlainStep:
+    """forward, loss, backward and optimizer step, run eagerly (the model may be compiled)."""
+
+    captured = False
+
+    def __init__(self, model, forward, optimizer, scaler, runtime, note: str | None = None):
+        self.model, self.forward, self.optimizer, self.scaler, self.runtime = model, forward, optimizer, scaler, runtime
+        self.note = note  # why the step is not captured, when it was asked to be
+        self.calls = 0
+        self.first_step_seconds = None  # time to the first step's end: compilation included
+        self.capture_seconds = 0.0
+        self._lr = None
+        # torch.compile(mode="reduce-overhead") replays its graphs; each step tells it a new one began
+        self.mark_steps = runtime.compile and runtime.device.type == "cuda" and runtime.cuda_graphs \
+            and graph_mode() == "reduce-overhead"
+
+    def set_lr(self, lr: float) -> None:
+        if lr != self._lr:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self._lr = lr
+
+    def autocast(self):
+        return self.runtime.autocast()
+
+    def body(self, x, y):
+        with self.autocast():
+            logits = self.forward(x)
+            loss = F.cross_entropy(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, logits
+
+    def __call__(self, x, y):
+        if self.mark_steps:
+            torch.compiler.cudagraph_mark_step_begin()
+        if self.calls == 0:
+            synchronize(self.runtime.device)
+            start = time.perf_counter()
+            out = self.body(x, y)
+            synchronize(self.runtime.device)
+            self.first_step_seconds = time.perf_counter() - start
+        else:
+            out = self.body(x, y)
+        self.calls += 1
+        return out
+
+    def describe(self) -> str:
+        return self.note or "plain step (not captured)"
+
+    def take_timings(self) -> dict:
+        """compile_seconds (the first step: compilation, autotuning and warm-up included) and
+        capture_seconds (recording the graph), each reported once, by the epoch in which it happened."""
+        timings = {}
+        if self.first_step_seconds is not None:
+            timings["compile_seconds"] = self.first_step_seconds
+            self.first_step_seconds = None
+        if self.captured and not getattr(self, "_capture_reported", False):
+            timings["capture_seconds"] = self.capture_seconds
+            self._capture_reported = True
+        return timings
+
+
+class GraphStep(PlainStep):
+    """The whole step on static buffers with a device-tensor lr; captured into a CUDA graph on a GPU."""
+
+    def __init__(self, model, forward, optimizer, scaler, runtime):
+        super().__init__(model, forward, optimizer, scaler, runtime)
+        device = runtime.device
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=device)
+        self.static_x = self.static_y = None
+        self.graph = None
+        self.outputs = None
+        self.captured = False
+
+    def set_lr(self, lr: float) -> None:
+        if lr != self._lr:
+            self.lr.fill_(lr)  # a device write, queued in stream order before the next replay
+            self._lr = lr
+        for group in self.optimizer.param_groups:  # load_state_dict may have replaced the groups
+            if group["lr"] is not self.lr:
+                group["lr"] = self.lr
+
+    def autocast(self):
+        if self.runtime.amp == "off":
+            return contextlib.nullcontext()
+        # the autocast weight-cast cache must not outlive a capture (PyTorch's CUDA-graph notes)
+        return torch.autocast(self.runtime.device.type, dtype=self.runtime.amp_dtype, cache_enabled=False)
+
+    def static_step(self):
+        """What is captured: the step on the static buffers."""
+        return self.body(self.static_x, self.static_y)
+
+    def __call__(self, x, y):
+        if self.static_x is None:
+            self.static_x, self.static_y = torch.empty_like(x), torch.empty_like(y)
+        if x.shape != self.static_x.shape or x.stride() != self.static_x.stride() or y.shape != self.static_y.shape:
+            return PlainStep.__call__(self, x, y)  # never in training (partial batches are dropped)
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        if self.runtime.device.type != "cuda":  # nothing to capture: the step that would be captured, run directly
+            return PlainStep.__call__(self, self.static_x, self.static_y)
+        if self.graph is not None:
+            self.graph.replay()
+            self.calls += 1
+            return self.outputs
+        device = self.runtime.device
+        synchronize(device)
+        start = time.perf_counter()
+        if self.calls < WARMUP_STEPS:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out = self.static_step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            synchronize(device)
+            if self.calls == 0:
+                self.first_step_seconds = time.perf_counter() - start
+            self.calls += 1
+            return out
+        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.static_step()
+        synchronize(device)
+        self.capture_seconds += time.perf_counter() - start
+        self.graph, self.outputs, self.captured = graph, outputs, True
+        self.graph.replay()  # the capture recorded the step; this runs it
+        self.calls += 1
+        return self.outputs
+
+    def describe(self) -> str:
+        if self.runtime.device.type != "cuda":
+            return "capturable step on static buffers, run without capture (CUDA graphs need a CUDA GPU)"
+        return f"whole step captured in a CUDA graph after {WARMUP_STEPS} eager warm-up steps"
+
+
+
+class GraphedEval:
+    """The evaluation forward for the fixed evaluation batch, captured in a CUDA graph on a GPU
+    (after one eager warm-up call on a side stream); any other batch shape (the last partial batch)
+    runs the forward directly. The graph reads the weights and running statistics in place, so it
+    stays valid while training updates them. Under torch.compile the forward it captures is the
+    compiled one."""
+
+    def __init__(self, forward, model, runtime):
+        self.forward, self.model, self.runtime = forward, model, runtime
+        self.graph = self.static_x = self.output = None
+        self.calls = 0
+        self.capture_seconds = 0.0
+        self.first_batch_seconds = None
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def _forward(self, x):
+        if self.runtime.amp == "off":
+            return self.forward(x)
+        with torch.autocast(self.runtime.device.type, dtype=self.runtime.amp_dtype, cache_enabled=False):
+            return self.forward(x)
+
+    def __call__(self, x):
+        device = self.runtime.device
+        if self.graph is not None and x.shape == self.static_x.shape and x.stride() == self.static_x.stride():
+            self.static_x.copy_(x)
+            self.graph.replay()
+            return self.output
+        if self.graph is not None or device.type != "cuda" or torch.is_grad_enabled():
+            return self.forward(x)
+        synchronize(device)
+        start = time.perf_counter()
+        if self.calls == 0:  # warm-up: compilation (eval mode is its own graph) and autotuning
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out = self._forward(x)
+            torch.cuda.current_stream(device).wait_stream(side)
+            synchronize(device)
+            self.first_batch_seconds = time.perf_counter() - start
+            self.calls += 1
+            return out
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self._forward(static_x)
+        synchronize(device)
+        self.capture_seconds += time.perf_counter() - start
+        self.graph, self.static_x, self.output = graph, static_x, output
+        self.graph.replay()
+        self.calls += 1
+        return self.output
+
+    def take_timings(self) -> dict:
+        timings = {}
+        if self.first_batch_seconds is not None:
+            timings["eval_compile_seconds"] = self.first_batch_seconds
+            self.first_batch_seconds = None
+        if self.graph is not None and not getattr(self, "_capture_reported", False):
+            timings["eval_capture_seconds"] = self.capture_seconds
+            self._capture_reported = True
+        return timings
+
+
+def graph_fallback_reason(runtime) -> str | None:
+    """Why the whole step cannot be captured with these settings, or None."""
+    if runtime.amp == "fp16":
+        return ("fp16 loss scaling: GradScaler decides on the host whether to skip each step (a synchronisation "
+                "a graph cannot hold); use --amp bf16 for graphs")
+    if runtime.dist.enabled:
+        return "multi-process training: DDP launches its gradient all-reduce from autograd hooks, outside a graph"
+    if runtime.compile and graph_mode() == "reduce-overhead":
+        return f"{GRAPH_MODE_ENV}=reduce-overhead: torch.compile graphs the forward and backward itself"
+    return None
+
+
+def build_step(model, optimizer, scaler, runtime):
+    """The step function and the evaluation forward for these settings.
+
+    Returns (step, eval_forward): step(x, y) -> (loss, logits) with step.set_lr(lr),
+    step.take_timings() and step.describe(); eval_forward(x) -> logits, with .eval() and, when
+    graphed, take_timings()."""
+    mode = graph_mode() if runtime.cuda_graphs else None
+    if runtime.compile:
+        compile_mode = "reduce-overhead" if mode == "reduce-overhead" and runtime.device.type == "cuda" else None
+        forward = torch.compile(model, mode=compile_mode)
+    else:
+        forward = model
+    if not runtime.cuda_graphs:
+        return PlainStep(model, forward, optimizer, scaler, runtime), forward
+    reason = graph_fallback_reason(runtime)
+    if reason:
+        note = f"CUDA graphs: the step is not captured ({reason})"
+        if mode == "reduce-overhead" and runtime.compile:
+            note = f"CUDA graphs by torch.compile(mode='reduce-overhead'), optimizer step eager"
+        return PlainStep(model, forward, optimizer, scaler, runtime, note=note), forward
+    step = GraphStep(model, forward, optimizer, scaler, runtime)
+    return step, GraphedEval(forward, model, runtime)

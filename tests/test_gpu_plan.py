@@ -1,0 +1,166 @@
+"""The staged GPU plan (bench/gpu_plan.py), dry-run on the CPU: every stage end to end with a tiny
+network and stand-ins for the GPU-only parts, so a GPU window never finds a crash the CPU could
+have shown; the results table and eval.py on a finished run's exported weights."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import gpu_plan, render_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("OUT", None)
+    return subprocess.run([sys.executable, "-m", "bench.gpu_plan", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)
+
+
+def test_first_contact_dry_run(tmp_path):
+    result = plan("first-contact", "--dry-run", "--results", tmp_path / "results", "--work", tmp_path / "work")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "STAND-IN" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    [folder] = (tmp_path / "results").iterdir()
+    assert folder.name.endswith("-cpu-dry-run")
+    report = json.loads((folder / "report.json").read_text())
+    assert report["dry_run"] and not report["passed"]  # a dry run never counts as passed
+    assert [p["name"] for p in report["parts"]] == ["kernel-tests", "kernel-errors", "layer-paths", "config-search",
+                                                    "speed-matrix"]
+    assert report["kernels_digest"] == gpu_plan.kernels_digest()
+    rows = report["matrix"]["models"]
+    assert [row["variant"] for row in rows] == list(gpu_plan.VARIANTS)
+    assert all(row["images_per_second"] > 0 and row.get("correct") for row in rows), rows
+    # the graph variants ran the capturable step (no capture on a CPU), the others the plain one
+    assert all(("without capture" in row["step"]) == gpu_plan.VARIANTS[row["variant"]]["cuda_graphs"]
+               for row in rows if row["variant"] != "compile-reduce-overhead")
+    assert "## Training step of train.py" in (folder / "report.md").read_text()
+    # the choice is a set of train.py flags train.py accepts
+    import train
+
+    args = train.build_parser().parse_args(["--type", "normal", "--depth", "1", *report["choice"]["flags"]])
+    assert args.cuda_graphs is not None and args.compile is not None
+    # the README's performance table reads the report as it reads bench.gpu_report's
+    table = render_results.table(render_results.load_reports(tmp_path / "results"))
+    assert "| tiny | compile-graphs |" in table
+    # a second command on the same (warm) machine keeps what the first measured
+    again = plan("first-contact", "--dry-run", "--results", tmp_path / "again", "--work", tmp_path / "work")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "continuing the first-contact of an earlier command" in again.stdout
+    assert "matrix tiny" not in again.stdout  # nothing left to measure
+    [folder] = (tmp_path / "again").iterdir()
+    assert [row["variant"] for row in json.loads((folder / "report.json").read_text())["matrix"]["models"]] == \
+        list(gpu_plan.VARIANTS)
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """reproduce --dry-run twice: cut short by its time limit after one epoch, then, on a 'fresh
+    machine' (the work folder deleted), resumed from the returned checkpoint to the end."""
+    root = tmp_path_factory.mktemp("plan")
+    results, work = root / "results", root / "work"
+    first = plan("reproduce", "--dry-run", "--results", results, "--work", work, "--train-seconds", "1")
+    run_dir = results / "reproduce" / "dryrun-preresnet110"
+    state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else None
+    had_checkpoint = (run_dir / "checkpoint.pt").is_file()
+    import shutil
+
+    shutil.rmtree(work / "runs")
+    second = plan("reproduce", "--dry-run", "--results", results, "--work", work)
+    return first, state, had_checkpoint, second, run_dir
+
+
+def test_reproduce_dry_run_stops_in_time_and_resumes_from_the_returned_checkpoint(reproduced):
+    first, state, had_checkpoint, second, run_dir = reproduced
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "STAND-IN" in first.stdout and "stopped after epoch 1 of 3" in first.stdout
+    assert state["epochs_done"] == 1 and not state["finished"] and had_checkpoint
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "continuing from" in second.stdout and "resuming after epoch 1" in second.stdout
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["finished"] and summary["epochs_done"] == 3 and len(summary["commands"]) == 2
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert "compile_seconds" in metrics[0] and "compile_seconds" in metrics[1]  # each command's first epoch
+    assert summary["final_test_error"] == metrics[-1]["test_error"]
+    for name in ("config.json", "curves.png", "train.log", gpu_plan.WEIGHTS_NAME):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoint.pt").exists()  # finished: only the weights are kept
+    # the stage evaluated the exported weights with eval.py
+    assert summary["weights"]["eval_test_error"] == pytest.approx(summary["final_test_error"], abs=1e-9)
+
+
+def test_eval_reads_the_exported_weights_and_train_refuses_to_resume_them(reproduced):
+    *_, run_dir = reproduced
+    weights = run_dir / gpu_plan.WEIGHTS_NAME
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    assert saved["format"] == "preresnet-weights-1" and "optimizer" not in saved
+    conv = next(v for k, v in saved["model"].items() if k.endswith("conv1.weight"))
+    assert conv.dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for k, v in saved["model"].items() if "running_" in k)
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(weights), "--json",
+                             "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert json.loads(result.stdout)["test_error"] == pytest.approx(summary["final_test_error"], abs=1e-9)
+    refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(weights)], capture_output=True,
+                             text=True, cwd=ROOT, timeout=300)
+    assert refused.returncode == 2 and "exported weights" in refused.stderr
+
+
+def fake_run(folder: Path, finished: bool) -> None:
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({
+        "name": folder.name, "model": "preresnet110", "network": "PreResNet-110", "recipe": "paper",
+        "data": gpu_plan.DATA_DESCRIPTION, "epochs": 164, "epochs_done": 164 if finished else 80, "finished": finished,
+        "final_test_error": 0.0712, "paper_test_error": 0.0637, "wall_seconds": 1500.0, "images_per_second": 13_000.0,
+        "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234",
+        "commands": [{}, {}], "weights": {"file": "weights-bf16.pt", "eval_test_error": 0.0713} if finished else {}}))
+
+
+def test_results_table_renders_finished_runs_and_names_unfinished_ones(tmp_path):
+    fake_run(tmp_path / "reproduce" / "preresnet110-paper-cifar10-jpeg", finished=True)
+    fake_run(tmp_path / "reproduce" / "preresnet164-paper-cifar10-jpeg", finished=False)
+    runs = render_results.load_runs(tmp_path)
+    text = render_results.runs_table(runs)
+    assert ("| PreResNet-110 | paper | CIFAR-10 re-encoded as JPEG (lossy; not the papers' data) | **7.12%** | 6.37% | "
+            "25.0 min in 2 commands | 13,000 | NVIDIA H100 80GB HBM3 | 2.11.0 / 3.6.0 | abc1234 |") in text
+    assert "(eval.py: 7.13%)" in text
+    assert "In progress: PreResNet-110 (paper), 80 of 164 epochs" in text
+    readme = f"a\n{render_results.RUNS_START}\nold\n{render_results.RUNS_END}\nb\n"
+    assert render_results.render_runs(readme, runs) == f"a\n{render_results.RUNS_START}\n{text}\n{render_results.RUNS_END}\nb\n"
+    assert "No finished reproduction run yet" in render_results.runs_table([])
+
+
+def test_next_follows_the_documented_order(tmp_path):
+    assert gpu_plan.next_stage([tmp_path])[0] == "first-contact"
+    report = tmp_path / "2026-12-01-h100" / "report.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "kernels_digest": "old"}))
+    assert gpu_plan.next_stage([tmp_path])[0] == "first-contact"  # passed on other kernels
+    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "kernels_digest": gpu_plan.kernels_digest()}))
+    assert gpu_plan.next_stage([tmp_path])[0] == "reproduce --model preresnet110"
+    fake_run(tmp_path / "reproduce" / "preresnet110-paper-cifar10-jpeg", finished=True)
+    assert gpu_plan.next_stage([tmp_path])[0] == "reproduce --model preresnet164"
+    for name in ("preresnet164-paper-cifar10-jpeg", "wrn16_4-wrn-cifar10-jpeg"):
+        fake_run(tmp_path / "reproduce" / name, finished=True)
+    assert gpu_plan.next_stage([tmp_path])[0] == "none"
+
+
+def test_documented_stage_commands_parse():
+    """Every `python -m bench.gpu_plan ...` command in bench/README.md is one the plan accepts."""
+    text = (ROOT / "bench" / "README.md").read_text()
+    commands = re.findall(r"^python -m bench\.gpu_plan (.+)$", text, flags=re.MULTILINE)
+    commands += re.findall(r"`python -m bench\.gpu_plan ([^`]+)`", text)
+    assert any(c.startswith("first-contact") for c in commands) and any(c.startswith("reproduce") for c in commands)
+    parser = gpu_plan.build_parser()
+    for command in commands:
+        parser.parse_args(shlex.split(command.split("#")[0].replace("DIR", "/tmp/x")))
