@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -148,23 +147,10 @@ def table_from(result: dict) -> dict:
 
 def gpu_timer(batch: int, dtype, iterations: int = 10, warmup: int = 2):
     """time_layer for a CUDA GPU: median ms of forward + backward of the fused layer, CUDA events."""
-    import torch
+    from bench.workloads import conv_path_step, time_step
 
-    from bench.workloads import conv_path_step
-
-    def time_layer(signature) -> float:
-        step = conv_path_step(signature, "triton", "cuda", batch, dtype)
-        for _ in range(warmup):  # compiles the candidate's kernels
-            step()
-        times = []
-        for _ in range(iterations):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
+    def time_layer(signature) -> float:  # the warm-up compiles the candidate's kernels
+        return time_step(conv_path_step(signature, "triton", "cuda", batch, dtype), warmup, iterations)
 
     return time_layer
 

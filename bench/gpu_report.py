@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -25,8 +24,8 @@ import torch
 from bench.floors import fraction_of_floor
 from bench.render_results import provider_label
 from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused,
-                             layer_signatures, make_unit, skip_reason, torch_path_layers, training_step, unit_shapes,
-                             unit_step)
+                             layer_signatures, make_unit, skip_reason, time_step, torch_path_layers, training_step,
+                             unit_shapes, unit_step)
 from bench import config_search
 from kernels import launch_configs
 from kernels.paths import TABLE_ENV
@@ -103,21 +102,6 @@ def check_correctness(clock: Clock) -> tuple[list[dict], bool]:
             print(f"{'ok  ' if passed else 'FAIL'} {shape.name:42s} {str(dtype):15s} fused/torch error ratio "
                   f"{worst:6.2f}  {errors['fused']}", flush=True)
     return rows, ok
-
-
-def time_step(step, warmup: int = 3, iterations: int = 20) -> float:
-    """Median milliseconds of step() by CUDA events, after warm-up (compilation, autotuning)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iterations):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure(make_step, batch: int, iterations: int = 20) -> dict:

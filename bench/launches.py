@@ -25,15 +25,12 @@ fused differently from the Triton kernels it generates for a GPU.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the launchers accept CPU tensors only then
-
 import argparse
 import collections
 import contextlib
 import json
 import math
+import os
 import sys
 
 import torch
@@ -146,6 +143,8 @@ def step_launches(name: str, provider: str, batch: int = 128) -> LaunchCounter:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the launchers accept CPU tensors only under the interpreter (read when triton is first imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     from bench.workloads import MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

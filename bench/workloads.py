@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,21 @@ def training_step(name: str, provider: str, device: str, batch: int):
         synchronize(device)
 
     return step
+
+
+def time_step(step, warmup: int = 3, iterations: int = 20) -> float:
+    """Median milliseconds of step() by CUDA events, after warm-up (compilation, autotuning)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iterations):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def synchronize(device: str) -> None:
