@@ -253,3 +253,49 @@ def test_render_results_installs_the_newest_search_per_gpu(tmp_path):
     assert table[GPU]["bfloat16"]["other"] == {CONV_FWD: SEARCH_SPACE[CONV_FWD][1].to_json()}  # skipped: kept
     assert lc.validate_table(table)
     assert render_results.launch_configs([]) == "{}\n"  # no report: an empty table, as committed before the first GPU
+
+
+def test_the_launchers_launch_the_tables_config_for_their_layer(tmp_path, monkeypatch):
+    """kernels.preact_conv looks each kernel's config up by the layer's key: a table entry for one
+    layer and kind changes that launch's blocks, warps and stages, and no other."""
+    import torch
+
+    from kernels import preact_conv
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, kwargs))
+
+    for name in ("_bn_relu_conv_fwd_kernel", "_bn_relu_conv_dgrad_kernel", "_bn_relu_conv_wgrad_kernel",
+                 "_bn_backward_apply_kernel"):
+        monkeypatch.setattr(preact_conv, name, Recorder(name))
+    forward, dgrad = SEARCH_SPACE[CONV_FWD][1], SEARCH_SPACE[CONV_DGRAD][2]
+    assert forward != DEFAULTS[CONV_FWD] and dgrad != DEFAULTS[CONV_DGRAD]
+    key = lc.layer_key(64, 8, 8, 64, 3, 1, True, True)
+    monkeypatch.setenv(lc.TABLE_ENV, str(write(tmp_path, {GPU: {"bfloat16": {key: {
+        CONV_FWD: forward.to_json(), CONV_DGRAD: dgrad.to_json()}}}})))
+    x = torch.randn(2, 64, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    stats = torch.zeros(64), torch.ones(64)
+    weight = torch.randn(64, 64, 3, 3)
+    with lc.emulate_device(GPU):  # CPU tensors looked up as on the GPU, with the GPU's pixel tiles
+        for residual in (x, None):  # the table names the layer with its residual only
+            launches.clear()
+            preact_conv.bn_relu_conv_forward(x, *stats, torch.ones(64), torch.zeros(64), weight, residual, 1, 1, 1e-5,
+                                             True)
+            preact_conv.bn_relu_conv_backward(x, x, *stats, torch.ones(64), torch.zeros(64), weight, 1, 1, 1e-5, True,
+                                              True, residual=residual is not None)
+            used = {name: kwargs for name, kwargs in launches}
+            expected = {"_bn_relu_conv_fwd_kernel": forward if residual is not None else DEFAULTS[CONV_FWD],
+                        "_bn_relu_conv_dgrad_kernel": dgrad if residual is not None else DEFAULTS[CONV_DGRAD],
+                        "_bn_relu_conv_wgrad_kernel": DEFAULTS[CONV_WGRAD],
+                        "_bn_backward_apply_kernel": DEFAULTS[ELEMENTWISE]}
+            for name, config in expected.items():
+                sizes = {"M": 2 * 8 * 8, "C_IN": 64, "C_OUT": 64, "C": 64}
+                assert {k: used[name][k] for k in config.fit(lc.kernel_kind(name), sizes)} == \
+                    config.fit(lc.kernel_kind(name), sizes), name
+                assert {k: used[name][k] for k in config.options} == config.options, name
