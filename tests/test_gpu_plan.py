@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,11 +157,43 @@ def test_next_follows_the_documented_order(tmp_path):
 
 
 def test_documented_stage_commands_parse():
-    """Every `python -m bench.gpu_plan ...` command in bench/README.md is one the plan accepts."""
+    """Every `python[3] -m bench.gpu_plan ...` command in bench/README.md is one the plan accepts."""
     text = (ROOT / "bench" / "README.md").read_text()
-    commands = re.findall(r"^python -m bench\.gpu_plan (.+)$", text, flags=re.MULTILINE)
-    commands += re.findall(r"`python -m bench\.gpu_plan ([^`]+)`", text)
+    commands = re.findall(r"^python3? -m bench\.gpu_plan (.+)$", text, flags=re.MULTILINE)
+    commands += re.findall(r"`python3? -m bench\.gpu_plan ([^`]+)`", text)
     assert any(c.startswith("first-contact") for c in commands) and any(c.startswith("reproduce") for c in commands)
     parser = gpu_plan.build_parser()
     for command in commands:
         parser.parse_args(shlex.split(command.split("#")[0].replace("DIR", "/tmp/x")))
+
+
+def test_reproduce_copies_each_new_checkpoint_back_while_training(tmp_path):
+    """A command killed before its end still returns its last save: the watcher copies every new
+    checkpoint (with metrics, config and curves) into the results folder while train.py runs."""
+    run, results = tmp_path / "run", tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    with gpu_plan.copying_progress(run, results, every=0.02):
+        time.sleep(0.1)
+        assert not (results / "checkpoint.pt").exists()  # nothing saved yet
+        (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        (run / "checkpoint.pt").write_bytes(b"epoch 1")
+        deadline = time.monotonic() + 10
+        while not (results / "checkpoint.pt").exists():
+            assert time.monotonic() < deadline, "the checkpoint was not copied back"
+            time.sleep(0.02)
+    assert (results / "checkpoint.pt").read_bytes() == b"epoch 1"
+    assert (results / "metrics.jsonl").read_text() == '{"epoch": 1}\n'
+    assert not list(results.glob(".*.copy"))
+
+
+def test_a_speed_choice_counts_only_on_the_current_kernels(tmp_path):
+    report = tmp_path / "2026-12-01-h100" / "report.json"
+    report.parent.mkdir()
+    choice = {"variant": "fused-graphs", "flags": ["--fused"]}
+    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "choice": choice, "date": "2026-12-01",
+                                  "kernels_digest": "other kernels"}))
+    assert gpu_plan.newest_choice([tmp_path]) is None
+    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "choice": choice, "date": "2026-12-01",
+                                  "kernels_digest": gpu_plan.kernels_digest()}))
+    assert gpu_plan.newest_choice([tmp_path]) == choice
