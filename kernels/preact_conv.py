@@ -80,6 +80,17 @@ def _is_last_to_arrive(counter_ptr, programs):
 
 
 @triton.jit
+def _tile_means(partial_ptr, t0, tiles, M, C, offs_n, mask_n, BLOCK_M: tl.constexpr):
+    """MERGE_BLOCK tiles' rows of the per-tile statistics from t0 on: tile indices, rows per tile
+    (BLOCK_M but the last), the valid mask and the tile means (read past L1: other programs wrote them)."""
+    t = t0 + tl.arange(0, MERGE_BLOCK)
+    rows = tl.minimum(M - t * BLOCK_M, BLOCK_M).to(tl.float32)
+    tile = (t < tiles)[:, None] & mask_n[None, :]
+    means = tl.load(partial_ptr + t[:, None] * C + offs_n[None, :], mask=tile, other=0.0, cache_modifier=".cg")
+    return t, rows, tile, means
+
+
+@triton.jit
 def _bn_scale_shift(mean_ptr, var_ptr, gamma_ptr, beta_ptr, offs, mask, eps):
     """Per-channel BatchNorm as an affine map: scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
     mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
@@ -179,20 +190,12 @@ def _bn_relu_conv_fwd_kernel(
             # M2 = sum M2_t + sum n_t (mean_t - mean)^2 over tiles of n_t rows (BLOCK_M but the last)
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for t0 in range(0, tiles, MERGE_BLOCK):
-                t = t0 + tl.arange(0, MERGE_BLOCK)
-                rows = tl.minimum(M - t * BLOCK_M, BLOCK_M).to(tl.float32)
-                tile = (t < tiles)[:, None] & mask_n[None, :]
-                means = tl.load(partial_ptr + t[:, None] * C_OUT + offs_n[None, :], mask=tile, other=0.0,
-                                cache_modifier=".cg")
+                t, rows, tile, means = _tile_means(partial_ptr, t0, tiles, M, C_OUT, offs_n, mask_n, BLOCK_M)
                 total += tl.sum(tl.where(tile, means * rows[:, None], 0.0), axis=0)
             mean = total / M
             m2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for t0 in range(0, tiles, MERGE_BLOCK):
-                t = t0 + tl.arange(0, MERGE_BLOCK)
-                rows = tl.minimum(M - t * BLOCK_M, BLOCK_M).to(tl.float32)
-                tile = (t < tiles)[:, None] & mask_n[None, :]
-                means = tl.load(partial_ptr + t[:, None] * C_OUT + offs_n[None, :], mask=tile, other=0.0,
-                                cache_modifier=".cg")
+                t, rows, tile, means = _tile_means(partial_ptr, t0, tiles, M, C_OUT, offs_n, mask_n, BLOCK_M)
                 m2s = tl.load(partial_ptr + (tiles + t[:, None]) * C_OUT + offs_n[None, :], mask=tile, other=0.0,
                               cache_modifier=".cg")
                 offset = means - mean[None, :]
