@@ -49,9 +49,15 @@ DATA_DESCRIPTION = "CIFAR-10 re-encoded as JPEG (lossy; not the papers' data)"
 ORDER = ("preresnet110", "preresnet164", "wrn16_4")
 # the networks of the reproduction: (type, depth, width, recipe)
 NETWORKS = {"preresnet110": ("normal", 18, 1, "paper"), "preresnet164": ("bottleneck", 18, 1, "paper"),
-            "wrn16_4": ("wide", 2, 4, "wrn")}
+            "wrn16_4": ("wide", 2, 4, "wrn"),
+            # not in the plan's order: the one full schedule 2 CPU cores finish (in about 5 hours)
+            "preresnet20": ("normal", 3, 1, "paper")}
 PAPER_ERROR = {"preresnet110": 0.0637, "preresnet164": 0.0546, "wrn16_4": 0.0502}
 WEIGHTS_NAME = "weights-bf16.pt"
+DEFAULT_SEEDS = (0, 1, 2)
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "curves.png")  # what a run folder holds
+# reproduce --device cpu: fp32 as on a GPU's reference path; channels-last is 25% faster on a CPU
+CPU_FLAGS = ("--device", "cpu", "--amp=off", "--channels-last", "--no-compile", "--no-fused", "--no-cuda-graphs")
 
 # The speed matrix: training steps of train.py's own step function (preresnet.training.make_step_fn).
 VARIANTS = {
@@ -600,8 +606,15 @@ def first_contact_markdown(data: dict) -> str:
 # --- reproduce ----------------------------------------------------------------------------------------
 
 
-def run_name(model: str, dry: bool) -> str:
-    return f"dryrun-{model}" if dry else f"{model}-{NETWORKS[model][3]}-cifar10-jpeg"
+def run_name(model: str, dry: bool, device: str = "cuda") -> str:
+    if dry:
+        return f"dryrun-{model}"
+    return f"{model}-{NETWORKS[model][3]}-cifar10-jpeg" + ("-cpu" if device == "cpu" else "")
+
+
+def seed_folder(seed: int) -> str:
+    """The run folder of one seed inside a reproduction (train.py --seeds names them so too)."""
+    return f"seed-{seed}"
 
 
 def newest_choice(results_dirs) -> dict | None:
@@ -708,6 +721,7 @@ def copying_progress(run: Path, results: Path, every: float = 5.0):
     import threading
 
     stop = threading.Event()
+    results.mkdir(parents=True, exist_ok=True)
 
     def watch():
         seen = None
@@ -717,7 +731,7 @@ def copying_progress(run: Path, results: Path, every: float = 5.0):
             if stamp is None or stamp == seen:
                 continue
             seen = stamp
-            for file in ("checkpoint.pt", "metrics.jsonl", "config.json", "curves.png"):
+            for file in RUN_FILES:
                 if (run / file).is_file():
                     shutil.copy2(run / file, results / f".{file}.copy")
                     os.replace(results / f".{file}.copy", results / file)
@@ -737,19 +751,20 @@ def reproduce(args) -> int:
     from bench.workloads import environment
 
     dry = args.dry_run
+    on_cpu = dry or args.device == "cpu"
     clock = Clock(args.budget_seconds)
-    if not dry and not torch.cuda.is_available():
-        print("gpu_plan: error: reproduce needs a CUDA GPU (or --dry-run on the CPU)", file=sys.stderr)
+    if not on_cpu and not torch.cuda.is_available():
+        print("gpu_plan: error: reproduce needs a CUDA GPU (or --device cpu, or --dry-run)", file=sys.stderr)
         return 2
     model = args.model
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     env = cache_env(work)
-    name = run_name(model, dry)
+    name = run_name(model, dry, "cpu" if on_cpu else "cuda")
     results = Path(args.results) / "reproduce" / name
     committed = COMMITTED_RESULTS / "reproduce" / name
     local = work / "runs" / name
-    info = environment("cpu" if dry else "cuda")
+    info = environment("cpu" if on_cpu else "cuda")
     say(f"reproduce {name}: {info.get('gpu') or 'CPU'}, budget {args.budget_seconds:.0f} s")
 
     summary_path = results / "run.json"
@@ -759,26 +774,34 @@ def reproduce(args) -> int:
             candidate = json.loads(source.read_text())
             if len(candidate.get("commands", [])) >= len(summary.get("commands", [])):
                 summary = candidate
+    seeds = args.seeds or summary.get("seeds") or list(DEFAULT_SEEDS)
+    if summary.get("seeds") and args.seeds and args.seeds != summary["seeds"]:
+        print(f"gpu_plan: error: {name} trains seeds {summary['seeds']}; --seeds {args.seeds} would change the run",
+              file=sys.stderr)
+        return 2
     if summary.get("finished"):
-        say(f"{name} is finished ({summary['epochs']} epochs, test error {100 * summary['final_test_error']:.2f}%): "
-            f"nothing to do; `python -m bench.gpu_plan next` names the next stage")
+        say(f"{name} is finished ({summary['epochs']} epochs, seeds {seeds}): nothing to do; "
+            f"`python -m bench.gpu_plan next` names the next stage")
         return 0
 
-    # where the run continues from: this machine's run folder, or the committed (or returned) checkpoint
-    candidates = [(checkpoint_epoch(folder / "checkpoint.pt"), folder) for folder in (local, results, committed)]
-    epoch, source = max(candidates, key=lambda c: c[0])
-    if epoch >= 0 and source != local:
-        shutil.rmtree(local, ignore_errors=True)
-        local.mkdir(parents=True)
-        for file in ("checkpoint.pt", "metrics.jsonl", "config.json", "curves.png"):
-            if (source / file).is_file():
-                shutil.copy2(source / file, local / file)
-        say(f"continuing from {source / 'checkpoint.pt'} (epoch {epoch})")
-    elif epoch >= 0:
-        say(f"continuing this machine's run folder {local} (epoch {epoch})")
-    else:
-        shutil.rmtree(local, ignore_errors=True)  # nothing to continue: a fresh run
-        say(f"starting {name}")
+    # where each seed's run continues from: this machine's run folder, or the committed (or returned) checkpoint
+    for seed in seeds:
+        folder = seed_folder(seed)
+        candidates = [(checkpoint_epoch(root / folder / "checkpoint.pt"), root / folder)
+                      for root in (local, results, committed)]
+        epoch, source = max(candidates, key=lambda c: c[0])
+        if epoch >= 0 and source != local / folder:
+            shutil.rmtree(local / folder, ignore_errors=True)
+            (local / folder).mkdir(parents=True)
+            for file in RUN_FILES:
+                if (source / file).is_file():
+                    shutil.copy2(source / file, local / folder / file)
+            say(f"{folder}: continuing from {source / 'checkpoint.pt'} (epoch {epoch})")
+        elif epoch >= 0:
+            say(f"{folder}: continuing this machine's run folder {local / folder} (epoch {epoch})")
+        else:
+            shutil.rmtree(local / folder, ignore_errors=True)  # nothing to continue: a fresh run
+            say(f"{folder}: starting")
     data = prepare_data(args, work)
 
     kind, depth, width, recipe_name = NETWORKS.get(model, ("normal", 1, 1, "paper"))
@@ -787,90 +810,145 @@ def reproduce(args) -> int:
     run_env = dict(env)
     if dry:
         stand_in("PreResNet-8 on a synthetic dataset for 3 epochs on the CPU, in place of the paper network on the GPU")
-        command += ["--type", "normal", "--depth", "1", "--epochs", "3", "--batch-size", "16", "--device", "cpu",
-                    "--no-cuda-graphs"]
-        flags = []
+        command += ["--type", "normal", "--depth", "1", "--epochs", "3", "--batch-size", "16"]
+        flags = ["--device", "cpu", "--no-cuda-graphs"]
     else:
         command += ["--type", kind, "--depth", str(depth)] + (["--width", str(width)] if kind == "wide" else [])
-        # this machine's own first-contact too (work/first-contact), in case its results were not copied back yet
-        choice = None if args.flags else newest_choice([args.results, COMMITTED_RESULTS, work])
-        if args.flags:
-            flags = args.flags.split()
-        elif choice:
-            flags = choice["flags"]
-            run_env.update(choice.get("env", {}))
-            say(f"flags of the fastest correct variant first-contact measured ({choice['variant']}): {' '.join(flags)}")
-        else:
-            # the capture the gpu tests cover, without a cold compile in every window
-            flags = ["--amp=bf16", "--channels-last", "--no-compile", "--no-fused", "--cuda-graphs"]
-            say("no passed first-contact report on these kernels: the unfused eager step with CUDA graphs "
-                f"({' '.join(flags)}); run first-contact first to use the fastest correct one")
-        command += flags
-    resume_auto = "auto" in subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
-                                           text=True, cwd=ROOT, env=env).stdout.split("--resume", 1)[-1][:400]
-    if resume_auto:
-        command += ["--resume", "auto", "--out", str(local)]
-    elif (local / "checkpoint.pt").is_file():
-        command = [sys.executable, str(ROOT / "train.py"), "--resume", str(local), "--no-progress",
-                   *flags] + (["--device", "cpu", "--no-cuda-graphs"] if dry else [])
-    else:
-        command += ["--out", str(local)]
+        flags = execution_flags(args, work, run_env)
+    command += flags
     train_seconds = args.train_seconds if args.train_seconds else clock.left() - args.reserve_seconds
     # the first epoch of a command always runs and compiles: less than this loses the window's time
     if train_seconds < (30 if dry else MIN_TRAIN_SECONDS) and not args.train_seconds:
         say(f"only {clock.left():.0f} s left: no training in this command")
         return 1
-    command += ["--time-limit", str(int(train_seconds))]
     results.mkdir(parents=True, exist_ok=True)
-    with copying_progress(local, results):  # a command killed mid-run still returns its last checkpoint
-        outcome = run_logged(command, results / "train.log", train_seconds + 30, run_env)
+    (results / "train.log").unlink(missing_ok=True)  # this command's log: the earlier ones are in their commands
+    outcomes = []
+    train_start = time.monotonic()
+    for seed in seeds:
+        if checkpoint_epoch(local / seed_folder(seed) / "checkpoint.pt") == summary_epochs(local / seed_folder(seed)):
+            continue  # this seed is finished
+        seconds = train_seconds - (time.monotonic() - train_start)
+        if seconds < (1 if dry else MIN_TRAIN_SECONDS) and outcomes:
+            break
+        seed_command = command + ["--seed", str(seed), "--resume", "auto", "--out", str(local / seed_folder(seed)),
+                                  "--time-limit", str(max(int(seconds), 1))]
+        # a command killed mid-run still returns its last checkpoint
+        with copying_progress(local / seed_folder(seed), results / seed_folder(seed)):
+            outcomes.append(run_logged(seed_command, results / "train.log", seconds + 30, run_env))
+        outcomes[-1]["command"] = " ".join(seed_command[1:])
     # 143: SIGTERM, the time guard's backstop; train.py saved its position first
-    ok = outcome["returncode"] in (0, 128 + signal.SIGTERM)
+    ok = all(outcome["returncode"] in (0, 128 + signal.SIGTERM) for outcome in outcomes)
 
-    # what comes back: config, metrics, curves; the checkpoint while unfinished, the weights once finished
+    runs = {}
+    for seed in seeds:
+        runs[seed_folder(seed)] = collect_seed(local / seed_folder(seed), results / seed_folder(seed), dry, env, clock)
+    commands = summary.get("commands", []) + [{
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": info.get("gpu") or f"CPU ({info['cpu']})",
+        "seconds": round(time.monotonic() - train_start, 1),
+        "returncodes": [outcome["returncode"] for outcome in outcomes],
+        "epochs_after": {folder: run["epochs_done"] for folder, run in runs.items()},
+        "commit": info["commit"], "commands": [outcome["command"] for outcome in outcomes]}]
+    config = next((json.loads((local / folder / "config.json").read_text()) for folder in runs
+                   if (local / folder / "config.json").is_file()), {})
+    finished = all(run["finished"] for run in runs.values())
+    errors = [run["final_test_error"] for run in runs.values() if run["final_test_error"] is not None]
+    summary = {
+        "name": name, "model": model, "network": config.get("model"), "recipe": config.get("recipe_name"),
+        "data": DATA_DESCRIPTION if not dry else "synthetic (dry run)", "epochs": config.get("recipe", {}).get("epochs"),
+        "seeds": seeds, "epochs_done": min(run["epochs_done"] for run in runs.values()), "finished": finished,
+        "runs": runs, "test_error": seed_statistics(errors) if finished else None,
+        "paper_test_error": PAPER_ERROR.get(model),
+        "wall_seconds": round(sum(c["seconds"] for c in commands), 1),
+        "flags": flags, "runtime": config.get("runtime"), "device": info.get("gpu") or f"CPU ({info['cpu']})",
+        "gpu": info.get("gpu"), "torch": info["torch"], "triton": info["triton"], "cuda": info.get("cuda"),
+        "commit": info["commit"], "commands": commands, "dry_run": dry,
+    }
+    write_json(summary_path, summary)
+    state = "finished" if finished else f"{summary['epochs_done']} of {summary['epochs']} epochs"
+    say(f"reproduce {name}: {state} after {commands[-1]['seconds']:.0f} s of training; results in {results}")
+    return 0 if ok else 1
+
+
+def execution_flags(args, work: Path, run_env: dict) -> list[str]:
+    """train.py's execution flags: --flags, else on the CPU fp32 eager, else first-contact's choice
+    (its environment added to run_env), else the unfused eager step with CUDA graphs."""
+    if args.flags:
+        return args.flags.split()
+    if args.device == "cpu":
+        return list(CPU_FLAGS)
+    # this machine's own first-contact too (work/first-contact), in case its results were not copied back yet
+    choice = newest_choice([args.results, COMMITTED_RESULTS, work])
+    if choice:
+        run_env.update(choice.get("env", {}))
+        say(f"flags of the fastest correct variant first-contact measured ({choice['variant']}): {' '.join(choice['flags'])}")
+        return choice["flags"]
+    # the capture the gpu tests cover, without a cold compile in every window
+    flags = ["--amp=bf16", "--channels-last", "--no-compile", "--no-fused", "--cuda-graphs"]
+    say("no passed first-contact report on these kernels: the unfused eager step with CUDA graphs "
+        f"({' '.join(flags)}); run first-contact first to use the fastest correct one")
+    return flags
+
+
+def summary_epochs(run: Path) -> int | None:
+    """The epochs of the run's recipe (config.json), or None before it has one."""
+    config = run / "config.json"
+    return json.loads(config.read_text())["recipe"]["epochs"] if config.is_file() else None
+
+
+def collect_seed(local: Path, results: Path, dry: bool, env: dict, clock: Clock) -> dict:
+    """One seed's state after this command, its files copied into results: config, metrics, curves;
+    the checkpoint while unfinished, the exported weights (evaluated by eval.py) once finished."""
     from preresnet.training import read_metrics
 
+    results.mkdir(parents=True, exist_ok=True)
     history = read_metrics(local / "metrics.jsonl")
-    config = json.loads((local / "config.json").read_text()) if (local / "config.json").is_file() else {}
-    epochs = config.get("recipe", {}).get("epochs")
     done = checkpoint_epoch(local / "checkpoint.pt")
-    finished = bool(epochs) and done == epochs
+    epochs = summary_epochs(local)
+    finished = epochs is not None and done == epochs
     for file in ("metrics.jsonl", "config.json", "curves.png"):
         if (local / file).is_file():
             shutil.copy2(local / file, results / file)
-    commands = summary.get("commands", []) + [{
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gpu": info.get("gpu"), "seconds": round(outcome["seconds"], 1),
-        "returncode": outcome["returncode"], "epochs_after": done, "command": " ".join(command[1:])}]
-    summary = {
-        "name": name, "model": model, "network": config.get("model"), "recipe": config.get("recipe_name"),
-        "data": DATA_DESCRIPTION if not dry else "synthetic (dry run)", "epochs": epochs, "epochs_done": done,
-        "finished": finished, "final_test_error": history[-1]["test_error"] if history else None,
-        "paper_test_error": PAPER_ERROR.get(model),
-        "wall_seconds": round(sum(c["seconds"] for c in commands), 1),
-        "train_seconds": round(sum(m.get("train_seconds", 0.0) for m in history), 1),
-        # training images/s of the epochs that compiled nothing (each command's first epoch compiles)
-        "images_per_second": mean([m["images_per_second"] for m in history if "compile_seconds" not in m]
-                                  or [m["images_per_second"] for m in history]),
-        "flags": flags, "runtime": config.get("runtime"), "gpu": info.get("gpu"), "torch": info["torch"],
-        "triton": info["triton"], "cuda": info.get("cuda"), "commit": info["commit"], "commands": commands,
-        "dry_run": dry,
-    }
+    run = {"epochs_done": done, "finished": finished,
+           "final_test_error": history[-1]["test_error"] if finished and history else None,
+           "last_test_error": history[-1]["test_error"] if history else None,
+           "train_seconds": round(sum(m.get("train_seconds", 0.0) for m in history), 1),
+           # training images/s of the epochs that compiled nothing (each command's first epoch compiles)
+           "images_per_second": mean([m["images_per_second"] for m in history if "compile_seconds" not in m]
+                                     or [m["images_per_second"] for m in history])}
     if finished:
-        summary["weights"] = export_weights(local, results / WEIGHTS_NAME)
+        run["weights"] = export_weights(local, results / WEIGHTS_NAME)
         (results / "checkpoint.pt").unlink(missing_ok=True)  # only the weights are kept once finished
         check = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(results / WEIGHTS_NAME),
                                 "--json"] + (["--device", "cpu"] if dry else []),
                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(60, clock.left()))
         if check.returncode == 0:
-            summary["weights"]["eval_test_error"] = json.loads(check.stdout)["test_error"]
+            run["weights"]["eval_test_error"] = json.loads(check.stdout)["test_error"]
         else:
-            summary["weights"]["eval_error"] = check.stderr.strip()[-300:]
+            run["weights"]["eval_error"] = check.stderr.strip()[-300:]
     elif done >= 0:
         shutil.copy2(local / "checkpoint.pt", results / "checkpoint.pt")  # the newest unfinished one only
-    write_json(summary_path, summary)
-    state = "finished" if finished else f"{done} of {epochs} epochs"
-    say(f"reproduce {name}: {state} after {outcome['seconds']:.0f} s of training; results in {results}")
-    return 0 if ok else 1
+    return run
+
+
+def seed_statistics(errors: list[float]) -> dict | None:
+    """Mean, sample standard deviation, median, min and max of the seeds' last-epoch test errors."""
+    import statistics
+
+    if not errors:
+        return None
+    return {"mean": statistics.fmean(errors), "std": statistics.stdev(errors) if len(errors) > 1 else None,
+            "median": statistics.median(errors), "min": min(errors), "max": max(errors), "seeds": len(errors)}
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seeds like 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {text!r}")
+    return seeds
 
 
 # --- next -----------------------------------------------------------------------------------------
@@ -908,7 +986,11 @@ def build_parser() -> argparse.ArgumentParser:
     fc = sub.add_parser("first-contact", parents=[common], help="kernel tests, launch configs, layer paths, speed matrix")
     fc.add_argument("--batch-size", type=int, default=128)
     rp = sub.add_parser("reproduce", parents=[common], help="the paper schedule of one network, resumable")
-    rp.add_argument("--model", choices=ORDER, default="preresnet110")
+    rp.add_argument("--model", choices=tuple(NETWORKS), default="preresnet110")
+    rp.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the same stage on the CPU, fp32 (hours: give --budget-seconds accordingly)")
+    rp.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds, one run each (default 0,1,2, or the "
+                                                      "seeds the run was started with)")
     rp.add_argument("--data-archive", default=str(DATA_ARCHIVE), help="the JPEG CIFAR-10 archive (carried)")
     rp.add_argument("--flags", help="train.py execution flags instead of first-contact's choice, with '=': "
                                     "--flags='--no-fused --compile --cuda-graphs'")
