@@ -12,9 +12,12 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["preresnet", "preresnet.*", "kernels", "kernels.*"]),
+    # the repository's kernels/ folder installs as preresnet.kernels: no generic top-level name (the
+    # Hugging Face `kernels` package on PyPI imports as `kernels`)
+    packages=find_packages(include=["preresnet", "preresnet.*"]) + ["preresnet.kernels"],
+    package_dir={"preresnet.kernels": "kernels"},
     # measured per GPU: which layers leave the Triton kernel, and each kernel's launch configuration
-    package_data={"kernels": ["conv_paths.json", "launch_configs.json"]},
+    package_data={"preresnet.kernels": ["conv_paths.json", "launch_configs.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -39,7 +39,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_MODULES = ("kernels.preact_conv",)
+KERNEL_MODULES = ("preresnet.kernels.preact_conv",)
 ARCHS = {"sm_90": 90, "sm_80": 80}
 # the most shared memory one block may use (opt-in), bytes: H100/H200 227 KiB, A100 163 KiB; a kernel
 # compiled with more fails at launch ("out of resource: shared memory"), which ptxas does not report
@@ -139,8 +139,8 @@ def _install_proxies(recorder: _Recorder) -> list[str]:
 
 def _record_layer(recorder: _Recorder) -> None:
     """Note each fused layer's signature key (kernels.paths.record is called before its launches)."""
-    import kernels.layers as layers
-    import kernels.paths as paths
+    import preresnet.kernels.layers as layers
+    import preresnet.kernels.paths as paths
 
     original = getattr(layers, "record", None)
     if original is None:
@@ -163,8 +163,8 @@ def record_launches(dtypes=tuple(DTYPES), networks=None, batch: int = BATCH, ben
     import torch
     import torch.nn.functional as F
 
-    import kernels.preact_conv as preact_conv
-    from kernels import launch_configs
+    import preresnet.kernels.preact_conv as preact_conv
+    from preresnet.kernels import launch_configs
     from preresnet import get_model
 
     recorder = _Recorder()
@@ -205,7 +205,7 @@ def distinct_networks() -> list[str]:
     on the meta device) are all layers of a smaller network already kept: the launches depend on
     the layer signatures (and the batch), not on how often a layer repeats. PreResNet-20 stands for
     PreResNet-56 and -110, PreResNet-164 for PreResNet-1001."""
-    from kernels.paths import conv_signatures
+    from preresnet.kernels.paths import conv_signatures
     from preresnet import get_model, list_models
 
     found = []
@@ -311,7 +311,7 @@ def search_space_specs(specs: list[dict]) -> list[dict]:
     space (blocks clamped to the launch's dimensions as Config.fit does, num_warps / num_stages set).
     A config field that the kernel does not take is an error row for conv kinds: the table would not
     reach the kernel."""
-    from kernels.launch_configs import ELEMENTWISE, configs_for_audit, kernel_kind
+    from preresnet.kernels.launch_configs import ELEMENTWISE, configs_for_audit, kernel_kind
 
     out: dict[str, dict] = {}
     for spec in specs:

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernels.launch_configs import (CONV_DGRAD, CONV_FWD, CONV_WGRAD, DEFAULTS, ELEMENTWISE, SEARCH_SPACE, Config,
+from preresnet.kernels.launch_configs import (CONV_DGRAD, CONV_FWD, CONV_WGRAD, DEFAULTS, ELEMENTWISE, SEARCH_SPACE, Config,
                                     dtype_name, override, table_json)
 
 KINDS_SEARCHED = (CONV_FWD, CONV_DGRAD, CONV_WGRAD, ELEMENTWISE)
@@ -58,7 +58,7 @@ def layer_order(models=None) -> list:
     """The distinct fused layers of the paper networks, the ones that cost most first
     (multiply-adds per image x how often the layer occurs in the networks)."""
     from bench.workloads import MODELS
-    from kernels.paths import conv_signatures
+    from preresnet.kernels.paths import conv_signatures
     from preresnet import get_model
 
     weight: dict[str, float] = {}
@@ -157,7 +157,7 @@ def gpu_timer(batch: int, dtype, iterations: int = 10, warmup: int = 2):
 
 def torch_path_skip(gpu: str, dtype):
     """skip(signature) for layers that kernels/conv_paths.json runs on PyTorch's ops on this GPU."""
-    from kernels.paths import load_table
+    from preresnet.kernels.paths import load_table
 
     entries = load_table().get(gpu, {}).get(dtype_name(dtype), {})
     return lambda signature: ("runs on PyTorch's ops (conv_paths.json)"

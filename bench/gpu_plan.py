@@ -313,7 +313,7 @@ def first_contact(args) -> int:
         report.part("config-search", "skipped", 0.0, note="bench/config_search.py is not in this checkout yet")
     elif report.earlier(previous, "config-search", "done"):
         report.data["launch_configs"] = previous["launch_configs"]
-        from kernels import launch_configs
+        from preresnet.kernels import launch_configs
 
         os.environ[launch_configs.TABLE_ENV] = str((folder / "launch_configs.json").resolve())
     elif dry:
@@ -328,7 +328,7 @@ def first_contact(args) -> int:
         seconds = min(120.0, clock.left() * 0.3)
         try:
             from bench import config_search
-            from kernels import launch_configs
+            from preresnet.kernels import launch_configs
 
             report.data["launch_configs"] = config_search.run_on_gpu(seconds, args.batch_size)
             (folder / "launch_configs.json").write_text(
@@ -501,7 +501,7 @@ def matrix_child(args) -> int:
             model = (build_model("normal", 1, num_classes=10, fused=v["fused"]) if dry
                      else get_model(args.model, fused=v["fused"]))
             if v["fused"]:
-                from kernels.paths import assign_paths
+                from preresnet.kernels.paths import assign_paths
 
                 assign_paths(model, device, torch.bfloat16)
             memory_format = torch.channels_last if v["channels_last"] else torch.contiguous_format

@@ -27,8 +27,8 @@ from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_
                              layer_signatures, make_unit, skip_reason, time_step, torch_path_layers, training_step,
                              unit_shapes, unit_step)
 from bench import config_search
-from kernels import launch_configs
-from kernels.paths import TABLE_ENV
+from preresnet.kernels import launch_configs
+from preresnet.kernels.paths import TABLE_ENV
 
 BUDGET_SECONDS = 7.5 * 60
 # Parts of the budget. A part starts new work only while its share is not spent, so the later

@@ -112,7 +112,7 @@ def counting_triton_launches(counter: LaunchCounter):
     """Replace every Triton kernel of kernels.preact_conv by a counting stand-in."""
     from triton.runtime.jit import KernelInterface
 
-    from kernels import preact_conv
+    from preresnet.kernels import preact_conv
 
     originals = {name: value for name, value in vars(preact_conv).items() if isinstance(value, KernelInterface)}
     try:

@@ -100,7 +100,7 @@ class FirstLayer(nn.Module):
 
     def forward(self, x):
         if self.fused:
-            from kernels.layers import batchnorm_moments, fused_conv
+            from preresnet.kernels.layers import batchnorm_moments, fused_conv
 
             return fused_conv(x, batchnorm_moments(self.bn, x, None), self.conv, emit_stats=False)[0]
         return self.conv(torch.relu(self.bn(x)))
@@ -152,7 +152,7 @@ def unit_step(shape: UnitShape, provider: str, device: str, batch: int, backward
 def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.dtype):
     """Forward and backward of one fused layer (kernels.paths.ConvSignature) on the given path, as
     the fused model runs it: input statistics known from the layer before, output statistics emitted."""
-    from kernels.layers import batchnorm_moments, fused_conv
+    from preresnet.kernels.layers import batchnorm_moments, fused_conv
 
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(signature.in_channels).to(device).train()
@@ -181,7 +181,7 @@ def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.d
 
 def layer_signatures(models=MODELS) -> list:
     """The distinct fused layers (kernels.paths.ConvSignature) of the networks, in order of appearance."""
-    from kernels.paths import conv_signatures
+    from preresnet.kernels.paths import conv_signatures
 
     found = {}
     for name in models:
@@ -192,7 +192,7 @@ def layer_signatures(models=MODELS) -> list:
 
 def torch_path_layers(name: str, device: str) -> dict[str, str]:
     """The layers of a paper network that kernels/conv_paths.json moves to PyTorch's ops (bf16)."""
-    from kernels.paths import assign_paths
+    from preresnet.kernels.paths import assign_paths
 
     return assign_paths(get_model(name, fused=True), torch.device(device), torch.bfloat16)
 
@@ -204,7 +204,7 @@ def training_step(name: str, provider: str, device: str, batch: int):
     torch.manual_seed(0)
     model = get_model(name, fused=is_fused(provider))
     if is_fused(provider):
-        from kernels.paths import assign_paths
+        from preresnet.kernels.paths import assign_paths
 
         assign_paths(model, torch.device(device), torch.bfloat16)
     # fused SGD, as train.py runs it (preresnet.steps.make_optimizer), on every device: bench.launches

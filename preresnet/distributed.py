@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels.batchnorm import is_synchronising, merge_across_ranks, update_running_stats
+from .kernels.batchnorm import is_synchronising, merge_across_ranks, update_running_stats
 
 from .errors import UserError
 

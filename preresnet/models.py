@@ -62,7 +62,7 @@ class PreActBasicBlock(nn.Module):
     def forward_fused(self, x: torch.Tensor, stats):
         """The same unit in fused kernels; stats are x's batch mean and variance when known.
         Returns the output and its statistics."""
-        from kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
+        from .kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
 
         if self.activate_before_split:
             # both paths read the activation, so it is materialised once, by the module itself, and
@@ -108,7 +108,7 @@ class PreActBottleneck(nn.Module):
         return out + residual
 
     def forward_fused(self, x: torch.Tensor, stats):
-        from kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
+        from .kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
 
         bn1 = batchnorm_moments(self.bn1, x, stats)
         if self.shortcut is None:  # the identity reads x, carried through conv1's layer
@@ -175,7 +175,7 @@ class PreActResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from kernels.layers import fused_conv
+            from .kernels.layers import fused_conv
 
             # the stem's kernel measures its output for the first unit's BatchNorm, unless that unit
             # activates before its split (it normalises through its module)
@@ -235,7 +235,7 @@ def build_model(
         if dropout > 0:
             raise UserError("the fused kernels do not apply dropout: use fused=False (--no-fused) with --dropout")
         try:
-            import kernels.layers  # noqa: F401
+            from .kernels import layers  # noqa: F401
         except ImportError as exc:
             raise UserError(f"fused=True needs Triton and the kernels package ({exc}); use fused=False") from None
     block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock

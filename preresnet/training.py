@@ -460,7 +460,7 @@ def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: 
     # layers where measurements found PyTorch's ops faster than the Triton kernel; with --sync-bn
     # every layer stays on the kernel, which reduces across processes in its backward
     if runtime.fused and not runtime.sync_bn:
-        from kernels.paths import assign_paths
+        from .kernels.paths import assign_paths
 
         on_torch_ops = assign_paths(model, device, runtime.amp_dtype or torch.float32)
     optimizer = make_optimizer(model, recipe, device)  # fused SGD: the plain and the captured step share it

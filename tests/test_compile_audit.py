@@ -39,7 +39,7 @@ def explain(rows, problems) -> str:
 
 
 def test_every_kernel_is_launched_in_every_dtype(recorded):
-    from kernels.launch_configs import CONV_DGRAD, CONV_FWD, CONV_WGRAD, kernel_kind
+    from preresnet.kernels.launch_configs import CONV_DGRAD, CONV_FWD, CONV_WGRAD, kernel_kind
 
     launched = {dtype: {spec["kernel"] for spec in recorded if spec["dtype"] == dtype} for dtype in ca.DTYPES}
     assert launched["bf16"] == launched["fp16"] == launched["fp32"], launched
@@ -67,7 +67,7 @@ def test_launches_compile_without_spills_and_with_tensor_cores(recorded):
 
 def test_every_config_of_the_search_space_compiles_without_spills(recorded):
     """No GPU minute of bench.config_search goes to a config that spills or does not compile."""
-    from kernels.launch_configs import SEARCH_SPACE, kernel_kind
+    from preresnet.kernels.launch_configs import SEARCH_SPACE, kernel_kind
 
     low = [spec for spec in recorded if spec["dtype"] == "bf16"]
     specs = ca.worst_cases(ca.search_space_specs(low))

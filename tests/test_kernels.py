@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import INTERPRETED, bn_relu_conv, bn_relu_conv_ref
-from kernels.layers import batchnorm_moments
-from kernels.paths import assign_paths, conv_signatures, device_name, load_table
+from preresnet.kernels import INTERPRETED, bn_relu_conv, bn_relu_conv_ref
+from preresnet.kernels.layers import batchnorm_moments
+from preresnet.kernels.paths import assign_paths, conv_signatures, device_name, load_table
 from preresnet import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ SPATIAL = [pytest.param(2, 8, 8, id="2x8x8"), pytest.param(1, 7, 7, id="1x7x7"),
 def gpu_tiles(monkeypatch):
     """The GPU's 64-pixel tiles instead of the interpreter's large ones, so that small shapes span
     several tiles (and a partial last one) and the statistics merge and split weight gradient run."""
-    from kernels import preact_conv
+    from preresnet.kernels import preact_conv
 
     monkeypatch.setattr(preact_conv, "INTERPRETER_BLOCK_M", 64)
 
@@ -182,7 +182,7 @@ def test_running_statistics_follow_batchnorm2d(momentum, path):
     """The first layer reading a BatchNorm updates its running statistics (in the forward kernel, or
     in PyTorch's ops on the torch path), exactly as nn.BatchNorm2d; a second reader (read_only)
     leaves them alone; eval mode normalises with them and changes nothing."""
-    from kernels.layers import fused_conv
+    from preresnet.kernels.layers import fused_conv
 
     generator = torch.Generator().manual_seed(1)
     reference = nn.BatchNorm2d(24, momentum=momentum)
@@ -215,7 +215,7 @@ def test_running_statistics_follow_batchnorm2d(momentum, path):
 def test_ticket_counters_are_left_zero():
     """Every last program resets its counter: the shared workspace is zero after forward and
     backward, so the next launch (or a CUDA graph replay) starts from zero."""
-    from kernels import preact_conv
+    from preresnet.kernels import preact_conv
 
     x, gamma, beta, weight, res, _, _, padding = make_case(2, 16, 9, 9, 24, 3, 1, False)
     var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
@@ -356,7 +356,7 @@ def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementations, strides and autograd registration agree with the real ops."""
     x, gamma, beta, weight, res, _, _, padding = make_case(2, 16, 6, 6, 16, 3, 1, True)
     var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
-    from kernels.preact_conv import bn_relu_conv_backward_op, bn_relu_conv_op
+    from preresnet.kernels.preact_conv import bn_relu_conv_backward_op, bn_relu_conv_op
 
     running = (torch.zeros(16), torch.ones(16), torch.zeros((), dtype=torch.long))
     weight = channels_last(weight.detach())
@@ -394,7 +394,7 @@ def test_fused_model_refuses_dropout():
 
 
 def test_cpu_without_interpreter_is_a_clear_error():
-    code = ("import torch; from kernels import bn_relu_conv\n"
+    code = ("import torch; from preresnet.kernels import bn_relu_conv\n"
             "x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)\n"
             "bn_relu_conv(x, None, None, None, None, torch.randn(16, 16, 3, 3), None, 1, 1, False, False)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-from kernels import launch_configs as lc
-from kernels.launch_configs import (CONV_DGRAD, CONV_FWD, CONV_WGRAD, DEFAULTS, ELEMENTWISE, KINDS, SEARCH_SPACE,
+from preresnet.kernels import launch_configs as lc
+from preresnet.kernels.launch_configs import (CONV_DGRAD, CONV_FWD, CONV_WGRAD, DEFAULTS, ELEMENTWISE, KINDS, SEARCH_SPACE,
                                     Config, LaunchConfigError)
 
 GPU = "NVIDIA H100 80GB HBM3"
@@ -43,7 +43,7 @@ def test_defaults_are_in_their_search_spaces_and_name_only_block_fields():
 
 def test_config_fields_are_constexprs_of_the_kernels_of_their_kind():
     """A table entry reaches the kernel only if its block names are the kernel's constexpr names."""
-    import kernels.preact_conv as pc
+    import preresnet.kernels.preact_conv as pc
 
     for name, value in vars(pc).items():
         fn = getattr(value, "fn", None)
@@ -146,7 +146,7 @@ def test_the_table_is_read_once_per_file(tmp_path, monkeypatch):
 
 
 def fake_signatures():
-    from kernels.paths import ConvSignature
+    from preresnet.kernels.paths import ConvSignature
 
     return [ConvSignature(16, 16, 3, 1, 32, 32, True, True), ConvSignature(64, 64, 3, 1, 8, 8, True, True),
             ConvSignature(16, 32, 1, 2, 32, 32, True, False)]
@@ -260,7 +260,7 @@ def test_the_launchers_launch_the_tables_config_for_their_layer(tmp_path, monkey
     layer and kind changes that launch's blocks, warps and stages, and no other."""
     import torch
 
-    from kernels import preact_conv
+    from preresnet.kernels import preact_conv
 
     launches = []
 

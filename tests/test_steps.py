@@ -182,7 +182,7 @@ def test_cuda_graph_replays_the_step(fused):
     """On a GPU: the captured step (warm-up, capture, replays across lr changes) against the plain
     step, bf16. cuDNN may pick other kernels in the side-stream warm-up than in plain eager steps, so
     the tolerance is bf16 rounding rather than bit identity."""
-    from kernels import INTERPRETED
+    from preresnet.kernels import INTERPRETED
 
     if fused and INTERPRETED:  # a GPU run of the test suite with the tests' default interpreter
         pytest.skip("TRITON_INTERPRET=1: the fused step needs the compiled kernels; run with TRITON_INTERPRET=0")
