@@ -2,7 +2,11 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-DALI = "nvidia-dali-cuda120>=1.40; platform_system == 'Linux'"
+# NVIDIA DALI publishes one wheel per CUDA major version, and an extra cannot see which CUDA the
+# installed torch was built for (torch.version.cuda): `dali` is the CUDA 13 build (torch's cu130
+# wheels), `dali-cuda12` the CUDA 12 one; train.py names the one that matches when DALI is missing.
+DALI = "nvidia-dali-cuda130>=1.51.2; platform_system == 'Linux'"
+DALI_CUDA12 = "nvidia-dali-cuda120>=1.40; platform_system == 'Linux'"
 
 setup(
     name="preresnet",
@@ -17,7 +21,9 @@ setup(
     packages=find_packages(include=["preresnet", "preresnet.*"]) + ["preresnet.kernels"],
     package_dir={"preresnet.kernels": "kernels"},
     # measured per GPU: which layers leave the Triton kernel, and each kernel's launch configuration
-    package_data={"preresnet.kernels": ["conv_paths.json", "launch_configs.json"]},
+    package_data={"preresnet.kernels": ["conv_paths.json", "launch_configs.json"],
+                  # per GPU: the loader --loader auto takes; the pretrained weights registry (preresnet/pretrained.py)
+                  "preresnet": ["loader_choice.json", "weights/*.json", "weights/*.pt", "weights/*.md", "weights/*.png"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
@@ -30,6 +36,8 @@ setup(
         # NVIDIA DALI runs the augmentation pipeline on the GPU (and on the CPU in tests); the torch
         # loader gives the same batches without it. Its wheels are for Linux only.
         "dali": [DALI],
-        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", DALI],
+        "dali-cuda12": [DALI_CUDA12],
+        # the tests run DALI's CPU pipeline, which either build has; CI's install time is measured with this one
+        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", DALI_CUDA12],
     },
 )

@@ -2,24 +2,33 @@
 
     python train.py --type normal --depth 18                 # PreResNet-110, He et al. recipe
     python train.py --type wide --depth 2 --width 4          # WRN-16-4, Zagoruyko recipe
+    python train.py --type normal --depth 18 --seeds 0,1,2   # three seeds in one command, packed
     python train.py --resume runs/preresnet-110-cifar10-...  # continue a stopped run exactly
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
-from dataclasses import asdict, replace
-from pathlib import Path
+if __name__ == "__main__":  # stop signals are handled from the first line on, before torch is imported
+    import os
 
-from preresnet.cli import OneLineParser, run_main
-from preresnet.distributed import broadcast_object
-from preresnet.errors import UserError
-from preresnet.models import MODEL_TYPES, check_model_args, paper_name
-from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe
+    from preresnet import faults
+
+    faults.install(repeat_interrupts=int(os.environ.get("WORLD_SIZE", "1")) <= 1)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from preresnet.cli import OneLineParser, run_main  # noqa: E402
+from preresnet.distributed import broadcast_object  # noqa: E402
+from preresnet.errors import UserError  # noqa: E402
+from preresnet.models import MODEL_TYPES, check_model_args, paper_name  # noqa: E402
+from preresnet.recipes import DEFAULT_RECIPE, RECIPES, Recipe, check_recipe, resolve_recipe  # noqa: E402
+from preresnet.sweeps import GridRun, grid, parse_seeds, saved_grid  # noqa: E402
 
 COMMAND_START = time.monotonic()  # --time-limit counts from here
 
@@ -33,6 +42,17 @@ def parse_milestones(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs like 81,122, got {text!r}") from None
+
+
+def parse_values(text: str) -> list[float]:
+    """A number, or comma-separated numbers (one run each)."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct numbers, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,13 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--epochs", type=int, help="training epochs (paper 164, wrn 200); the lr milestones scale "
                                                    "with it unless --milestones is given")
     recipe.add_argument("--batch-size", type=int, help="images per optimizer step (128)")
-    recipe.add_argument("--lr", type=float, help="learning rate after warm-up (0.1)")
+    recipe.add_argument("--lr", type=parse_values, help="learning rate after warm-up (0.1); a comma-separated "
+                                                        "list trains one run per value (see --seeds)")
     recipe.add_argument("--momentum", type=float, help="SGD momentum (0.9)")
     recipe.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=None,
                         help="Nesterov momentum (paper off, wrn on)")
-    recipe.add_argument("--weight-decay", type=float, help="L2 weight decay (paper 1e-4, wrn 5e-4)")
+    recipe.add_argument("--weight-decay", type=parse_values, help="L2 weight decay (paper 1e-4, wrn 5e-4); a "
+                                                                  "comma-separated list trains one run per value")
     recipe.add_argument("--milestones", type=parse_milestones,
-                        help="comma-separated epochs at which the lr is multiplied by --lr-decay (paper 81,122; wrn 60,120,160)")
+                        help="comma-separated numbers of epochs after which the lr is multiplied by --lr-decay (paper "
+                             "81,122: epochs 82 and 123 train at the lower rates; wrn 60,120,160)")
     recipe.add_argument("--lr-decay", type=float, help="lr multiplier at each milestone (paper 0.1, wrn 0.2)")
     recipe.add_argument("--warmup-iters", type=int, help="optimizer steps at --warmup-lr before the lr (paper 400, wrn 0)")
     recipe.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (paper 0.01)")
@@ -81,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "auto: continue the run in --out if it holds a checkpoint, else start "
                                                       "it (one command line for torchrun --max-restarts and requeued jobs)")
     run.add_argument("--seed", type=int, help="seed for initialisation, data order and augmentation (default 0)")
+    run.add_argument("--seeds", type=parse_seeds, metavar="LIST",
+                     help="several runs in one command, one per seed (0,1,2): each in its own run folder OUT/seed-N, "
+                          "with OUT/summary.json and a table of each final test error and their mean, std, median, "
+                          "min and max. With lists for --lr and --weight-decay the runs are every seed x lr x weight "
+                          "decay (folders like OUT/lr-0.05-wd-0.0005-seed-0); network, recipe and data are shared. On "
+                          "a GPU the runs are packed: each step of every run is queued on its own CUDA stream, so the "
+                          "GPU overlaps them; on a CPU they step in turn. Not under torchrun")
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
                      help="autocast precision; auto: bf16 on GPUs that have it (else fp16 with loss scaling), off on CPU")
@@ -108,8 +138,9 @@ RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_de
                 "warmup_iters", "warmup_lr", "dropout")
 
 
-def new_run(args: argparse.Namespace):
-    """Config, recipe and output folder of a fresh run, from the flags."""
+def new_run(args: argparse.Namespace, out: Path | None = None, dataset=None):
+    """Config, recipe, output folder and dataset of a fresh run, from the flags (out: the folder a
+    packed command gives it; dataset: the data already loaded for another run of the command)."""
     from preresnet.data import load_dataset
     from preresnet.training import CHECKPOINT_NAME, prepare_config
 
@@ -126,16 +157,20 @@ def new_run(args: argparse.Namespace):
     dataset_name = args.dataset or "cifar10"
     data_dir = str(Path(args.data_dir or "data").resolve())
     name = paper_name(args.type, args.depth, width)
-    # under torchrun every process must agree on the folder: rank 0's clock names it
-    out = Path(broadcast_object(args.out or f"runs/{name.lower()}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if out is None:  # under torchrun every process must agree on the folder: rank 0's clock names it
+        out = Path(broadcast_object(args.out or default_out(name, dataset_name)))
     if (out / CHECKPOINT_NAME).exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
-    dataset = load_dataset(dataset_name, data_dir)
+    dataset = dataset or load_dataset(dataset_name, data_dir)
     config = prepare_config(
         dataset, model=name, type=args.type, depth=args.depth, width=width, dropout=recipe.dropout,
         dataset=dataset_name, data_dir=data_dir, recipe_name=recipe_name, seed=seed,
     )
     return config, recipe, out, dataset
+
+
+def default_out(name: str, dataset_name: str) -> str:
+    return f"runs/{name.lower()}-{dataset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def resumed_run(args: argparse.Namespace, resume: str):
@@ -166,51 +201,100 @@ def resumed_run(args: argparse.Namespace, resume: str):
     return config, recipe, out, checkpoint
 
 
+def command_grid(args: argparse.Namespace, folder: str | None) -> list[GridRun] | None:
+    """The runs of a command with --seeds or lists for --lr / --weight-decay, or of the command
+    whose folder is resumed (folder: --resume's, or --out under --resume auto); None: a single run."""
+    lrs, weight_decays = args.lr or [None], args.weight_decay or [None]
+    listed = args.seeds is not None or len(lrs) > 1 or len(weight_decays) > 1
+    if args.seeds is not None and args.seed is not None:
+        raise UserError("--seed and --seeds: give one (--seeds 0,1,2 trains one run per seed)")
+    if listed and args.resume not in (None, "auto"):
+        raise UserError("--resume continues the runs saved in its folder: drop --seeds and the lists (or repeat the "
+                        "command with --resume auto --out FOLDER)")
+    if listed:
+        return grid(args.seeds if args.seeds is not None else [args.seed or 0], lrs, weight_decays)
+    return saved_grid(Path(folder)) if folder and Path(folder).is_dir() else None
+
+
+def run_flags(args: argparse.Namespace, run: GridRun) -> argparse.Namespace:
+    """One run's own flags: its seed, lr and weight decay in place of the command's lists."""
+    return argparse.Namespace(**{**vars(args), "seed": run.seed, "lr": run.lr, "weight_decay": run.weight_decay,
+                                 "seeds": None})
+
+
 def main(args: argparse.Namespace) -> dict:
+    import contextlib
+
     from preresnet import distributed, faults
     from preresnet.training import resolve_runtime
 
     device = resolve_runtime(args.device or "auto", "off").device.type
     try:
         dist = distributed.init(device)
-        with faults.stop_on_signals(repeat_interrupts=not dist.enabled):
+        # train.py's own process handles the signals from its first line; train.main called from Python here
+        handlers = contextlib.nullcontext() if faults.installed() else \
+            faults.stop_on_signals(repeat_interrupts=not dist.enabled)
+        with handlers:
             return train(args, dist)
     finally:
         distributed.shutdown()
 
 
 def train(args: argparse.Namespace, dist) -> dict:
-    from preresnet.training import CHECKPOINT_NAME, checkpoint_path, resolve_runtime, run
+    from preresnet.training import CHECKPOINT_NAME, resolve_runtime
 
     if args.time_limit is not None and not args.time_limit > 0:
         raise UserError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
     runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile,
                               args.loader or "auto", args.fused, args.sync_bn, dist, cuda_graphs=args.cuda_graphs)
-    resume = args.resume
-    if resume == "auto":  # the same command line starts the run and continues it after a restart
-        if args.out is None:
-            raise UserError("--resume auto continues or starts the run in --out: give --out")
-        # every process must take the same branch: rank 0 looks
-        resume = args.out if broadcast_object((Path(args.out) / CHECKPOINT_NAME).is_file()) else None
+    if args.resume == "auto" and args.out is None:
+        raise UserError("--resume auto continues or starts the run in --out: give --out")
+    deadline = None if args.time_limit is None else COMMAND_START + args.time_limit
+    resumed = args.out if args.resume == "auto" else args.resume  # the folder continued, if any
+    runs = command_grid(args, resumed)
+    if runs is None:
+        args = run_flags(args, GridRun("", args.seed, *(values[0] if values else None
+                                                          for values in (args.lr, args.weight_decay))))
+        resume = args.resume
+        if resume == "auto":  # the same command line starts the run and continues it after a restart
+            # every process must take the same branch: rank 0 looks
+            resume = args.out if broadcast_object((Path(args.out) / CHECKPOINT_NAME).is_file()) else None
+        return train_one(args, runtime, resume, deadline)
+    if dist.enabled and len(runs) > 1:
+        raise UserError(f"{len(runs)} runs packed in one process cannot run under torchrun: train them one by one "
+                        f"(--seed), or without torchrun")
+    folder = resumed or args.out
+    if folder and (Path(folder) / CHECKPOINT_NAME).is_file():
+        raise UserError(f"{folder} holds a single run, not the runs of --seeds or lists: resume it without them")
+    if folder is None:
+        if args.type is None or args.depth is None:
+            raise UserError("--type and --depth are required (or --resume a run)")
+        folder = broadcast_object(default_out(paper_name(args.type, args.depth, args.width or 1),
+                                              args.dataset or "cifar10"))
+    return train_packed(args, runtime, runs, Path(folder), deadline)
+
+
+def train_one(args: argparse.Namespace, runtime, resume: str | None, deadline: float | None) -> dict:
+    from preresnet.data import load_dataset
+    from preresnet.training import CHECKPOINT_NAME, RunSpec, checkpoint_path, train_runs
+
+    dist = runtime.dist
     if resume:
         config, recipe, out, checkpoint = resumed_run(args, resume)
-        dataset = None
+        dataset = load_dataset(config["dataset"], config["data_dir"])
     else:
         config, recipe, out, dataset = new_run(args)
         checkpoint = None
     if dist.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
+        make_folder(out)
         write_config(out, config, recipe, runtime)
-    deadline = None if args.time_limit is None else COMMAND_START + args.time_limit
     # resumed from another file than the folder's checkpoint (its predecessor, when it was unreadable):
     # that checkpoint is not kept as checkpoint-prev.pt
     keep_previous = not resume or checkpoint_path(resume).resolve() == (out / CHECKPOINT_NAME).resolve()
-    final = run(config, recipe, out, runtime, resume_from=checkpoint, progress=args.progress, dataset=dataset,
-                deadline=deadline, keep_previous=keep_previous)
-    if final and dist.is_main and final["epoch"] < recipe.epochs:
+    [run] = train_runs([RunSpec(config, recipe, out, checkpoint, keep_previous)], runtime, dataset,
+                       progress=args.progress, deadline=deadline)
+    final = run.history[-1] if run.history else {}
+    if final and dist.is_main and run.status == "paused":
         print(f"stopped after epoch {final['epoch']} of {recipe.epochs} (--time-limit), test error "
               f"{100 * final['test_error']:.2f}%; continue with: python train.py --resume {out}")
     elif final and dist.is_main:
@@ -218,19 +302,75 @@ def train(args: argparse.Namespace, dist) -> dict:
     return final
 
 
+def train_packed(args: argparse.Namespace, runtime, runs: list[GridRun], folder: Path, deadline: float | None) -> dict:
+    """The runs of --seeds (and lists) in one process, each in its own run folder of the command's
+    folder (resumed where it holds a checkpoint, else started); summary.json after every epoch, and
+    the table over seeds at the end."""
+    from preresnet.data import load_dataset
+    from preresnet.sweeps import DIVERGED_NAME, SUMMARY_NAME, summary_table, write_summary
+    from preresnet.training import CHECKPOINT_NAME, NonFiniteLoss, RunSpec, train_runs
+
+    specs, dataset, skipped = [], None, []
+    for run in runs:
+        flags = run_flags(args, run)
+        if (folder / run.name / CHECKPOINT_NAME).is_file():
+            if (folder / run.name / DIVERGED_NAME).is_file():  # it would diverge again, at the same step
+                skipped.append(run.name)
+                continue
+            config, recipe, out, checkpoint = resumed_run(flags, str(folder / run.name))
+        else:
+            config, recipe, out, dataset = new_run(flags, folder / run.name, dataset)
+            checkpoint = None
+        if specs and (config["dataset"], config["data_dir"]) != (specs[0].config["dataset"], specs[0].config["data_dir"]):
+            raise UserError(f"{out} trained on other data than {specs[0].out}: the runs of one command share their data")
+        specs.append(RunSpec(config, recipe, out, checkpoint))
+    for name in skipped:
+        print(f"{name}: its loss stopped being finite in an earlier command ({folder / name / DIVERGED_NAME}): "
+              f"not resumed; --resume {folder / name} continues it alone", file=sys.stderr)
+    for out in [folder] + [spec.out for spec in specs]:
+        make_folder(out)
+    for spec in specs:
+        write_config(spec.out, spec.config, spec.recipe, runtime)
+    trained = []
+    try:
+        if specs:
+            dataset = dataset or load_dataset(specs[0].config["dataset"], specs[0].config["data_dir"])
+            trained = train_runs(specs, runtime, dataset, progress=args.progress, deadline=deadline, packed=True,
+                                 after_epoch=lambda _: write_summary(folder, runs))
+    finally:
+        if specs or skipped:  # nothing written for a command refused before its first run was set up
+            summary = write_summary(folder, runs)
+            print(summary_table(summary))
+    if any(run.status == "paused" for run in trained):
+        print(f"stopped by --time-limit; continue with: python train.py --resume {folder}")
+    diverged = [entry["name"] for entry in summary["runs"] if entry["status"] == "diverged"]
+    if diverged:
+        raise NonFiniteLoss(f"the training loss of {', '.join(diverged)} stopped being finite (the other runs went "
+                            f"on; {folder / SUMMARY_NAME})")
+    return summary
+
+
+def make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create run folder {out}: {exc.strerror}") from None
+
+
 def write_config(out: Path, config: dict, recipe: Recipe, runtime) -> None:
     from preresnet.training import atomic_write
 
     text = json.dumps({**config, "recipe": asdict(recipe), "runtime": {
         "device": str(runtime.device), "amp": runtime.amp, "channels_last": runtime.channels_last,
-        "compile": runtime.compile, "loader": runtime.loader, "fused": runtime.fused, "sync_bn": runtime.sync_bn,
+        "compile": runtime.compile, "loader": runtime.loader, "loader_reason": runtime.loader_reason,
+        "fused": runtime.fused, "sync_bn": runtime.sync_bn,
         "cuda_graphs": runtime.cuda_graphs,
         "processes": runtime.dist.world_size}}, indent=2) + "\n"
     atomic_write(out / "config.json", lambda tmp: tmp.write_text(text))  # a failed write leaves the old one
 
 
 def cli(argv: list[str] | None = None) -> int:
-    from preresnet.faults import Interrupted
+    from preresnet import faults
     from preresnet.training import NonFiniteLoss
 
     args = build_parser().parse_args(argv)
@@ -240,13 +380,15 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"train.py: stopped: {exc}; the last checkpoint was left as it was "
               f"(try a lower --lr, or --amp off)", file=sys.stderr)
         return 1
-    except Interrupted as exc:  # a stop signal: the position is saved; the shell's status for that signal
+    except faults.Interrupted as exc:  # a stop signal: the positions are saved; the shell's status for that signal
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line for the run
             print(f"train.py: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print("train.py: interrupted; continue with --resume and the run folder", file=sys.stderr)
         return 130
+    finally:
+        faults.finished()  # a signal from now on changes nothing: the command ends with the status above
 
 
 if __name__ == "__main__":

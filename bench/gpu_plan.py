@@ -1,10 +1,12 @@
-"""The staged GPU plan: what a lent GPU window (15 minutes of device time, commands of at most 10
-minutes) is asked, one stage per command, each ending by itself well inside 10 minutes.
+"""The staged GPU plan: what a GPU session (one H100 or H200, 15 minutes of device time, commands of
+at most 10 minutes) is asked, one stage per command, each ending by itself well inside 10 minutes.
 
     python -m bench.gpu_plan next                 # which stage (and model) the committed results call for
-    python -m bench.gpu_plan first-contact        # kernel tests, launch configs, layer paths, speed matrix
-    python -m bench.gpu_plan reproduce [--model preresnet110]   # the paper's schedule, resumable
+    python -m bench.gpu_plan first-contact        # kernel tests, launch configs, layer paths, speed matrix, packing
+    python -m bench.gpu_plan reproduce [--model preresnet110]   # the paper's schedule, seeds packed, resumable
+    python -m bench.gpu_plan dali                 # DALI's GPU pipeline against the torch loader (bench/dali_stage.py)
     python -m bench.gpu_plan STAGE --dry-run --results DIR      # on the CPU: tiny network, stand-ins
+    python -m bench.gpu_plan unpack FILES_AT      # here, after a command: its returned results into the checkout
 
 The order (`next` applies it): `first-contact` until it has passed on the current kernels
 (kernels/*.py hashed into its report), then `reproduce` until PreResNet-110 is finished, then
@@ -12,16 +14,17 @@ PreResNet-164, then WRN-16-4. bench/README.md has the exact device commands.
 
 Every stage keeps a wall-clock budget (`--budget-seconds`, default 540 of the command's 600), starts
 a part only while it fits, and writes its results after every part, so a stage cut short still
-returns what it measured. Results go under `--results` (default `$OUT/bench/results` on a device
-machine, where `$OUT` is the folder that comes back, else `bench/results`): the layout of this
-repository, so the returned folder is copied over the checkout as it is. State that only needs to
-live while the machine is warm (the extracted data, the run folders, the torch.compile and Triton
-caches, so that a second command on the same machine compiles nothing again) is kept under
-`--work` (default /tmp/preresnet-plan).
+returns what it measured. Results go under `--results` (default `bench/results`), in the layout of
+this repository. On the GPU machine, where `$OUT` is the folder that comes back, they go to a return
+tree under `--work` instead, which bench/returning.py bundles into a few files at the top of `$OUT`
+after every save (a command brings back at most 8 files); `unpack` extracts them over the checkout.
+State that only needs to live while the machine is warm (the extracted data, the run folders, the
+torch.compile and Triton caches, so that a second command on the same machine compiles nothing
+again) is kept under `--work` (default /tmp/preresnet-plan).
 
 `--dry-run` runs a stage on the CPU with a tiny network, a synthetic dataset and one or two epochs;
 each GPU-only part is replaced by a stand-in that prints `STAND-IN` and says what it replaces, so a
-GPU window never finds a crash that the CPU could have shown (tests/test_gpu_plan.py runs them).
+GPU session never finds a crash that the CPU could have shown (tests/test_gpu_plan.py runs them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ import tarfile
 import time
 from pathlib import Path
 
+from bench import returning
+from preresnet import sweeps
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED_RESULTS = ROOT / "bench" / "results"
 MIN_TRAIN_SECONDS = 150  # a reproduce command with less training time left does not start train.py
@@ -53,7 +59,7 @@ NETWORKS = {"preresnet110": ("normal", 18, 1, "paper"), "preresnet164": ("bottle
             # not in the plan's order: the one full schedule 2 CPU cores finish (in about 5 hours)
             "preresnet20": ("normal", 3, 1, "paper")}
 PAPER_ERROR = {"preresnet110": 0.0637, "preresnet164": 0.0546, "wrn16_4": 0.0502}
-WEIGHTS_NAME = "weights-bf16.pt"
+USER_DATA_DIR = "data/cifar10-jpeg"  # where README.md has the archive extracted: the folder weights entries name
 DEFAULT_SEEDS = (0, 1, 2)
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "curves.png")  # what a run folder holds
 # reproduce --device cpu: fp32 as on a GPU's reference path; channels-last is 25% faster on a CPU
@@ -76,6 +82,9 @@ MATRIX_MODELS = ("preresnet110", "preresnet164", "wrn16_4")
 ROW_SECONDS = {"eager-fp32": 15, "eager-amp-cl": 15, "fused": 25, "fused-graphs": 25}  # others compile: 75
 LOSS_TOLERANCE = 0.05  # relative: a variant's first losses against eager-amp-cl's (bf16 rounding, not a broken step)
 MATRIX_STEPS = 40
+# packed runs measured by first-contact's packing part, per network (the reproduction's seeds train
+# packed, as many at a time as it found fastest)
+PACKING_COUNTS = {"preresnet110": (1, 2, 4, 8), "preresnet164": (1, 2, 4), "wrn16_4": (1, 2, 4), "tiny": (1, 2)}
 WARM_STEPS = 6  # loss-checked steps before timing: compilation, graph warm-up (3 steps) and capture
 
 
@@ -98,9 +107,14 @@ class Clock:
         return time.monotonic() - self.start
 
 
-def default_results() -> Path:
+def default_results(work: Path) -> Path:
+    """bench/results of this checkout; on a device machine (where $OUT is the folder that comes back)
+    that of the return tree, which bench.returning bundles into $OUT after every save."""
     out = os.environ.get("OUT")
-    return Path(out) / "bench" / "results" if out else COMMITTED_RESULTS
+    if not out:
+        return COMMITTED_RESULTS
+    returning.activate(work / "return", Path(out))
+    return work / "return" / "bench" / "results"
 
 
 def kernels_digest() -> str:
@@ -189,6 +203,7 @@ class Report:
         (self.folder / "report.md").write_text(first_contact_markdown(self.data))
         if self.mirror is not None:  # what a later command on this warm machine continues from
             shutil.copytree(self.folder, self.mirror, dirs_exist_ok=True)
+        returning.publish()
 
     def earlier(self, previous: dict | None, name: str, *statuses: str) -> bool:
         """Whether an earlier command on this machine finished this part (same kernels, same GPU)."""
@@ -386,6 +401,34 @@ def first_contact(args) -> int:
     choice = report.data["choice"] = choose_variant(report.data["matrix"]["models"], "tiny" if dry else "preresnet110")
     report.part("speed-matrix", "stand-in" if dry else "done", time.monotonic() - start,
                 note=f"fastest correct for the reproduction: {choice['variant'] if choice else 'none'}")
+
+    # 5. packing: aggregate images/s of K packed runs in each network's fastest correct variant
+    start = time.monotonic()
+    rows_file = folder / "packing-rows.jsonl"
+    kept = [row for row in read_rows(rows_file) if "images_per_second" in row] if previous else []
+    rows_file.unlink(missing_ok=True)
+    for row in kept:
+        append_row(rows_file, row)
+    report.data["packing"] = {}
+    for name in models:
+        counts = PACKING_COUNTS.get(name, (1, 2))
+        variant = (choose_variant(report.data["matrix"]["models"], name) or choice or {}).get("variant")
+        if variant is None:
+            report.data["packing"][name] = {"skipped": "no correct variant in the speed matrix"}
+            continue
+        pending = [k for k in counts if not any(r["model"] == name and r["runs"] == k and r["variant"] == variant
+                                                for r in kept)]
+        if pending and clock.left() > 20:
+            seconds = max(10.0, (clock.left() - 10) / (len(models) - list(models).index(name)))
+            command = [sys.executable, "-m", "bench.gpu_plan", "_packing", "--model", name, "--variant", variant,
+                       "--counts", ",".join(map(str, pending)), "--rows", str(rows_file), "--seconds", str(int(seconds))]
+            run_logged(command + (["--dry-run"] if dry else []), folder / "packing.log",
+                       min(seconds + 30, max(clock.left() - 5, 10)), env)
+        rows = [row for row in read_rows(rows_file) if row["model"] == name and row["variant"] == variant]
+        report.data["packing"][name] = {"variant": variant, "rows": rows, "choice": choose_packing(rows)}
+        report.save()
+    report.part("packing", "stand-in" if dry else "done", time.monotonic() - start,
+                note=", ".join(f"{name}: {entry.get('choice')}" for name, entry in report.data["packing"].items()))
     report.data["seconds"] = clock.elapsed()
     report.save()
     verdict = "dry run done (stand-ins: nothing is passed on a CPU)" if dry else "PASSED" if ok else "NOT passed"
@@ -394,9 +437,10 @@ def first_contact(args) -> int:
 
 
 def max_share(clock: Clock, name: str, models) -> float:
-    """Seconds for this network's rows: an equal share of what is left among the networks to go."""
+    """Seconds for this network's rows: an equal share of what is left among the networks to go,
+    less the quarter kept for the packing part that follows."""
     remaining = list(models)[list(models).index(name):]
-    return max(10.0, (clock.left() - 10) / len(remaining))
+    return max(10.0, (0.75 * clock.left() - 10) / len(remaining))
 
 
 def read_rows(path: Path, status: str | None = None) -> list[dict]:
@@ -455,6 +499,86 @@ def variant_env(variant: str) -> dict:
     return {"PRERESNET_GRAPH_MODE": mode} if mode else {}
 
 
+def variant_settings(variant: str, dry: bool) -> tuple[dict, list[str]]:
+    """A speed-matrix variant's execution settings; in a dry run the CPU stand-ins for what needs a
+    GPU, with notes saying so."""
+    v, notes = dict(VARIANTS[variant]), []
+    if dry:
+        if v["compile"]:
+            notes.append("compile replaced by eager (compiling takes minutes on a CPU)")
+            v["compile"] = False
+        if v["fused"]:
+            notes.append("fused replaced by unfused (the interpreted kernels' timings mean nothing)")
+            v["fused"] = False
+        if v["cuda_graphs"]:
+            notes.append("the capturable step runs without capture (no CUDA)")
+        if v["amp"] == "bf16":
+            v["amp"] = "off"  # CPU bf16 convs are slow and not what is measured
+        stand_in(f"{variant}: " + "; ".join(notes or ["CPU timing of a tiny network"]))
+    return v, notes
+
+
+def packing_child(args) -> int:
+    """One network's packing rows (a child process of first-contact): K packed copies of train.py's
+    step in the variant's settings (bench.workloads.packed_training_steps), aggregate images/s and
+    peak memory, for each K while time is left; a K that fails (out of memory) ends the larger ones."""
+    import torch
+
+    from bench.workloads import packed_training_steps
+    from preresnet.steps import GRAPH_MODE_ENV
+    from preresnet.training import Runtime
+
+    dry = args.dry_run
+    device = torch.device("cpu" if dry else "cuda")
+    batch, size, steps = (8, 16, 3) if dry else (128, 32, MATRIX_STEPS // 2)
+    clock = Clock(args.seconds)
+    v, notes = variant_settings(args.variant, dry)
+    os.environ[GRAPH_MODE_ENV] = v.pop("graph_mode", "step")
+    runtime = Runtime(device=device, loader="torch", **v)
+    for runs in map(int, args.counts.split(",")):
+        row = {"model": args.model, "variant": args.variant, "runs": runs, "batch": batch}
+        if clock.left() < (1 if dry else 10 + 5 * runs):
+            append_row(Path(args.rows), {**row, "skipped": "time budget"})
+            continue
+        step_all = None
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            step_all = packed_training_steps("tiny" if dry else args.model, runtime, runs, batch, size)
+            for _ in range(WARM_STEPS):  # eager warm-up steps and the captures
+                step_all()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step_all()  # waits for every copy's step
+            seconds = time.perf_counter() - start
+            row.update(images_per_second=steps * runs * batch / seconds, ms=1000 * seconds / steps)
+            if device.type == "cuda":
+                row["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            if notes:
+                row["stand_in"] = "; ".join(notes)
+        except Exception as exc:  # out of memory, say: larger packs would fail too
+            row["error"] = repr(exc)[:300]
+        append_row(Path(args.rows), row)
+        print(f"packing {args.model} {args.variant} x{runs}: {row.get('images_per_second', row.get('error'))}",
+              flush=True)
+        step_all = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if "error" in row:
+            break
+    return 0
+
+
+def choose_packing(rows: list[dict]) -> int | None:
+    """The fewest packed runs within 5% of the best aggregate images/s (more runs cost memory and
+    make each run slower, for no more throughput)."""
+    measured = [row for row in rows if "images_per_second" in row]
+    if not measured:
+        return None
+    best = max(row["images_per_second"] for row in measured)
+    return min(row["runs"] for row in measured if row["images_per_second"] >= 0.95 * best)
+
+
 def matrix_child(args) -> int:
     """One network's rows (a child process of first-contact): train.py's step, timed."""
     import torch
@@ -478,19 +602,7 @@ def matrix_child(args) -> int:
         if clock.left() < need:
             append_row(rows_file, {**row, "skipped": "time budget"})
             continue
-        notes = []
-        if dry:
-            if v["compile"]:
-                notes.append("compile replaced by eager (compiling takes minutes on a CPU)")
-                v["compile"] = False
-            if v["fused"]:
-                notes.append("fused replaced by unfused (the interpreted kernels' timings mean nothing)")
-                v["fused"] = False
-            if v["cuda_graphs"]:
-                notes.append("the capturable step runs without capture (no CUDA)")
-            if v["amp"] == "bf16":
-                v["amp"] = "off"  # CPU bf16 convs are slow and not what is measured
-            stand_in(f"{variant}: " + "; ".join(notes or ["CPU timing of a tiny network"]))
+        v, notes = variant_settings(variant, dry)
         append_row(rows_file, {**row, "status": "started"})
         os.environ[GRAPH_MODE_ENV] = v.pop("graph_mode", "step")
         step = model = optimizer = None
@@ -596,6 +708,25 @@ def first_contact_markdown(data: dict) -> str:
                              f"{'yes' if row.get('captured') else 'no'} |")
             else:
                 lines.append(f"| {row['model']} | {row['variant']} | {row.get('skipped') or row.get('error')} | | | | | | |")
+    if data.get("packing"):
+        lines += ["", "## Packed runs (train.py --seeds): aggregate training images/s", "",
+                  "| model | variant | runs | images/s in all | vs 1 run | peak memory | ms a round |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, entry in data["packing"].items():
+            rows = entry.get("rows", [])
+            single = next((row["images_per_second"] for row in rows if row["runs"] == 1 and "images_per_second" in row),
+                          None)
+            for row in rows:
+                if "images_per_second" not in row:
+                    lines.append(f"| {name} | {row['variant']} | {row['runs']} | {row.get('skipped') or row.get('error')} "
+                                 f"| | | |")
+                    continue
+                memory = f"{row['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if "peak_memory_bytes" in row else "-"
+                ratio = f"{row['images_per_second'] / single:.2f}x" if single else "-"
+                lines.append(f"| {name} | {row['variant']} | {row['runs']} | {row['images_per_second']:,.0f} | {ratio} | "
+                             f"{memory} | {row['ms']:.1f} |")
+            if "choice" in entry:
+                lines.append(f"| {name} | | **choice: {entry['choice']}** | | | | |")
     if data.get("choice"):
         choice = data["choice"]
         lines += ["", f"Fastest correct for the reproduction: **{choice['variant']}** "
@@ -694,23 +825,41 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def export_weights(run_dir: Path, target: Path) -> dict:
-    """The finished run's final weights for eval.py: conv and linear weights and BatchNorm affine
-    parameters in bf16, the BatchNorm running statistics in fp32 (they are 0.1% of the size and
-    set the eval-mode normalisation)."""
-    import torch
+def export_weights(local: Path, results: Path, dry: bool, env: dict, clock: Clock) -> dict:
+    """A finished seed's final weights as an entry of the weights registry (preresnet/pretrained.py:
+    the file, its test error and per-class accuracy measured on it, card and curves), named
+    NETWORK-DATA-RECIPE-DEVICE-sSEED. It goes to the registry of the tree the results return to:
+    $OUT/preresnet/weights on a device machine, else this checkout's; a dry run's (synthetic data) to
+    the results root's weights/, never to a registry the package reads. The export runs as its own
+    process: a failure is recorded, and the checkpoint kept for `python -m preresnet.export` by hand."""
+    from bench.workloads import environment
+    from preresnet.pretrained import registry_name
 
-    from preresnet.training import WEIGHTS_FORMAT, load_checkpoint
-
-    checkpoint = load_checkpoint(run_dir)
-    state = {key: (tensor.to(torch.bfloat16) if tensor.is_floating_point() and "running_" not in key else tensor)
-             for key, tensor in checkpoint["model"].items()}
-    weights = {"format": WEIGHTS_FORMAT, "config": checkpoint["config"], "recipe": checkpoint["recipe"],
-               "epoch": checkpoint["epoch"], "metrics": checkpoint["metrics"], "model": state}
-    tmp = target.with_name(f".{target.name}.tmp")
-    torch.save(weights, tmp)
-    os.replace(tmp, target)
-    return {"file": target.name, "bytes": target.stat().st_size}
+    config = json.loads((local / "config.json").read_text())
+    on_gpu = config["runtime"]["device"].startswith("cuda")
+    info = environment("cuda" if on_gpu else "cpu")
+    arch, seed = (config["type"], config["depth"], config["width"]), config["seed"]
+    model = next((key for key, spec in NETWORKS.items() if spec[:3] == arch), None)
+    network = registry_name(*arch) or config["model"].lower().replace("-", "")
+    name = f"{network}-{'synthetic' if dry else 'cifar10jpeg'}-{config['recipe_name']}-{'gpu' if on_gpu else 'cpu'}-s{seed}"
+    stage = ["--dry-run"] if dry else ["--model", model] + ([] if on_gpu else ["--device", "cpu"])
+    if dry:
+        registry = results.parents[2] / "weights"
+    else:
+        registry = (returning.tree() or ROOT) / "preresnet" / "weights"
+    command = [sys.executable, "-m", "preresnet.export", str(local), "--registry", str(registry),
+               "--name", name, "--data", "synthetic (dry run)" if dry else DATA_DESCRIPTION,
+               "--data-dir", config["data_dir"] if dry else USER_DATA_DIR,
+               "--device", info.get("gpu") or f"CPU ({info['cpu']})",
+               "--reproduce", " ".join(["python -m bench.gpu_plan reproduce", *stage, "--seeds", str(seed)]),
+               "--source", str(results) if dry else f"bench/results/reproduce/{results.parent.name}/{results.name}"]
+    command += ["--commit", info["commit"]] if info["commit"] else []
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(60, clock.left()))
+    print(done.stdout + done.stderr, end="", flush=True)
+    if done.returncode != 0:
+        return {"entry": name, "export_error": done.stderr.strip()[-300:]}
+    meta = json.loads((registry / f"{name}.json").read_text())
+    return {"entry": name, "file": meta["file"], "test_error": meta["test_error"], "bytes": meta["bytes"]}
 
 
 @contextlib.contextmanager
@@ -735,6 +884,7 @@ def copying_progress(run: Path, results: Path, every: float = 5.0):
                 if (run / file).is_file():
                     shutil.copy2(run / file, results / f".{file}.copy")
                     os.replace(results / f".{file}.copy", results / file)
+            returning.publish()
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -808,6 +958,10 @@ def reproduce(args) -> int:
     command = [sys.executable, str(ROOT / "train.py"), "--dataset", "folder", "--data-dir", str(data),
                "--recipe", recipe_name, "--loader", "torch", "--no-progress"]
     run_env = dict(env)
+    if on_cpu:
+        # one OpenMP thread per process unless asked for more: threads that wait for each other while
+        # another program holds a core spin, and slow a shared machine's run down many times over
+        run_env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if dry:
         stand_in("PreResNet-8 on a synthetic dataset for 3 epochs on the CPU, in place of the paper network on the GPU")
         command += ["--type", "normal", "--depth", "1", "--epochs", "3", "--batch-size", "16"]
@@ -822,21 +976,35 @@ def reproduce(args) -> int:
         say(f"only {clock.left():.0f} s left: no training in this command")
         return 1
     results.mkdir(parents=True, exist_ok=True)
-    (results / "train.log").unlink(missing_ok=True)  # this command's log: the earlier ones are in their commands
+    # the seeds train packed, `pack` at a time (first-contact's measured choice), one train.py --seeds
+    # command per group; each group's runs are ordinary run folders local/seed-N
+    pack = len(seeds) if dry or on_cpu else packing_choice(model, [args.results, COMMITTED_RESULTS, work], len(seeds))
+    if not dry and not on_cpu:  # every unfinished run's checkpoint travels with the next command, and back
+        room = checkpoint_room(model, committed)
+        if room < 1:
+            print(f"gpu_plan: error: the checkout and the data leave no room in the {CARRY_LIMIT >> 20} MiB a command "
+                  f"takes along for one {model} checkpoint ({checkpoint_bytes(model) / 2**20:.1f} MiB)", file=sys.stderr)
+            return 2
+        if room < pack:
+            say(f"{pack} packed runs' checkpoints would not travel: {room} at a time")
+            pack = room
     outcomes = []
     train_start = time.monotonic()
-    for seed in seeds:
-        if checkpoint_epoch(local / seed_folder(seed) / "checkpoint.pt") == summary_epochs(local / seed_folder(seed)):
-            continue  # this seed is finished
+    for group in [seeds[i:i + pack] for i in range(0, len(seeds), pack)]:
+        if all(checkpoint_epoch(local / seed_folder(seed) / "checkpoint.pt") == summary_epochs(local / seed_folder(seed))
+               for seed in group):
+            continue  # this group is finished
         seconds = train_seconds - (time.monotonic() - train_start)
         if seconds < (1 if dry else MIN_TRAIN_SECONDS) and outcomes:
             break
-        seed_command = command + ["--seed", str(seed), "--resume", "auto", "--out", str(local / seed_folder(seed)),
-                                  "--time-limit", str(max(int(seconds), 1))]
-        # a command killed mid-run still returns its last checkpoint
-        with copying_progress(local / seed_folder(seed), results / seed_folder(seed)):
-            outcomes.append(run_logged(seed_command, results / "train.log", seconds + 30, run_env))
-        outcomes[-1]["command"] = " ".join(seed_command[1:])
+        group_command = command + ["--seeds", ",".join(map(str, group)), "--resume", "auto", "--out", str(local),
+                                   "--time-limit", str(max(int(seconds), 1))]
+        # a command killed mid-run still returns its runs' last checkpoints
+        with contextlib.ExitStack() as watching:
+            for seed in group:
+                watching.enter_context(copying_progress(local / seed_folder(seed), results / seed_folder(seed)))
+            outcomes.append(run_logged(group_command, results / "train.log", seconds + 30, run_env))
+        outcomes[-1]["command"] = " ".join(group_command[1:])
     # 143: SIGTERM, the time guard's backstop; train.py saved its position first
     ok = all(outcome["returncode"] in (0, 128 + signal.SIGTERM) for outcome in outcomes)
 
@@ -848,7 +1016,8 @@ def reproduce(args) -> int:
         "seconds": round(time.monotonic() - train_start, 1),
         "returncodes": [outcome["returncode"] for outcome in outcomes],
         "epochs_after": {folder: run["epochs_done"] for folder, run in runs.items()},
-        "commit": info["commit"], "commands": [outcome["command"] for outcome in outcomes]}]
+        "commit": info["commit"], "commands": [outcome["command"] for outcome in outcomes],
+        **({"threads": args.threads} if on_cpu else {})}]
     config = next((json.loads((local / folder / "config.json").read_text()) for folder in runs
                    if (local / folder / "config.json").is_file()), {})
     finished = all(run["finished"] for run in runs.values())
@@ -857,7 +1026,7 @@ def reproduce(args) -> int:
         "name": name, "model": model, "network": config.get("model"), "recipe": config.get("recipe_name"),
         "data": DATA_DESCRIPTION if not dry else "synthetic (dry run)", "epochs": config.get("recipe", {}).get("epochs"),
         "seeds": seeds, "epochs_done": min(run["epochs_done"] for run in runs.values()), "finished": finished,
-        "runs": runs, "test_error": seed_statistics(errors) if finished else None,
+        "runs": runs, "test_error": sweeps.seed_statistics(errors) if finished else None,
         "paper_test_error": PAPER_ERROR.get(model),
         "wall_seconds": round(sum(c["seconds"] for c in commands), 1),
         "flags": flags, "runtime": config.get("runtime"), "device": info.get("gpu") or f"CPU ({info['cpu']})",
@@ -865,6 +1034,7 @@ def reproduce(args) -> int:
         "commit": info["commit"], "commands": commands, "dry_run": dry,
     }
     write_json(summary_path, summary)
+    returning.publish()
     state = "finished" if finished else f"{summary['epochs_done']} of {summary['epochs']} epochs"
     say(f"reproduce {name}: {state} after {commands[-1]['seconds']:.0f} s of training; results in {results}")
     return 0 if ok else 1
@@ -898,7 +1068,7 @@ def summary_epochs(run: Path) -> int | None:
 
 def collect_seed(local: Path, results: Path, dry: bool, env: dict, clock: Clock) -> dict:
     """One seed's state after this command, its files copied into results: config, metrics, curves;
-    the checkpoint while unfinished, the exported weights (evaluated by eval.py) once finished."""
+    the checkpoint while unfinished, a weights registry entry (export_weights) once finished."""
     from preresnet.training import read_metrics
 
     results.mkdir(parents=True, exist_ok=True)
@@ -917,38 +1087,74 @@ def collect_seed(local: Path, results: Path, dry: bool, env: dict, clock: Clock)
            "images_per_second": mean([m["images_per_second"] for m in history if "compile_seconds" not in m]
                                      or [m["images_per_second"] for m in history])}
     if finished:
-        run["weights"] = export_weights(local, results / WEIGHTS_NAME)
-        (results / "checkpoint.pt").unlink(missing_ok=True)  # only the weights are kept once finished
-        check = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(results / WEIGHTS_NAME),
-                                "--json"] + (["--device", "cpu"] if dry else []),
-                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(60, clock.left()))
-        if check.returncode == 0:
-            run["weights"]["eval_test_error"] = json.loads(check.stdout)["test_error"]
-        else:
-            run["weights"]["eval_error"] = check.stderr.strip()[-300:]
-    elif done >= 0:
-        shutil.copy2(local / "checkpoint.pt", results / "checkpoint.pt")  # the newest unfinished one only
+        run["weights"] = export_weights(local, results, dry, env, clock)
+    if finished and "export_error" not in run["weights"]:
+        (results / "checkpoint.pt").unlink(missing_ok=True)  # the registry entry holds the final weights
+    elif done >= 0:  # the newest unfinished checkpoint, or a finished one whose export failed
+        shutil.copy2(local / "checkpoint.pt", results / "checkpoint.pt")
     return run
 
 
-def seed_statistics(errors: list[float]) -> dict | None:
-    """Mean, sample standard deviation, median, min and max of the seeds' last-epoch test errors."""
-    import statistics
-
-    if not errors:
-        return None
-    return {"mean": statistics.fmean(errors), "std": statistics.stdev(errors) if len(errors) > 1 else None,
-            "median": statistics.median(errors), "min": min(errors), "max": max(errors), "seeds": len(errors)}
+CARRY_LIMIT = 64 * 2**20  # what one command takes along: the checkout with its carried paths
+CARRY_MARGIN = 4 * 2**20  # for what the results add (logs, metrics, curves, weights) before the next command
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated seeds like 0,1,2, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {text!r}")
-    return seeds
+def checkpoint_bytes(model: str) -> int:
+    """A checkpoint of the network: weights and momentum in fp32, the buffers, and a little more."""
+    import torch
+
+    from preresnet import get_model
+
+    with torch.device("meta"):
+        network = get_model(model)
+    return 8 * sum(p.numel() for p in network.parameters()) + 4 * sum(b.numel() for b in network.buffers()) + 2**16
+
+
+def traveling_bytes() -> int:
+    """What a command takes to the GPU machine: the checkout's tracked and untracked-not-ignored
+    files (git's view here; every file but caches on the GPU machine, whose copy holds only those)
+    and the carried data archive."""
+    if (ROOT / ".git").exists():
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.split("\0")
+        files = [ROOT / name for name in listed if name]
+        files.append(DATA_ARCHIVE)
+    else:
+        files = [path for path in ROOT.rglob("*") if ".git" not in path.parts and "__pycache__" not in path.parts]
+    return sum(path.stat().st_size for path in set(files) if path.is_file())
+
+
+def checkpoint_room(model: str, committed: Path) -> int:
+    """How many of the network's checkpoints the next command can take along (and a command bring
+    back): the limit less the checkout, the data and a margin, the run's own committed
+    checkpoints (which the new ones replace) given back."""
+    own = sum(path.stat().st_size for path in committed.glob("seed-*/checkpoint.pt"))
+    free = CARRY_LIMIT - CARRY_MARGIN - (traveling_bytes() - own)
+    back = returning.MAX_BYTES - CARRY_MARGIN
+    return max(0, min(free, back) // checkpoint_bytes(model))
+
+
+def packing_choice(model: str, results_dirs, seeds: int) -> int:
+    """How many runs to pack: the choice of the newest first-contact report that passed on the current
+    kernels and measured this network (its packing part), else all the seeds at once."""
+    digest = kernels_digest()
+    reports = []
+    for results in results_dirs:
+        for path in Path(results).glob("*/report.json"):
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            choice = data.get("packing", {}).get(model, {}).get("choice")
+            if data.get("stage") == "first-contact" and data.get("passed") and data.get("kernels_digest") == digest \
+                    and choice:
+                reports.append((data["date"], choice))
+    if not reports:
+        say(f"no packing measurement for {model} on these kernels: the {seeds} seeds train packed together")
+        return seeds
+    choice = max(reports)[1]
+    say(f"{model}: {choice} runs packed at a time, as first-contact measured fastest")
+    return choice
 
 
 # --- next -----------------------------------------------------------------------------------------
@@ -965,13 +1171,20 @@ def next_stage(results_dirs=(COMMITTED_RESULTS,)) -> tuple[str, str]:
                 and data.get("kernels_digest") == digest
     if not passed:
         return "first-contact", f"no first-contact report has passed on the current kernels ({digest})"
+    from bench.dali_stage import measured
+
+    # the loaders on the GPU: one window of their own once first-contact has passed
+    due = "" if measured(results_dirs) else ("; due too, in a window of its own: the DALI transfer and the stage "
+                                             "dali (bench/README.md, 'DALI on the GPU')")
     for model in ORDER:
         runs = [Path(results) / "reproduce" / run_name(model, False) / "run.json" for results in results_dirs]
         summary = next((json.loads(p.read_text()) for p in runs if p.is_file()), {})
         if not summary.get("finished"):
             done = summary.get("epochs_done", 0)
-            return f"reproduce --model {model}", f"{model}: {max(done, 0)} of {summary.get('epochs') or 'all'} epochs done"
-    return "none", "every run of the plan is finished"
+            room = checkpoint_room(model, COMMITTED_RESULTS / "reproduce" / run_name(model, False))
+            return f"reproduce --model {model}", (f"{model}: {max(done, 0)} of {summary.get('epochs') or 'all'} epochs "
+                                                  f"done; {room} of its checkpoints can travel at a time{due}")
+    return "none", f"every run of the plan is finished{due}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -979,7 +1192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dry-run", action="store_true", help="on the CPU: tiny network, stand-ins for the GPU parts")
-    common.add_argument("--results", default=None, help="results root (default $OUT/bench/results, else bench/results)")
+    common.add_argument("--results", default=None, help="results root (default bench/results; on the GPU machine the "
+                                                         "return tree bundled into $OUT)")
     common.add_argument("--work", default=str(DEFAULT_WORK), help="machine-local state: data, run folders, caches")
     common.add_argument("--budget-seconds", type=float, default=BUDGET_SECONDS,
                         help="wall-clock budget of the whole command (default 540)")
@@ -989,7 +1203,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--model", choices=tuple(NETWORKS), default="preresnet110")
     rp.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                     help="cpu: the same stage on the CPU, fp32 (hours: give --budget-seconds accordingly)")
-    rp.add_argument("--seeds", type=parse_seeds, help="comma-separated seeds, one run each (default 0,1,2, or the "
+    rp.add_argument("--threads", type=int, default=1,
+                    help="with --device cpu: CPU threads of the training process (default 1: a shared machine's "
+                         "other work does not stall it)")
+    rp.add_argument("--seeds", type=sweeps.parse_seeds, help="comma-separated seeds, one run each (default 0,1,2, or the "
                                                       "seeds the run was started with)")
     rp.add_argument("--data-archive", default=str(DATA_ARCHIVE), help="the JPEG CIFAR-10 archive (carried)")
     rp.add_argument("--flags", help="train.py execution flags instead of first-contact's choice, with '=': "
@@ -998,6 +1215,17 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--reserve-seconds", type=float, default=45.0,
                     help="kept after training for copying, export and evaluation (default 45)")
     sub.add_parser("next", help="the next stage by the documented order")
+    unpack = sub.add_parser("unpack", help="here, after a device command: check the results it returned and "
+                                           "extract them over the checkout (bench/returning.py)")
+    unpack.add_argument("source", help="the folder the returned files were copied to (the device's files_at)")
+    unpack.add_argument("--into", default=str(ROOT), help="the checkout (default: this one)")
+    sub.add_parser("dali", parents=[common], help="DALI's GPU pipeline against the torch loader (bench/dali_stage.py)")
+    packing = sub.add_parser("_packing", parents=[common])
+    packing.add_argument("--model", required=True)
+    packing.add_argument("--variant", required=True)
+    packing.add_argument("--counts", required=True)
+    packing.add_argument("--rows", required=True)
+    packing.add_argument("--seconds", type=float, required=True)
     child = sub.add_parser("_matrix", parents=[common])
     child.add_argument("--model", required=True)
     child.add_argument("--variants", required=True)
@@ -1008,14 +1236,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "unpack":
+        written = returning.unpack(Path(args.source), Path(args.into))
+        print(f"unpacked {len(written)} files from {args.source} into {args.into}")
+        return 0
     if getattr(args, "results", None) is None and args.stage != "next":
-        args.results = str(default_results())
+        args.results = str(default_results(Path(args.work)) if args.stage in ("first-contact", "reproduce", "dali")
+                           else COMMITTED_RESULTS)
     if args.stage == "next":
         stage, why = next_stage()
         print(f"next: python3 -m bench.gpu_plan {stage}   ({why})")
         return 0
     if args.stage == "_matrix":
         return matrix_child(args)
+    if args.stage == "_packing":
+        return packing_child(args)
+    if args.stage == "dali":
+        from bench.dali_stage import dali_stage
+
+        return dali_stage(args)
     return first_contact(args) if args.stage == "first-contact" else reproduce(args)
 
 

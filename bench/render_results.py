@@ -1,6 +1,8 @@
 """Regenerate what is derived from the GPU reports under bench/results/: the README's performance
 table, its table of finished reproduction runs (bench/results/reproduce/*/run.json, written by
-`python -m bench.gpu_plan reproduce`) and the fused layers' path table kernels/conv_paths.json.
+`python -m bench.gpu_plan reproduce`) and the fused layers' path table kernels/conv_paths.json; from
+the GPU plan's `dali` reports, the loader line (between the loader-line markers, in README.md and the
+pages of docs/ that have them) and preresnet/loader_choice.json, the loader `--loader auto` takes per GPU.
 
     python -m bench.render_results           # rewrite both
     python -m bench.render_results --check   # exit 1 if either is not up to date
@@ -21,6 +23,8 @@ CONV_PATHS = ROOT / "kernels" / "conv_paths.json"
 LAUNCH_CONFIGS = ROOT / "kernels" / "launch_configs.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
 RUNS_START, RUNS_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
+LOADER_CHOICE = ROOT / "preresnet" / "loader_choice.json"
+LOADER_START, LOADER_END = "<!-- loader-line:start -->", "<!-- loader-line:end -->"
 
 
 def provider_label(row: dict) -> str:
@@ -39,6 +43,7 @@ def load_reports(results: Path) -> list[dict]:
 
 
 def table(reports: list[dict]) -> str:
+    reports = [report for report in reports if report.get("stage") != "dali"]  # loaders, not training steps
     if not reports:
         return ("No GPU report yet: no GPU has been available to this project. `python -m bench.gpu_report` "
                 "writes one; this table is generated from them.")
@@ -91,6 +96,66 @@ def launch_configs(reports: list[dict]) -> str:
     return json.dumps({gpu: dtypes for gpu, dtypes in table.items() if dtypes}, indent=1, sort_keys=True) + "\n"
 
 
+def loader_reports(reports: list[dict]) -> dict[str, dict]:
+    """Per GPU name, the newest `dali` report a GPU made (not a dry run) that reached a choice
+    (reports sort by folder name, which starts with the date)."""
+    return {report["environment"]["gpu"]: report for report in reports
+            if report.get("stage") == "dali" and not report.get("dry_run") and report.get("choice")}
+
+
+def loader_choice(reports: list[dict]) -> str:
+    """preresnet/loader_choice.json: {GPU name: {backend, reason, date}} for preresnet.loaders.auto_backend."""
+    table = {gpu: {"backend": report["choice"]["backend"], "date": report["date"][:10],
+                   "reason": f"{report['choice']['reason']} ({Path(report['path']).parent})"}
+             for gpu, report in loader_reports(reports).items()}
+    return json.dumps(table, indent=1, sort_keys=True) + "\n"
+
+
+def loader_line(reports: list[dict]) -> str:
+    """The loader line: per GPU, the loaders' epoch and the training step each feeds."""
+    measured = loader_reports(reports)
+    if not measured:
+        return ("**Loaders on a GPU**: not measured yet. `python -m bench.gpu_plan dali` (bench/README.md, \"DALI on "
+                "the GPU\") measures them; this line is generated from its report.")
+    paragraphs = []
+    for gpu, report in measured.items():
+        env, step = report["environment"], report["step"]
+        epochs = {row["backend"]: row for row in report["loaders"] if "images_per_second" in row}
+        fed = {row["feed"]: row for row in step["rows"] if "images_per_second" in row}
+
+        def epoch(backend: str) -> str:
+            row = epochs.get(backend)
+            return f"{row['images'] / row['images_per_second']:.2f} s ({row['images_per_second']:,.0f} images/s)" if row \
+                else "(not measured)"
+
+        share = " and ".join(f"{100 * fed[b]['loader_share']:.1f}%" for b in ("torch", "dali") if "loader_share" in fed[b])
+        tested = "are" if report["tests"].get("passed") else "were not shown to be"
+        paragraphs.append(
+            f"**Loaders on a GPU** ({gpu}, torch {env.get('torch')}, NVIDIA DALI {env.get('dali')}, commit "
+            f"{env.get('commit')}, `{Path(report['path']).parent}/`): one training epoch of {report['images']:,} images at "
+            f"batch {report['batch']} takes the torch loader {epoch('torch')} and the DALI GPU pipeline {epoch('dali')}; "
+            f"a {step['model']} training step ({step['amp']}, channels-last, CUDA graphs "
+            f"{'on' if step['cuda_graphs'] else 'off'}) runs at {fed['fixed batch']['images_per_second']:,.0f} images/s on "
+            f"a fixed batch, {fed['torch']['images_per_second']:,.0f} fed by the torch loader and "
+            f"{fed['dali']['images_per_second']:,.0f} fed by DALI (the loader's share of a step: {share}). DALI's GPU "
+            f"batches {tested} bit-identical to the torch loader's; `--loader auto` takes "
+            f"{'DALI' if report['choice']['backend'] == 'dali' else 'the torch loader'} on this GPU.")
+    return "\n\n".join(paragraphs)
+
+
+def render_loader_line(readme: str, reports: list[dict]) -> str:
+    if LOADER_START not in readme:
+        return readme
+    head, rest = readme.split(LOADER_START, 1)
+    _, tail = rest.split(LOADER_END, 1)
+    return f"{head}{LOADER_START}\n{loader_line(reports)}\n{LOADER_END}{tail}"
+
+
+def render_loader_pages(pages: list[Path], reports: list[dict]) -> dict[Path, str]:
+    """The pages among these that hold the loader-line markers, with the line rendered."""
+    return {page: render_loader_line(page.read_text(), reports) for page in pages if LOADER_START in page.read_text()}
+
+
 def load_runs(results: Path) -> list[dict]:
     """The reproduction runs bench.gpu_plan's reproduce stage wrote: results/reproduce/NAME/run.json."""
     runs = []
@@ -106,8 +171,22 @@ def duration(seconds: float) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def error_cell(run: dict) -> str:
+    """Mean +- std over the seeds (last epoch, no selection), then each seed's error."""
+    stats = run["test_error"]
+    seeds = ", ".join(f"{name.replace('seed-', 's')} {percent(seed['final_test_error'])}"
+                      for name, seed in run["runs"].items())
+    spread = f" ± {percent(stats['std'])}" if stats["std"] is not None else ""
+    return f"**{percent(stats['mean'])}**{spread} ({seeds})"
+
+
 def runs_table(runs: list[dict]) -> str:
-    """One row per finished run: the last epoch's test error (no selection on the test set)."""
+    """One row per finished reproduction: the last epoch's test error of every seed (no selection on
+    the test set), its mean and sample standard deviation, and how many seeds."""
     runs = [run for run in runs if not run.get("dry_run")]
     finished = [run for run in runs if run.get("finished")]
     lines = []
@@ -115,23 +194,23 @@ def runs_table(runs: list[dict]) -> str:
         lines.append("No finished reproduction run yet: `python -m bench.gpu_plan reproduce` (bench/README.md) writes "
                      "them under `bench/results/reproduce/`; this table is generated from them.")
     else:
-        lines += ["| network | recipe | data | test error (last epoch) | paper | wall time | images/s | GPU | "
-                  "torch / triton | commit | weights |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["| network | recipe | data | test error, mean ± std (each seed) | seeds | paper | wall time | "
+                  "images/s a run | device | torch / triton | commit | weights |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for run in finished:
-            weights = run.get("weights", {})
-            check = weights.get("eval_test_error")
-            weights_cell = (f"`{run['path']}/{weights['file']}` (eval.py: {100 * check:.2f}%)" if check is not None
-                            else f"`{run['path']}/{weights.get('file', '-')}`")
-            paper = f"{100 * run['paper_test_error']:.2f}%" if run.get("paper_test_error") is not None else "-"
-            ips = f"{run['images_per_second']:,.0f}" if run.get("images_per_second") else "-"
-            lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | **{100 * run['final_test_error']:.2f}%** | "
-                         f"{paper} | {duration(run['wall_seconds'])} in {len(run.get('commands', []))} commands | {ips} | "
-                         f"{run.get('gpu')} | {run.get('torch')} / {run.get('triton')} | {run.get('commit')} | {weights_cell} |")
+            entries = [seed["weights"]["entry"] for seed in run["runs"].values() if "entry" in seed.get("weights", {})]
+            paper = percent(run["paper_test_error"]) if run.get("paper_test_error") is not None else "-"
+            speeds = [seed["images_per_second"] for seed in run["runs"].values() if seed.get("images_per_second")]
+            ips = f"{sum(speeds) / len(speeds):,.0f}" if speeds else "-"
+            lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | {error_cell(run)} | "
+                         f"{len(run['runs'])} | {paper} | {duration(run['wall_seconds'])} in {len(run.get('commands', []))} "
+                         f"commands | {ips} | {run.get('device')} | {run.get('torch')} / {run.get('triton')} | "
+                         f"{run.get('commit')} | {', '.join(f'`{entry}`' for entry in entries) or '-'} |")
     for run in runs:
         if not run.get("finished"):
-            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}), {max(run.get('epochs_done') or 0, 0)} of "
-                          f"{run.get('epochs')} epochs after {duration(run.get('wall_seconds', 0))} (`{run['path']}`)."]
+            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {len(run.get('runs', {}))} seeds, "
+                          f"{run.get('device')}), {max(run.get('epochs_done') or 0, 0)} of {run.get('epochs')} epochs "
+                          f"after {duration(run.get('wall_seconds', 0))} (`{run['path']}`)."]
     return "\n".join(lines)
 
 
@@ -156,7 +235,10 @@ def main() -> int:
     args = parser.parse_args()
     reports = load_reports(Path(args.results))
     readme = render_runs(render((ROOT / "README.md").read_text(), reports), load_runs(Path(args.results)))
-    outputs = {ROOT / "README.md": readme, CONV_PATHS: conv_paths(reports), LAUNCH_CONFIGS: launch_configs(reports)}
+    readme = render_loader_line(readme, reports)
+    outputs = {ROOT / "README.md": readme, CONV_PATHS: conv_paths(reports), LAUNCH_CONFIGS: launch_configs(reports),
+               LOADER_CHOICE: loader_choice(reports)}
+    outputs.update(render_loader_pages(sorted((ROOT / "docs").glob("*.md")), reports))
     stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:

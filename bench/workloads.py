@@ -225,6 +225,60 @@ def training_step(name: str, provider: str, device: str, batch: int):
     return step
 
 
+# the packed-step workload's providers: train.py's own step with these execution settings
+PACKED_PROVIDERS = {
+    "eager-fp32": dict(amp="off", channels_last=False, fused=False, cuda_graphs=False),
+    "eager-amp-cl-graphs": dict(amp="bf16", channels_last=True, fused=False, cuda_graphs=True),
+    "fused-graphs": dict(amp="bf16", channels_last=True, fused=True, cuda_graphs=True),
+}
+PACKED_RUNS = (1, 2, 4)
+
+
+def packed_training_steps(name: str, runtime, runs: int, batch: int, size: int = 32):
+    """A function running one training step of each of `runs` packed copies of a network, as
+    train.py --seeds trains them: each copy with its own model, optimizer and step
+    (preresnet.training.make_step_fn: captured in a CUDA graph where the runtime says so) and, on a
+    GPU, its own CUDA stream; a call queues one step of every copy in turn, then waits for all.
+    name "tiny": PreResNet-8 (the GPU plan's dry runs)."""
+    from preresnet import build_model
+    from preresnet.recipes import resolve_recipe
+    from preresnet.steps import make_optimizer
+    from preresnet.training import make_step_fn
+
+    device = runtime.device
+    memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
+    copies = []
+    for k in range(runs):
+        torch.manual_seed(k)
+        model = build_model("normal", 1, num_classes=10, fused=runtime.fused) if name == "tiny" \
+            else get_model(name, fused=runtime.fused)
+        if runtime.fused:
+            from preresnet.kernels.paths import assign_paths
+
+            assign_paths(model, device, runtime.amp_dtype or torch.float32)
+        model.to(device, memory_format=memory_format).train()
+        recipe = resolve_recipe("wrn" if name.startswith("wrn") else "paper")
+        step, _ = make_step_fn(model, make_optimizer(model, recipe, device),
+                               torch.amp.GradScaler(device.type, enabled=False), runtime)
+        step.set_lr(recipe.lr)
+        generator = torch.Generator(device=device).manual_seed(k)
+        x = torch.randn(batch, 3, size, size, device=device, generator=generator).contiguous(memory_format=memory_format)
+        y = torch.randint(0, 10, (batch,), device=device, generator=generator)
+        stream = torch.cuda.Stream(device) if device.type == "cuda" and runs > 1 else None
+        copies.append((step, stream, x, y))
+    synchronize(device.type)  # the inputs, made on the default stream, before the copies' streams read them
+
+    def step_all():
+        losses = []
+        for step, stream, x, y in copies:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                losses.append(step(x, y)[0])
+        synchronize(device.type)
+        return losses
+
+    return step_all
+
+
 def time_step(step, warmup: int = 3, iterations: int = 20) -> float:
     """Median milliseconds of step() by CUDA events, after warm-up (compilation, autotuning)."""
     for _ in range(warmup):

@@ -25,7 +25,11 @@ forward and three backward, with no PyTorch ops around them:
 "The last program" is the classic single-pass reduction: each program stores its partials, waits
 at a barrier, and takes a ticket from an atomic counter (acquire-release); the program holding the
 last ticket reads every partial and resets the counter. The counters live in one zeroed int32
-workspace per device, reused by every launch (launches on a stream never overlap).
+workspace per device and stream, reused by every launch on that stream (launches on a stream never
+overlap, while kernels on two streams, such as two packed training runs, may run at once). A CUDA
+graph keeps the workspace of the stream it was captured on, which must exist before the capture
+(the eager warm-up steps on that stream allocate it): allocating inside a capture would record the
+zeroing into the graph and tie the workspace to the graph's memory pool.
 
 Layers: Triton kernels -> launchers (checks, block sizes) -> torch.library custom ops with autograd
 (torch.compile sees one opaque op per layer) -> `kernels.layers` (modules and the statistics chain).
@@ -390,17 +394,22 @@ def _block_m(config, rows: int) -> int:
     return config.block("BLOCK_M", rows)
 
 
-_counter_workspaces: dict[torch.device, torch.Tensor] = {}
+_counter_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def counters(device: torch.device, slots: int) -> torch.Tensor:
-    """The zeroed ticket counters of a device (see the module docstring): every last program
-    resets its counter, so the workspace is allocated and zeroed once."""
+    """The zeroed ticket counters of the device's current stream (see the module docstring): every
+    last program resets its counter, so a workspace is allocated and zeroed once per stream."""
     if slots > COUNTER_SLOTS:
         raise ValueError(f"a launch needs {slots} ticket counters, more than the {COUNTER_SLOTS} reserved")
-    workspace = _counter_workspaces.get(device)
+    # the interpreter runs one launch at a time: one workspace per device
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    workspace = _counter_workspaces.get((device, stream))
     if workspace is None:
-        workspace = _counter_workspaces[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fused kernels' ticket counters of this stream are allocated inside a CUDA graph "
+                               "capture: run one eager step on the capture stream first (preresnet.steps does)")
+        workspace = _counter_workspaces[(device, stream)] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
     return workspace
 
 

@@ -27,8 +27,27 @@ if not Path(__file__).with_name("kernels").is_dir() and (_checkout / "__init__.p
     sys.meta_path.append(_CheckoutKernels(_checkout))
 
 from .errors import UserError  # noqa: E402
-from .models import MODEL_TYPES, build_model, get_model, list_models, paper_name  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["MODEL_TYPES", "UserError", "build_model", "get_model", "list_models", "paper_name", "__version__"]
+# the public names, imported on first use: `import preresnet.faults` (train.py's first line, before
+# torch) and `import preresnet.kernels` stay light
+_LAZY = {"MODEL_TYPES": "models", "build_model": "models", "get_model": "models", "list_models": "models",
+         "paper_name": "models", "WeightsEntry": "pretrained", "get_weights": "pretrained",
+         "list_weights": "pretrained"}
+
+__all__ = ["UserError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -221,16 +221,26 @@ def build_model(
     type: str,
     depth: int,
     width: int = 1,
-    num_classes: int = 10,
+    num_classes: int | None = None,
     fused: bool = False,
     dropout: float = 0.0,
+    weights=None,
 ) -> PreActResNet:
     """Build a pre-activation network: `type` normal | bottleneck | wide, `depth` units per stage.
 
-    fused=True runs every unit and the stem through the Triton kernels of `kernels` (same
-    parameters, buffers and state_dict keys); on a machine without a GPU only under the Triton
-    interpreter (TRITON_INTERPRET=1 before triton is imported)."""
-    check_model_args(type, depth, width, num_classes, dropout)
+    num_classes: 10, or the classes of `weights`. fused=True runs every unit and the stem through
+    the Triton kernels of `kernels` (same parameters, buffers and state_dict keys); on a machine
+    without a GPU only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported).
+    weights: None, an entry name of `list_weights()`, a `WeightsEntry`, or "DEFAULT" (the entry
+    with the lowest test error for this network): the network comes back in eval mode with them
+    loaded (preresnet/pretrained.py)."""
+    check_model_args(type, depth, width, 10 if num_classes is None else num_classes, dropout)
+    entry = None
+    if weights is not None:
+        from .pretrained import resolve_weights
+
+        entry = resolve_weights(weights, type, depth, width, num_classes)
+        num_classes = entry.meta["num_classes"]
     if fused:
         if dropout > 0:
             raise UserError("the fused kernels do not apply dropout: use fused=False (--no-fused) with --dropout")
@@ -239,8 +249,14 @@ def build_model(
         except ImportError as exc:
             raise UserError(f"fused=True needs Triton and the kernels package ({exc}); use fused=False") from None
     block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock
-    return PreActResNet(block, depth, width, num_classes, dropout, paper_name(type, depth, width), fused,
-                        activate_before_first_split=type != "wide")
+    model = PreActResNet(block, depth, width, 10 if num_classes is None else num_classes, dropout,
+                         paper_name(type, depth, width), fused, activate_before_first_split=type != "wide")
+    if entry is not None:
+        from .pretrained import load_weights
+
+        load_weights(model, entry)
+        model.eval()
+    return model
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -306,7 +322,8 @@ def list_models() -> list[str]:
 
 
 def get_model(name: str, **kwargs) -> PreActResNet:
-    """Build a registered network by name; kwargs go to `build_model` (num_classes, fused, dropout)."""
+    """Build a registered network by name; kwargs go to `build_model` (num_classes, fused, dropout,
+    weights: get_model("preresnet110", weights="DEFAULT") is in eval mode with the best weights loaded)."""
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(_REGISTRY)}")
     return _REGISTRY[name](**kwargs)

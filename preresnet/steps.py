@@ -23,8 +23,13 @@ tests/test_steps.py compares with the plain step, bit for bit.
 
 Where capture cannot work the step falls back to the plain step and says why: fp16 loss scaling
 (GradScaler decides on the host whether to skip a step), multi-process runs (DDP's gradient
-all-reduce is launched from autograd hooks on its own schedule), and any batch whose shape differs
-from the captured one (never in training: the last partial batch is dropped).
+all-reduce is launched from autograd hooks on its own schedule), packed runs with dropout (each
+draws from its own generator state, which the host swaps in around its steps), and any batch
+whose shape differs from the captured one (never in training: the last partial batch is dropped).
+
+Each captured step (and evaluation forward) warms up and is captured on a stream of its own, so the
+fused kernels' per-stream workspace it records is its own; several packed runs replay their graphs
+on their own streams at once.
 
 `PRERESNET_GRAPH_MODE=reduce-overhead` replaces the manual capture with
 `torch.compile(mode="reduce-overhead")` (forward and backward graphed by Inductor, the fused SGD
@@ -138,6 +143,8 @@ class GraphStep(PlainStep):
         super().__init__(model, forward, optimizer, scaler, runtime)
         device = runtime.device
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=device)
+        # warm-up and capture: the same stream, whose fused-kernel workspace the warm-up allocates
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.static_x = self.static_y = None
         self.graph = None
         self.outputs = None
@@ -178,11 +185,10 @@ class GraphStep(PlainStep):
         synchronize(device)
         start = time.perf_counter()
         if self.calls < WARMUP_STEPS:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
                 out = self.static_step()
-            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(self.stream)
             synchronize(device)
             if self.calls == 0:
                 self.first_step_seconds = time.perf_counter() - start
@@ -190,7 +196,7 @@ class GraphStep(PlainStep):
             return out
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.stream):
             outputs = self.static_step()
         synchronize(device)
         self.capture_seconds += time.perf_counter() - start
@@ -215,6 +221,8 @@ class GraphedEval:
 
     def __init__(self, forward, model, runtime):
         self.forward, self.model, self.runtime = forward, model, runtime
+        # warm-up and capture (see GraphStep)
+        self.stream = torch.cuda.Stream(runtime.device) if runtime.device.type == "cuda" else None
         self.graph = self.static_x = self.output = None
         self.calls = 0
         self.capture_seconds = 0.0
@@ -245,18 +253,17 @@ class GraphedEval:
         synchronize(device)
         start = time.perf_counter()
         if self.calls == 0:  # warm-up: compilation (eval mode is its own graph) and autotuning
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(self.stream):
                 out = self._forward(x)
-            torch.cuda.current_stream(device).wait_stream(side)
+            torch.cuda.current_stream(device).wait_stream(self.stream)
             synchronize(device)
             self.first_batch_seconds = time.perf_counter() - start
             self.calls += 1
             return out
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=self.stream):
             output = self._forward(static_x)
         synchronize(device)
         self.capture_seconds += time.perf_counter() - start
@@ -276,8 +283,11 @@ class GraphedEval:
         return timings
 
 
-def graph_fallback_reason(runtime) -> str | None:
+def graph_fallback_reason(runtime, own_random_state: bool = False) -> str | None:
     """Why the whole step cannot be captured with these settings, or None."""
+    if own_random_state:
+        return ("packed runs with dropout: each draws from its own generator state, swapped in by the host around "
+                "its steps, which a captured step would not see")
     if runtime.amp == "fp16":
         return ("fp16 loss scaling: GradScaler decides on the host whether to skip each step (a synchronisation "
                 "a graph cannot hold); use --amp bf16 for graphs")
@@ -288,8 +298,9 @@ def graph_fallback_reason(runtime) -> str | None:
     return None
 
 
-def build_step(model, optimizer, scaler, runtime):
-    """The step function and the evaluation forward for these settings.
+def build_step(model, optimizer, scaler, runtime, own_random_state: bool = False):
+    """The step function and the evaluation forward for these settings (own_random_state: a packed
+    run whose steps draw random numbers from a generator state of its own).
 
     Returns (step, eval_forward): step(x, y) -> (loss, logits) with step.set_lr(lr),
     step.take_timings() and step.describe(); eval_forward(x) -> logits, with .eval() and, when
@@ -302,7 +313,7 @@ def build_step(model, optimizer, scaler, runtime):
         forward = model
     if not runtime.cuda_graphs:
         return PlainStep(model, forward, optimizer, scaler, runtime), forward
-    reason = graph_fallback_reason(runtime)
+    reason = graph_fallback_reason(runtime, own_random_state)
     if reason:
         note = f"CUDA graphs: the step is not captured ({reason})"
         if mode == "reduce-overhead" and runtime.compile:

@@ -20,6 +20,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +28,15 @@ import torch.nn.functional as F
 from . import distributed, faults
 from .data import Dataset, channel_mean_std, load_dataset
 from .errors import UserError
-from .loaders import MODEL_STREAM, BaseLoader, build_loader, dali_available, epoch_seed
+from .loaders import MODEL_STREAM, BaseLoader, auto_backend, build_loader, dali_available, dali_missing_message, epoch_seed
 from .models import build_model
 from .recipes import Recipe, learning_rate
 from .steps import make_optimizer
+from .sweeps import DIVERGED_NAME
 
 CHECKPOINT_FORMAT = "preresnet-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint-prev.pt"  # the checkpoint before the last one, kept in case the last is unreadable
-# a finished run's final weights for eval.py (bench/gpu_plan.py exports them): config, recipe, epoch,
-# metrics and the state_dict (weights in bf16), without optimizer state: not resumable
-WEIGHTS_FORMAT = "preresnet-weights-1"
 EVAL_BATCH_SIZE = 500
 PROGRESS_EVERY = 20  # steps between progress-bar refreshes; each one waits for the device
 
@@ -62,6 +61,16 @@ def random_state(device: torch.device) -> dict:
     return {"device": device.type, "state": state}
 
 
+def restore_random_state(saved: dict, device: torch.device) -> None:
+    """Set the generator random_state() read (one saved on another kind of device draws anew)."""
+    if saved["device"] != device.type:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["state"], device)
+    else:
+        torch.set_rng_state(saved["state"])
+
+
 # --- runtime: device, precision, layout, compilation ----------------------------------------------
 
 
@@ -76,6 +85,7 @@ class Runtime:
     sync_bn: bool = False  # BatchNorm statistics over all ranks (multi-process runs)
     dist: distributed.Dist = distributed.Dist()
     cuda_graphs: bool = False  # the whole step (and evaluation) captured in CUDA graphs: preresnet/steps.py
+    loader_reason: str = ""  # why this loader: the --loader asked for, or what auto found (config.json)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -111,16 +121,18 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
     if fused and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise UserError("--fused on the CPU runs the Triton kernels under the interpreter (slow; meant for tests): "
                         "set TRITON_INTERPRET=1, or train on a GPU")
+    loader_reason = f"--loader {loader}"
     if loader == "auto":
-        loader = "dali" if dali_available() else "torch"
+        loader, loader_reason = auto_backend(device)
     if loader == "dali" and not dali_available():
-        raise UserError("--loader dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 (or -cuda130), or use --loader torch")
+        raise UserError(dali_missing_message("--loader dali"))
     return Runtime(
         device=torch.device(device, dist.local_rank) if on_gpu and dist.enabled else torch.device(device),
         amp=amp,
         channels_last=on_gpu if channels_last is None else channels_last,
         compile=on_gpu if compile is None else compile,
         loader=loader,
+        loader_reason=loader_reason,
         fused=bool(fused),
         sync_bn=bool(sync_bn),
         dist=dist,
@@ -191,9 +203,8 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def load_checkpoint(path: str | os.PathLike, weights_ok: bool = False) -> dict:
-    """Read a checkpoint written by train.py (weights_ok: or exported weights, WEIGHTS_FORMAT); any
-    problem is a one-line UserError."""
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by train.py; any problem is a one-line UserError."""
     path = checkpoint_path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
@@ -209,10 +220,10 @@ def load_checkpoint(path: str | os.PathLike, weights_ok: bool = False) -> dict:
     except Exception as exc:  # zipfile and torch.load raise many types for truncated or foreign files
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {first_line}{hint}") from None
-    if isinstance(checkpoint, dict) and checkpoint.get("format") == WEIGHTS_FORMAT:
-        if weights_ok:
-            return checkpoint
-        raise UserError(f"{path} holds a finished run's exported weights (for eval.py), not a checkpoint to resume")
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise UserError(f"{path} is not a checkpoint written by this project's train.py: it holds bare weights (a "
+                        f"state_dict, as preresnet/weights/ ships them), nothing to resume; eval.py --weights NAME "
+                        f"evaluates a registry entry{hint}")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint written by this project's train.py{hint}")
     return checkpoint
@@ -231,7 +242,7 @@ def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoin
     return model
 
 
-# --- one epoch ----------------------------------------------------------------------------------------
+# --- evaluation and the step ---------------------------------------------------------------------------
 
 
 def evaluate(model: torch.nn.Module, loader: BaseLoader, runtime: Runtime, num_classes: int) -> dict:
@@ -259,96 +270,6 @@ def evaluate(model: torch.nn.Module, loader: BaseLoader, runtime: Runtime, num_c
     }
 
 
-def train_epoch(model, step_fn, loader: BaseLoader, optimizer, recipe: Recipe, epoch: int, iteration: int,
-                runtime: Runtime, disable_bar: bool | None, resume_at: dict | None = None) -> tuple[dict, int]:
-    """One pass over the training data; returns the epoch's metrics and the next iteration number.
-
-    resume_at: the position of a checkpoint written inside this epoch (StoppedInEpoch's, one entry
-    per rank): the epoch continues after its step as if it had never stopped. Raises
-    StoppedInEpoch when a stop signal reached any rank (see faults)."""
-    from tqdm import tqdm
-
-    model.train()
-    first = resume_at["step"] if resume_at else 0
-    loader.set_epoch(epoch, first)
-    torch.manual_seed(epoch_seed(loader.seed, epoch, MODEL_STREAM, runtime.dist.rank))  # dropout draws, own per rank
-    device, dist = runtime.device, runtime.dist
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    errors = torch.zeros((), dtype=torch.int64, device=device)
-    seen, earlier_seconds = 0, 0.0
-    if resume_at:
-        ranks = resume_at["ranks"]
-        if len(ranks) == dist.world_size:  # each rank continues its own sums and dropout draws
-            mine = ranks[dist.rank]
-            loss_sum.fill_(mine["loss_sum"])
-            errors.fill_(mine["errors"])
-            seen = mine["seen"]
-            if mine["random"]["device"] == device.type:
-                if device.type == "cuda":
-                    torch.cuda.set_rng_state(mine["random"]["state"], device)
-                else:
-                    torch.set_rng_state(mine["random"]["state"])
-        elif dist.is_main:  # another number of processes: the epoch's sums are right, its dropout draws new
-            loss_sum.fill_(sum(r["loss_sum"] for r in ranks))
-            errors.fill_(sum(r["errors"] for r in ranks))
-            seen = sum(r["seen"] for r in ranks)
-        earlier_seconds = resume_at["train_seconds"]
-    bar = tqdm(total=len(loader), initial=first, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch",
-               disable=disable_bar if runtime.dist.is_main else True, leave=False, dynamic_ncols=True)
-    check_replicas = os.environ.get("PRERESNET_CHECK_REPLICAS") == "1"
-    start = time.perf_counter()
-    for step, (x, y) in enumerate(loader, start=first):
-        lr = learning_rate(recipe, epoch, iteration)
-        if hasattr(step_fn, "set_lr"):  # preresnet.steps: a float, or a device tensor a captured step reads
-            step_fn.set_lr(lr)
-        else:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        loss, logits = step_fn(x, y)
-        loss_sum += loss.detach().double() * len(y)
-        errors += (logits.detach().argmax(1) != y).sum()
-        seen += len(y)
-        iteration += 1
-        if check_replicas and not distributed.replicas_agree(model):
-            raise RuntimeError(f"rank {runtime.dist.rank}: parameters differ across ranks after step {step + 1}")
-        stop = faults.stop_requested() is not None  # a Python flag: no wait for the device
-        if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == len(loader):
-            mean_loss = float(loss_sum) / seen  # waits for the device
-            # every rank decides together, or one would stop while the others wait in a collective:
-            # on a non-finite loss, and on a stop signal that reached any of them
-            flags = distributed.all_reduce_sum(torch.tensor([float(not math.isfinite(mean_loss)), float(stop)],
-                                                            device=device))
-            diverged, stop = (bool(flag) for flag in flags.tolist())
-            if diverged:
-                bar.close()
-                raise NonFiniteLoss(f"the training loss became {mean_loss} in epoch {epoch + 1} (step {step + 1})")
-            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:g}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-            bar.update(step + 1 - bar.n)
-        elif dist.enabled:
-            stop = False  # ranks stop only at a step where they have agreed to (latency: PROGRESS_EVERY steps)
-        if stop and step + 1 < len(loader):  # at the last step the epoch ends, is evaluated and saved first
-            bar.close()
-            raise StoppedInEpoch({"step": step + 1, "iteration": iteration, "loss_sum": float(loss_sum),
-                                  "errors": int(errors), "seen": seen, "random": random_state(device),
-                                  "train_seconds": earlier_seconds + time.perf_counter() - start})
-    bar.close()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = earlier_seconds + time.perf_counter() - start
-    totals = distributed.all_reduce_sum(torch.stack([loss_sum, errors.double(), torch.tensor(float(seen), device=device,
-                                                                                           dtype=torch.float64)]))
-    loss_sum, errors, seen = totals[0], totals[1], int(totals[2])
-    if not distributed.replicas_agree(model):
-        raise RuntimeError(f"rank {runtime.dist.rank}: parameters differ across ranks after epoch {epoch + 1}")
-    return {
-        "lr": lr,
-        "train_loss": float(loss_sum) / seen,
-        "train_error": int(errors) / seen,
-        "train_seconds": seconds,
-        "images_per_second": seen / seconds,
-    }, iteration
-
-
 def step_timings(step_fn, eval_forward) -> dict:
     """Time to the first step in this process (compile_seconds: compilation, autotuning and warm-up
     included), graph capture (capture_seconds), and the same for evaluation; only in the epoch where
@@ -367,7 +288,7 @@ def describe_timings(metrics: dict) -> str:
     return f"  ({', '.join(parts)})" if parts else ""
 
 
-def make_step_fn(model, optimizer, scaler, runtime: Runtime):
+def make_step_fn(model, optimizer, scaler, runtime: Runtime, own_random_state: bool = False):
     """forward, loss, backward and optimizer step for one batch, and the evaluation forward
     (preresnet/steps.py): with --compile the model's forward (and so its backward) is compiled; with
     --cuda-graphs on a GPU the whole step, optimizer included, is captured once and replayed, and so
@@ -378,10 +299,10 @@ def make_step_fn(model, optimizer, scaler, runtime: Runtime):
         # DDP broadcasts BatchNorm buffers before each forward, which Dynamo cannot trace: one graph
         # break there, announced once per rank (pytorch/pytorch#141827); the model itself compiles.
         warnings.filterwarnings("ignore", message=".*_broadcast_coalesced")
-    return build_step(model, optimizer, scaler, runtime)
+    return build_step(model, optimizer, scaler, runtime, own_random_state)
 
 
-# --- the run ------------------------------------------------------------------------------------------
+# --- the runs of a command --------------------------------------------------------------------------
 
 
 def save_curves(history: list[dict], path: Path, title: str) -> None:
@@ -422,153 +343,424 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(config: dict, recipe: Recipe, out: Path, runtime: Runtime, resume_from: dict | None = None,
-        progress: bool | None = None, dataset: Dataset | None = None, deadline: float | None = None,
-        keep_previous: bool = True) -> dict:
-    """Train config's network with recipe into out; returns the final epoch's metrics.
+class RunSpec(NamedTuple):
+    """One run of a command: its config (network, data, seed: it must already carry num_classes,
+    mean and std), recipe and folder, and the loaded checkpoint it continues (None: a fresh run).
+    keep_previous: whether the checkpoint now in out becomes checkpoint-prev.pt at the first save
+    (not when the run resumed from another file, say because out's own was unreadable)."""
 
-    config holds the model, data and seed (it must already carry num_classes, mean and std);
-    resume_from is a loaded checkpoint of this same run. keep_previous: whether the checkpoint now
-    in out becomes checkpoint-prev.pt at the first save (not when the run resumed from another
-    file, say because out's own was unreadable). A stop signal (faults) ends the run with
-    faults.Interrupted once its position is saved. deadline (time.monotonic()): no epoch is
-    started that would not end before it, judged by the longest epoch so far (the run stops with its
-    checkpoint written; a later --resume continues it).
-    """
-    if dataset is None:
-        dataset = load_dataset(config["dataset"], config["data_dir"])
+    config: dict
+    recipe: Recipe
+    out: Path
+    checkpoint: dict | None = None
+    keep_previous: bool = True
+
+
+class TrainingRun:
+    """One run's network, optimizer, step, data order, metrics and files.
+
+    A command trains one run, or several packed (train.py --seeds): then each has its own CUDA
+    stream on a GPU, and where its steps draw random numbers (dropout) its own generator state,
+    swapped in around each of its steps, so that it computes exactly what it would compute alone.
+    status: training, then finished, stopped (a stop signal), paused (--time-limit) or diverged."""
+
+    def __init__(self, spec: RunSpec, runtime: Runtime, train_loader: BaseLoader, test_loader: BaseLoader,
+                 packed: bool):
+        config, recipe, out = spec.config, spec.recipe, spec.out
+        self.config, self.recipe, self.out, self.keep_previous = config, recipe, out, spec.keep_previous
+        self.runtime, self.train_loader, self.test_loader = runtime, train_loader, test_loader
+        self.name = out.name
+        device, dist = runtime.device, runtime.dist
+        self.stream = torch.cuda.Stream(device) if packed and device.type == "cuda" else None
+        if self.stream is not None:  # the images the loaders put on the device, before this stream reads them
+            self.stream.wait_stream(torch.cuda.current_stream(device))
+        self.own_random = packed and config["dropout"] > 0
+        self.random: dict | None = None  # this run's generator state between its steps (own_random)
+        self.status = "training"
+        self.steps = None  # the epoch in progress: a generator of its steps (epoch_steps)
+        self.shown = 0  # steps of the epoch in progress on the progress bar
+        self.train_metrics: dict | None = None  # of the epoch just trained, until it is evaluated
+        self.metrics: dict | None = None  # the last epoch's
+        with self.active():
+            torch.manual_seed(config["seed"])
+            model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
+                                fused=runtime.fused, dropout=config["dropout"])
+            if runtime.sync_bn:
+                distributed.convert_sync_batchnorm(model)
+            model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+            self.on_torch_ops = {}
+            # layers where measurements found PyTorch's ops faster than the Triton kernel; with --sync-bn
+            # every layer stays on the kernel, which reduces across processes in its backward
+            if runtime.fused and not runtime.sync_bn:
+                from .kernels.paths import assign_paths
+
+                self.on_torch_ops = assign_paths(model, device, runtime.amp_dtype or torch.float32)
+            # fused SGD: the plain and the captured step share it
+            self.optimizer = optimizer = make_optimizer(model, recipe, device)
+            self.scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
+            self.epoch, self.iteration, self.history, self.position = 0, 0, [], None
+            resume_from = spec.checkpoint
+            if resume_from is not None:
+                history = read_metrics(out / "metrics.jsonl")
+                model.load_state_dict(resume_from["model"])
+                optimizer.load_state_dict(resume_from["optimizer"])
+                if resume_from.get("scaler"):
+                    self.scaler.load_state_dict(resume_from["scaler"])
+                self.epoch, self.iteration = resume_from["epoch"], resume_from["iteration"]
+                self.position = resume_from.get("position")  # where a run stopped inside epoch self.epoch + 1
+                history = [m for m in history if m["epoch"] <= self.epoch]  # drop lines past the checkpoint
+                if self.epoch and (not history or history[-1]["epoch"] < self.epoch):  # killed between checkpoint and metrics
+                    history.append(resume_from["metrics"])
+                self.history = history
+                if dist.is_main:
+                    write_lines(out / "metrics.jsonl", history)
+            if dist.is_main:
+                remove_stale_temporaries(out)
+            self.first_epoch = self.epoch  # of this command: its first epoch compiles
+            self.model, self.wrapped = model, model
+            if dist.enabled:  # gradients averaged over ranks; rank 0's initial weights broadcast
+                self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.step_fn, self.forward = make_step_fn(self.wrapped, optimizer, self.scaler, runtime,
+                                                      own_random_state=self.own_random)
+
+    @contextlib.contextmanager
+    def active(self):
+        """This run's work: queued on its stream, drawing from its generator state."""
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if self.random is not None:
+                restore_random_state(self.random, self.runtime.device)
+            try:
+                yield
+            finally:
+                if self.own_random:
+                    self.random = random_state(self.runtime.device)
+
+    def describe_position(self) -> str:
+        step = self.position["step"] if self.position else 0
+        if step:
+            return f"in epoch {self.epoch + 1} after step {step} of {len(self.train_loader)}"
+        return f"after epoch {self.epoch}" if self.epoch else "before its first step"
+
+    def begin_epoch(self, deadline: float | None) -> bool:
+        """Start the next epoch's steps; False when the run is done or --time-limit leaves no room."""
+        if self.epoch >= self.recipe.epochs:
+            self.status = "finished"
+            return False
+        if epoch_will_pass(deadline, self.history, self.epoch, self.first_epoch):
+            self.status = "paused"
+            return False
+        self.epoch_start = time.perf_counter()
+        self.shown = self.position["step"] if self.position else 0
+        self.steps = self.epoch_steps()
+        return True
+
+    def epoch_steps(self):
+        """Train epoch self.epoch + 1, yielding after every step the steps done and, at a progress
+        point, the mean loss so far (else None); returns the epoch's training metrics.
+
+        Continues after a checkpoint's position inside this epoch as if the run had never stopped.
+        Raises StoppedInEpoch when a stop signal reached any rank (see faults), NonFiniteLoss when
+        the loss is not finite at a progress point."""
+        model, step_fn, loader, recipe, epoch = self.wrapped, self.step_fn, self.train_loader, self.recipe, self.epoch
+        runtime = self.runtime
+        device, dist = runtime.device, runtime.dist
+        resume_at, self.position = self.position, None
+        model.train()
+        first = resume_at["step"] if resume_at else 0
+        loader.set_epoch(epoch, first)
+        torch.manual_seed(epoch_seed(loader.seed, epoch, MODEL_STREAM, dist.rank))  # dropout draws, own per rank
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        errors = torch.zeros((), dtype=torch.int64, device=device)
+        seen, earlier_seconds = 0, 0.0
+        if resume_at:
+            ranks = resume_at["ranks"]
+            if len(ranks) == dist.world_size:  # each rank continues its own sums and dropout draws
+                mine = ranks[dist.rank]
+                loss_sum.fill_(mine["loss_sum"])
+                errors.fill_(mine["errors"])
+                seen = mine["seen"]
+                restore_random_state(mine["random"], device)
+            elif dist.is_main:  # another number of processes: the epoch's sums are right, its dropout draws new
+                loss_sum.fill_(sum(r["loss_sum"] for r in ranks))
+                errors.fill_(sum(r["errors"] for r in ranks))
+                seen = sum(r["seen"] for r in ranks)
+            earlier_seconds = resume_at["train_seconds"]
+        check_replicas = os.environ.get("PRERESNET_CHECK_REPLICAS") == "1"
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(loader, start=first):
+            lr = learning_rate(recipe, epoch, self.iteration)
+            step_fn.set_lr(lr)  # preresnet.steps: a float, or a device tensor a captured step reads
+            loss, logits = step_fn(x, y)
+            loss_sum += loss.detach().double() * len(y)
+            errors += (logits.detach().argmax(1) != y).sum()
+            seen += len(y)
+            self.iteration += 1
+            if check_replicas and not distributed.replicas_agree(model):
+                raise RuntimeError(f"rank {dist.rank}: parameters differ across ranks after step {step + 1}")
+            stop = faults.stop_requested() is not None  # a Python flag: no wait for the device
+            mean_loss = None
+            if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == len(loader):
+                mean_loss = float(loss_sum) / seen  # waits for the device
+                # every rank decides together, or one would stop while the others wait in a collective:
+                # on a non-finite loss, and on a stop signal that reached any of them
+                flags = distributed.all_reduce_sum(torch.tensor([float(not math.isfinite(mean_loss)), float(stop)],
+                                                                device=device))
+                diverged, stop = (bool(flag) for flag in flags.tolist())
+                if diverged:
+                    raise NonFiniteLoss(f"the training loss became {mean_loss} in epoch {epoch + 1} (step {step + 1})")
+            elif dist.enabled:
+                stop = False  # ranks stop only at a step where they have agreed to (latency: PROGRESS_EVERY steps)
+            if stop and step + 1 < len(loader):  # at the last step the epoch ends, is evaluated and saved first
+                raise StoppedInEpoch({"step": step + 1, "iteration": self.iteration, "loss_sum": float(loss_sum),
+                                      "errors": int(errors), "seen": seen, "random": random_state(device),
+                                      "train_seconds": earlier_seconds + time.perf_counter() - start})
+            yield step + 1, mean_loss
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        seconds = earlier_seconds + time.perf_counter() - start
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum, errors.double(), torch.tensor(
+            float(seen), device=device, dtype=torch.float64)]))
+        loss_sum, errors, seen = totals[0], totals[1], int(totals[2])
+        if not distributed.replicas_agree(model):
+            raise RuntimeError(f"rank {dist.rank}: parameters differ across ranks after epoch {epoch + 1}")
+        return {
+            "lr": lr,
+            "train_loss": float(loss_sum) / seen,
+            "train_error": int(errors) / seen,
+            "train_seconds": seconds,
+            "images_per_second": seen / seconds,
+        }
+
+    def end_epoch(self, train_metrics: dict) -> dict:
+        """Evaluate the epoch just trained and save it (checkpoint, metrics, curves); its metrics."""
+        runtime, config = self.runtime, self.config
+        test_metrics = evaluate(self.forward, self.test_loader, runtime, config["num_classes"])
+        metrics = {"epoch": self.epoch + 1, **train_metrics,
+                   "test_loss": test_metrics["test_loss"], "test_error": test_metrics["test_error"],
+                   "test_images": test_metrics["test_images"], "epoch_seconds": time.perf_counter() - self.epoch_start,
+                   "processes": runtime.dist.world_size, **step_timings(self.step_fn, self.forward)}
+        self.history.append(metrics)
+        self.epoch += 1
+        self.steps = None
+        if runtime.dist.is_main:  # only rank 0 writes the run folder
+            self.save(None)
+            save_curves(self.history, self.out / "curves.png", f"{self.model.paper_name} on {config['dataset']}")
+        return metrics
+
+    def stop_in_epoch(self, position: dict) -> None:
+        """Write the checkpoint of a run stopped inside its epoch (every rank's position gathered)."""
+        self.steps = None
+        ranks = distributed.gather_object({key: position[key] for key in ("loss_sum", "errors", "seen", "random")})
+        self.iteration = position["iteration"]
+        self.position = {"step": position["step"], "train_seconds": position["train_seconds"], "ranks": ranks}
+        if self.runtime.dist.is_main:
+            self.save(self.position)
+        distributed.barrier()  # no rank exits (and has torchrun stop the others) before the write is done
+        self.status = "stopped"
+
+    def diverge(self, exc: NonFiniteLoss) -> None:
+        """A packed run whose loss is not finite stops alone; its last checkpoint stays as it was."""
+        self.steps = None
+        self.status = "diverged"
+        record = {"reason": "non-finite training loss", "message": str(exc), "epochs_done": self.epoch,
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        atomic_write(self.out / DIVERGED_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+
+    def save(self, position: dict | None) -> None:
+        """Rank 0 writes the checkpoint and metrics.jsonl together, keeping the checkpoint before it."""
+        out = self.out
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config,
+            "recipe": asdict(self.recipe),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "position": position,  # None at the end of an epoch
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "metrics": self.history[-1] if self.history else None,
+        }
+        writes = {}
+        if self.keep_previous and (out / CHECKPOINT_NAME).is_file():
+            writes[out / PREVIOUS_NAME] = lambda tmp: link_or_copy(out / CHECKPOINT_NAME, tmp)
+        writes[out / CHECKPOINT_NAME] = lambda tmp: torch.save(checkpoint, tmp)
+        writes[out / "metrics.jsonl"] = lambda tmp: tmp.write_text(metrics_text(self.history))
+        write_files(writes)
+        self.keep_previous = True
+
+
+def epoch_line(epoch: int, epochs: int, metrics: dict) -> str:
+    return (f"epoch {epoch}/{epochs}  lr {metrics['lr']:g}  train loss {metrics['train_loss']:.4f}  "
+            f"train error {100 * metrics['train_error']:.2f}%  test loss {metrics['test_loss']:.4f}  "
+            f"test error {100 * metrics['test_error']:.2f}%  {metrics['images_per_second']:.0f} img/s  "
+            f"{metrics['epoch_seconds']:.1f} s{describe_timings(metrics)}")
+
+
+def packed_epoch_line(done: list[TrainingRun], seconds: float) -> str:
+    """One line for the packed runs that ended an epoch together: each run's training loss and test
+    error, and the images/s of all of them together."""
+    epochs = sorted({run.epoch for run in done})
+    parts = [f"{run.name}: train loss {run.metrics['train_loss']:.4f} test error {100 * run.metrics['test_error']:.2f}%"
+             for run in done]
+    images = sum(run.metrics["images_per_second"] * run.metrics["train_seconds"] for run in done)
+    train_seconds = max(run.metrics["train_seconds"] for run in done)
+    return (f"epoch {'/'.join(map(str, epochs))}/{done[0].recipe.epochs}  lr {done[0].metrics['lr']:g}  "
+            + "  ".join(parts) + f"  {images / train_seconds:.0f} img/s in all  {seconds:.1f} s")
+
+
+def command_folder(runs: list[TrainingRun], packed: bool) -> Path:
+    """What --resume continues: the run's folder, or the folder of a packed command's runs."""
+    return runs[0].out.parent if packed else runs[0].out
+
+
+def interrupted(runs: list[TrainingRun], packed: bool) -> faults.Interrupted:
+    """The stop signal's exception, saying where each run stopped and how to continue."""
+    saved = any((run.out / CHECKPOINT_NAME).is_file() for run in runs)
+    if packed:
+        where = f": {len(runs)} runs stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
+    else:
+        where = f" {runs[0].describe_position()}"
+    if not saved:
+        return faults.Interrupted(faults.stop_requested(), f"{where}, nothing trained yet and nothing to resume")
+    written = "checkpoints written" if packed else "checkpoint written"
+    return faults.Interrupted(faults.stop_requested(), f"{where}, {written}; continue with --resume "
+                              f"{command_folder(runs, packed)} (or the same command with --resume auto)")
+
+
+def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progress: bool | None = None,
+               deadline: float | None = None, packed: bool = False, after_epoch=None) -> list[TrainingRun]:
+    """Train the runs of one command: one, or several packed (packed=True: train.py --seeds).
+
+    Every round trains one epoch of every run that has one to train: a step of each run in turn
+    (on a GPU each queued on its own stream, so that the GPU overlaps them), then each is
+    evaluated and saved. A stop signal (faults) stops every run at its next step boundary with its
+    checkpoint and ends the command with faults.Interrupted. deadline (time.monotonic()): no run
+    starts an epoch that would not end before it, judged by its longest epoch so far. A
+    non-finite loss raises NonFiniteLoss, or with packed=True stops that run alone (its folder
+    records it) while the others go on. after_epoch(runs) is called after each round."""
+    from tqdm import tqdm
+
+    config = specs[0].config
     if dataset.num_classes != config["num_classes"]:
         raise UserError(f"the data has {dataset.num_classes} classes but the run was set up for {config['num_classes']}")
     disable_bar = None if progress is None else not progress
     device, dist = runtime.device, runtime.dist
-    if recipe.batch_size % dist.world_size:
-        raise UserError(f"batch size {recipe.batch_size} (the global batch) does not split evenly over {dist.world_size} processes")
+    say = print if dist.is_main else (lambda *args, **kwargs: None)
+    batch_sizes = {spec.recipe.batch_size for spec in specs}
+    if len(batch_sizes) > 1:
+        raise UserError(f"the packed runs of one command share the data order's batch size, not {sorted(batch_sizes)}")
+    batch_size = batch_sizes.pop()
+    if batch_size % dist.world_size:
+        raise UserError(f"batch size {batch_size} (the global batch) does not split evenly over {dist.world_size} processes")
     common = dict(backend=runtime.loader, device=device, channels_last=runtime.channels_last,
                   mean=config["mean"], std=config["std"], rank=dist.rank, world_size=dist.world_size)
-    train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=recipe.batch_size // dist.world_size,
+    # the images on the device once: each run's loader shares them with its own seed
+    train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=batch_size // dist.world_size,
                                 train=True, seed=config["seed"], **common)
     test_loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
                                **common)
-
-    torch.manual_seed(config["seed"])
-    model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
-                        fused=runtime.fused, dropout=config["dropout"])
-    if runtime.sync_bn:
-        distributed.convert_sync_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
-    on_torch_ops = {}
-    # layers where measurements found PyTorch's ops faster than the Triton kernel; with --sync-bn
-    # every layer stays on the kernel, which reduces across processes in its backward
-    if runtime.fused and not runtime.sync_bn:
-        from .kernels.paths import assign_paths
-
-        on_torch_ops = assign_paths(model, device, runtime.amp_dtype or torch.float32)
-    optimizer = make_optimizer(model, recipe, device)  # fused SGD: the plain and the captured step share it
-    scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
-    start_epoch, iteration, history = 0, 0, []
-    if resume_from is not None:
-        history = read_metrics(out / "metrics.jsonl")
-        model.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
-        if resume_from.get("scaler"):
-            scaler.load_state_dict(resume_from["scaler"])
-        start_epoch, iteration = resume_from["epoch"], resume_from["iteration"]
-        position = resume_from.get("position")  # where a run stopped inside epoch start_epoch + 1
-        history = [m for m in history if m["epoch"] <= start_epoch]  # drop lines past the checkpoint
-        if start_epoch and (not history or history[-1]["epoch"] < start_epoch):  # killed between checkpoint and metrics
-            history.append(resume_from["metrics"])
-        if dist.is_main:
-            write_lines(out / "metrics.jsonl", history)
-    else:
-        position = None
-    if dist.is_main:
-        remove_stale_temporaries(out)
-    wrapped = model
-    if dist.enabled:  # gradients averaged over ranks; rank 0's initial weights broadcast
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn, forward = make_step_fn(wrapped, optimizer, scaler, runtime)
-    say = print if dist.is_main else (lambda *args, **kwargs: None)
-
-    say(f"{model.paper_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    runs = [TrainingRun(spec, runtime, train_loader.reseeded(spec.config["seed"]), test_loader, packed)
+            for spec in specs]
+    first = runs[0]
+    say(f"{first.model.paper_name}: {sum(p.numel() for p in first.model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(dataset.train.labels)} training / {len(dataset.test.labels)} test images, {runtime.describe()}; "
-        f"writing to {out}", file=sys.stderr)
-    say(f"step: {step_fn.describe()}", file=sys.stderr)
-    if on_torch_ops:
-        say(f"fused: {len(on_torch_ops)} layers run PyTorch's ops, measured faster there than the Triton kernel "
-            f"(kernels/conv_paths.json): {', '.join(on_torch_ops)}", file=sys.stderr)
-    if position:
-        say(f"resuming in epoch {start_epoch + 1} after step {position['step']} (iteration {iteration})", file=sys.stderr)
-    elif start_epoch:
-        say(f"resuming after epoch {start_epoch} (iteration {iteration})", file=sys.stderr)
-
-    def save(completed: int, iteration: int, position: dict | None) -> None:
-        """Rank 0 writes the checkpoint and metrics.jsonl together, keeping the checkpoint before it."""
-        nonlocal keep_previous
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT,
-            "config": config,
-            "recipe": asdict(recipe),
-            "epoch": completed,
-            "iteration": iteration,
-            "position": position,  # None at the end of an epoch
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "metrics": history[-1] if history else None,
-        }
-        writes = {}
-        if keep_previous and (out / CHECKPOINT_NAME).is_file():
-            writes[out / PREVIOUS_NAME] = lambda tmp: link_or_copy(out / CHECKPOINT_NAME, tmp)
-        writes[out / CHECKPOINT_NAME] = lambda tmp: torch.save(checkpoint, tmp)
-        writes[out / "metrics.jsonl"] = lambda tmp: tmp.write_text(metrics_text(history))
-        write_files(writes)
-        keep_previous = True
+        f"writing to {first.out if len(runs) == 1 else first.out.parent}"
+        + (f" ({len(runs)} runs packed: {', '.join(run.name for run in runs)})" if packed else ""), file=sys.stderr)
+    say(f"step: {first.step_fn.describe()}", file=sys.stderr)
+    if first.on_torch_ops:
+        say(f"fused: {len(first.on_torch_ops)} layers run PyTorch's ops, measured faster there than the Triton kernel "
+            f"(kernels/conv_paths.json): {', '.join(first.on_torch_ops)}", file=sys.stderr)
+    for run in runs:
+        prefix = f"{run.name}: " if packed else ""
+        if run.position:
+            say(f"{prefix}resuming in epoch {run.epoch + 1} after step {run.position['step']} (iteration {run.iteration})",
+                file=sys.stderr)
+        elif run.epoch:
+            say(f"{prefix}resuming after epoch {run.epoch} (iteration {run.iteration})", file=sys.stderr)
 
     def stop_agreed() -> bool:
         """Whether a stop signal reached any process (one small all-reduce, at start-up and after each epoch)."""
         return bool(distributed.all_reduce_sum(torch.tensor(float(faults.stop_requested() is not None),
                                                             device=device)).item())
 
-    if stop_agreed():  # a signal during start-up: the checkpoint is current
-        raise faults.Interrupted(faults.stop_requested(), start_epoch, position["step"] if position else 0,
-                                 len(train_loader), out)
-    for epoch in range(start_epoch, recipe.epochs):
-        if epoch_will_pass(deadline, history, epoch, start_epoch):
-            say(f"stopping before epoch {epoch + 1} of {recipe.epochs}: it would not end within --time-limit; "
-                f"continue with --resume {out}", file=sys.stderr)
+    if stop_agreed():  # a signal during start-up: every checkpoint is current
+        raise interrupted(runs, packed)
+    batch_images = batch_size // dist.world_size
+    while True:
+        stepping = []
+        for run in runs:
+            if run.status == "training":
+                with run.active():
+                    if run.begin_epoch(deadline):
+                        stepping.append(run)
+        if not stepping:
             break
-        epoch_start = time.perf_counter()
-        try:
-            train_metrics, iteration = train_epoch(wrapped, step_fn, train_loader, optimizer, recipe, epoch, iteration,
-                                                   runtime, disable_bar, resume_at=position)
-        except StoppedInEpoch as stopped:
-            mine = stopped.position
-            ranks = distributed.gather_object({key: mine[key] for key in ("loss_sum", "errors", "seen", "random")})
-            if dist.is_main:
-                save(epoch, mine["iteration"], {"step": mine["step"], "train_seconds": mine["train_seconds"],
-                                                "ranks": ranks})
-            distributed.barrier()  # no rank exits (and has torchrun stop the others) before the write is done
-            raise faults.Interrupted(faults.stop_requested(), epoch, mine["step"], len(train_loader), out) from None
-        position = None
-        test_metrics = evaluate(forward, test_loader, runtime, config["num_classes"])
-        metrics = {"epoch": epoch + 1, **train_metrics,
-                   "test_loss": test_metrics["test_loss"], "test_error": test_metrics["test_error"],
-                   "test_images": test_metrics["test_images"], "epoch_seconds": time.perf_counter() - epoch_start,
-                   "processes": dist.world_size, **step_timings(step_fn, forward)}
-        history.append(metrics)
-        if dist.is_main:  # only rank 0 writes the run folder
-            save(epoch + 1, iteration, None)
-            save_curves(history, out / "curves.png", f"{model.paper_name} on {config['dataset']}")
-        # a signal during the evaluation or the save: the checkpoint is current. Decided before the
+        round_start = time.perf_counter()
+        epochs = sorted({run.epoch + 1 for run in stepping})
+        bar = tqdm(total=sum(len(run.train_loader) for run in stepping), initial=sum(run.shown for run in stepping),
+                   desc=f"epoch {'/'.join(map(str, epochs))}/{runs[0].recipe.epochs}", unit="batch",
+                   disable=disable_bar if dist.is_main else True, leave=False, dynamic_ncols=True)
+        done: list[TrainingRun] = []
+        running, round_steps = list(stepping), 0
+        while running:  # a step of every run in turn
+            for run in list(running):
+                with run.active():
+                    try:
+                        steps, mean_loss = next(run.steps)
+                    except StopIteration as finished:
+                        running.remove(run)
+                        run.train_metrics = finished.value
+                        done.append(run)
+                        continue
+                    except StoppedInEpoch as stopped:
+                        running.remove(run)
+                        run.stop_in_epoch(stopped.position)
+                        continue
+                    except NonFiniteLoss as exc:
+                        if not packed:
+                            bar.close()
+                            raise
+                        running.remove(run)
+                        run.diverge(exc)
+                        say(f"{run.name}: stopped: {exc}; its last checkpoint was left as it was; the other runs go on",
+                            file=sys.stderr)
+                        continue
+                if mean_loss is not None:
+                    bar.update(steps - run.shown)
+                    round_steps += steps - run.shown
+                    run.shown = steps
+                    bar.set_postfix({f"loss {run.name}" if packed else "loss": f"{mean_loss:.3f}", "img_s":
+                                     f"{round_steps * batch_images / (time.perf_counter() - round_start):.0f}"})
+        bar.close()
+        for run in done:
+            with run.active():
+                run.metrics = run.end_epoch(run.train_metrics)
+        # a signal during the evaluation or the save: the checkpoints are current. Decided before the
         # epoch's line is printed, so that a signal sent once it is out lands in the next epoch's steps.
-        stop = epoch + 1 < recipe.epochs and stop_agreed()
-        say(f"epoch {epoch + 1}/{recipe.epochs}  lr {metrics['lr']:g}  train loss {metrics['train_loss']:.4f}  "
-              f"train error {100 * metrics['train_error']:.2f}%  test loss {metrics['test_loss']:.4f}  "
-              f"test error {100 * metrics['test_error']:.2f}%  {metrics['images_per_second']:.0f} img/s  "
-              f"{metrics['epoch_seconds']:.1f} s{describe_timings(metrics)}", flush=True)
+        stop = (any(run.epoch < run.recipe.epochs for run in done) or any(run.status == "stopped" for run in runs)) \
+            and stop_agreed()
+        if done and packed:
+            say(packed_epoch_line(done, time.perf_counter() - round_start), flush=True)
+        elif done:
+            say(epoch_line(done[0].epoch, done[0].recipe.epochs, done[0].metrics), flush=True)
+        if after_epoch is not None:
+            after_epoch(runs)
         if stop:
-            raise faults.Interrupted(faults.stop_requested(), epoch + 1, 0, len(train_loader), out)
-    return history[-1] if history else {}
+            for run in runs:
+                if run.status == "training":
+                    run.status = "stopped"
+            raise interrupted(runs, packed)
+    paused = [run for run in runs if run.status == "paused"]
+    if paused:
+        epochs = sorted({run.epoch + 1 for run in paused})
+        say(f"stopping before epoch {'/'.join(map(str, epochs))} of {runs[0].recipe.epochs}: it would not end "
+            f"within --time-limit; continue with --resume {command_folder(runs, packed)}", file=sys.stderr)
+    for run in runs:
+        if run.status == "training":
+            run.status = "finished"
+    return runs
 
 
 def epoch_will_pass(deadline: float | None, history: list[dict], epoch: int, first_epoch: int) -> bool:

@@ -96,7 +96,7 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     assert config["model"] == "PreResNet-8" and config["classes"] == list(CLASSES)
     assert config["recipe"]["epochs"] == 3 and config["recipe"]["lr"] == 0.1 and config["seed"] == 7
     assert config["runtime"] == {"device": "cpu", "amp": "off", "channels_last": False, "compile": False,
-                                 "loader": "torch", "fused": False,
+                                 "loader": "torch", "loader_reason": "--loader torch", "fused": False,
                                  "sync_bn": False, "cuda_graphs": False, "processes": 1}
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
@@ -218,7 +218,7 @@ def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
         "--epochs", "1", "--amp", "bf16", "--channels-last", "--compile", "--out", out, check=True, timeout=900)
     config = json.loads((out / "config.json").read_text())
     assert config["runtime"] == {"device": "cpu", "amp": "bf16", "channels_last": True, "compile": True,
-                                 "loader": "torch", "fused": False,
+                                 "loader": "torch", "loader_reason": "--loader torch", "fused": False,
                                  "sync_bn": False, "cuda_graphs": False, "processes": 1}
     assert config["model"] == "WRN-10-2" and config["recipe"]["nesterov"] is True  # the wrn recipe
     metrics = json.loads((out / "metrics.jsonl").read_text())

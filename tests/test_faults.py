@@ -16,19 +16,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from preresnet import training
+from preresnet import faults, training
 from preresnet.training import PROGRESS_EVERY
 from tests.test_cli import ROOT, TINY, assert_one_line_error, load_weights, make_dataset, run
 
 # WRN-10-1 with dropout: the dropout draws must continue exactly too. 48 steps an epoch at batch 4.
 DROPOUT = [*TINY, "--type", "wide", "--width", "1", "--dropout", "0.3", "--epochs", "3", "--seed", "7",
            "--batch-size", "4"]
+# the same, as the runs of a packed command (--seeds) take it
+PACKABLE = [arg for i, arg in enumerate(DROPOUT) if "--seed" not in DROPOUT[max(i - 1, 0): i + 1]]
 # PreResNet-8 on 2 processes, 2 images each a step: 48 global steps an epoch, agreement every PROGRESS_EVERY
 TWO = [*TINY, "--epochs", "3", "--seed", "3", "--batch-size", "4"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -246,39 +249,116 @@ def kill_during_checkpoint_write(process: subprocess.Popen, out: Path) -> None:
         os.close(reader)
 
 
-@pytest.mark.slow
+def handles(pid: int, signum: int) -> bool:
+    """Whether the process has installed a handler for signum (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def start_handling(args, data_dir, out, stderr_path: Path) -> subprocess.Popen:
+    """train.py, returned once it handles the stop signals (its first line), before it imports torch."""
+    process = start(args, data_dir, out, stderr_path)
+    deadline = time.monotonic() + 60
+    while not handles(process.pid, signal.SIGTERM):
+        assert process.poll() is None and time.monotonic() < deadline, "train.py did not install its handlers"
+        time.sleep(0.002)
+    return process
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+@pytest.mark.parametrize("packed", [False, True], ids=["one run", "packed"])
+def test_a_signal_during_start_up_ends_the_command_cleanly(data_dir, tmp_path, signum, packed):
+    """From train.py's first line a stop signal is recorded: the command ends before its first step
+    with one line, no traceback, nothing written, and no advice to resume what holds no checkpoint."""
+    out, stderr = tmp_path / "early", tmp_path / "stderr"
+    process = start_handling([*PACKABLE, "--seeds", "0,1"] if packed else DROPOUT, data_dir, out, stderr)
+    process.send_signal(signum)
+    assert finish(process) == 128 + signum
+    text = stderr.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    message = text.strip().splitlines()[-1]
+    assert message.startswith(f"train.py: interrupted by {signal.Signals(signum).name}")
+    assert "nothing trained yet and nothing to resume" in message and "--resume" not in message
+    assert not list(out.glob("**/checkpoint.pt"))
+
+
+def test_a_signal_after_training_ends_changes_nothing(data_dir, tmp_path):
+    """Once the last epoch is saved the command finishes and exits 0, whatever signal comes."""
+    out, stderr = tmp_path / "done", tmp_path / "stderr"
+    process = start([*DROPOUT, "--epochs", "1"], data_dir, out, stderr)
+    wait_for_line(process, "final test error", stderr)
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)
+    assert finish(process) == 0, stderr.read_text()[-3000:]
+    assert load_weights(out)["epoch"] == 1
+
+
+def test_finished_handlers_ignore_signals():
+    """The mechanism behind the test above, without its race against the process's exit."""
+    previous = {signum: signal.getsignal(signum) for signum in faults.STOP_SIGNALS}
+    try:
+        faults.install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert faults.stop_requested() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second signal in one process: at once
+            os.kill(os.getpid(), signal.SIGINT)
+        faults.install()
+        faults.finished()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGINT):
+            os.kill(os.getpid(), signum)
+        assert faults.stop_requested() is None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 @pytest.mark.soak
 def test_soak_ten_kills_at_random_moments(tmp_path, capsys):
-    """SIGKILL and SIGTERM at random moments, some during a checkpoint write; each time the same
-    command (--resume auto) continues, as torchrun --max-restarts or a requeued job would."""
+    """SIGKILL and SIGTERM at random moments -- during start-up, inside epochs, during a checkpoint
+    write -- of a command training 2 packed runs with dropout; each time the same command (--resume
+    auto) continues, as torchrun --max-restarts or a requeued job would. Then every run is
+    bit-identical to the same run trained alone, uninterrupted. The command's schedule is long
+    (--epochs 400) so that every kill lands in a run with work left; the last command shortens it
+    to end one epoch after the furthest run (--epochs may change on resume; the milestones are
+    explicit, so the learning rates do not depend on it)."""
     seed = int(os.environ.get("PRERESNET_SOAK_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    data_dir = make_dataset(tmp_path / "shapes", train_per_class=16, test_per_class=4)  # 16 steps an epoch
-    args = [*DROPOUT, "--epochs", "30"]
-    reference = tmp_path / "reference"
-    run("train.py", *args, "--out", reference, data_dir=data_dir, check=True, timeout=900)
-
+    data_dir = make_dataset(tmp_path / "shapes", train_per_class=8, test_per_class=2)  # 8 steps an epoch
+    args = [*PACKABLE, "--milestones", "2,4", "--seeds", "3,4"]
     out, stderr = tmp_path / "soaked", tmp_path / "stderr"
     survived = []
     while len(survived) < 10:
-        process = start([*args, "--resume", "auto"], data_dir, out, stderr)
-        kind = rng.choice(["SIGKILL", "SIGTERM", "SIGKILL during a checkpoint write"])
-        if kind.endswith("write"):
-            kill_during_checkpoint_write(process, out)
+        kind = rng.choice(["SIGKILL", "SIGTERM", "SIGKILL during a checkpoint write", "SIGTERM during start-up"])
+        if kind.endswith("start-up"):
+            process = start_handling([*args, "--epochs", "400", "--resume", "auto"], data_dir, out, stderr)
+            process.send_signal(signal.SIGTERM)
         else:
-            wait_for_line(process, "epoch ", stderr)  # this life made progress: the run ends after 10 kills
+            process = start([*args, "--epochs", "400", "--resume", "auto"], data_dir, out, stderr)
+        if kind.endswith("write"):
+            kill_during_checkpoint_write(process, out / rng.choice(["seed-3", "seed-4"]))
+        elif not kind.endswith("start-up"):
+            wait_for_line(process, "epoch ", stderr)  # this life made progress
             try:
-                process.wait(timeout=rng.uniform(0, 1.5))  # a random moment of the next epoch or so
+                process.wait(timeout=rng.uniform(0, 1.0))  # a random moment of the next epoch or so
             except subprocess.TimeoutExpired:
                 process.send_signal(getattr(signal, kind))
         status = finish(process)
         assert status == (-signal.SIGKILL if kind.startswith("SIGKILL") else 128 + signal.SIGTERM), \
             (kind, status, stderr.read_text()[-3000:])
-        saved = load_weights(out) if (out / "checkpoint.pt").exists() else None
-        survived.append(f"{kind} (saved: epoch {saved['epoch']}, step "
-                        f"{saved['position']['step'] if saved['position'] else 0})" if saved else f"{kind} (nothing saved)")
-    run("train.py", *args, "--resume", "auto", "--out", out, data_dir=data_dir, check=True, timeout=900)
-    assert_same_run(out, reference)
-    assert not [path for path in out.iterdir() if path.name.endswith(".tmp")]
+        assert "Traceback" not in stderr.read_text(), stderr.read_text()[-3000:]
+        saved = [load_weights(out / name) for name in ("seed-3", "seed-4") if (out / name / "checkpoint.pt").exists()]
+        survived.append(f"{kind} (saved: " + ", ".join(
+            f"epoch {s['epoch']} step {s['position']['step'] if s['position'] else 0}" for s in saved) + ")")
+    epochs = max([load_weights(out / name)["epoch"] for name in ("seed-3", "seed-4")
+                  if (out / name / "checkpoint.pt").exists()] + [4]) + 1
+    run("train.py", *args, "--epochs", epochs, "--resume", "auto", "--out", out, data_dir=data_dir, check=True)
+    for seed_ in (3, 4):
+        reference = tmp_path / f"alone-{seed_}"
+        run("train.py", *PACKABLE, "--milestones", "2,4", "--seed", seed_, "--epochs", epochs, "--out", reference,
+            data_dir=data_dir, check=True)
+        assert_same_run(out / f"seed-{seed_}", reference)
+        assert not [path for path in (out / f"seed-{seed_}").iterdir() if path.name.endswith(".tmp")]
     with capsys.disabled():
-        print(f"\nsurvived {len(survived)} kills (seed {seed}): " + "; ".join(survived))
+        print(f"\nsurvived {len(survived)} kills (seed {seed}), {epochs} epochs: " + "; ".join(survived))

@@ -15,13 +15,17 @@ import pytest
 import torch
 
 from bench import gpu_plan, render_results
+from preresnet import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plan(*args, timeout=300) -> subprocess.CompletedProcess:
+def plan(*args, timeout=300, out=None) -> subprocess.CompletedProcess:
+    """python -m bench.gpu_plan ARGS; out: as on the GPU machine, with $OUT the folder that comes back."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("OUT", None)
+    if out is not None:
+        env["OUT"] = str(out)
     return subprocess.run([sys.executable, "-m", "bench.gpu_plan", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
 
@@ -35,7 +39,7 @@ def test_first_contact_dry_run(tmp_path):
     report = json.loads((folder / "report.json").read_text())
     assert report["dry_run"] and not report["passed"]  # a dry run never counts as passed
     assert [p["name"] for p in report["parts"]] == ["kernel-tests", "kernel-errors", "layer-paths", "config-search",
-                                                    "speed-matrix"]
+                                                    "speed-matrix", "packing"]
     assert report["kernels_digest"] == gpu_plan.kernels_digest()
     rows = report["matrix"]["models"]
     assert [row["variant"] for row in rows] == list(gpu_plan.VARIANTS)
@@ -44,6 +48,11 @@ def test_first_contact_dry_run(tmp_path):
     assert all(("without capture" in row["step"]) == gpu_plan.VARIANTS[row["variant"]]["cuda_graphs"]
                for row in rows if row["variant"] != "compile-reduce-overhead")
     assert "## Training step of train.py" in (folder / "report.md").read_text()
+    # packing: 1 and 2 packed copies of the tiny network in its fastest correct variant, and the choice
+    packing = report["packing"]["tiny"]
+    assert [row["runs"] for row in packing["rows"]] == [1, 2] and packing["variant"] == report["choice"]["variant"]
+    assert all(row["images_per_second"] > 0 for row in packing["rows"]) and packing["choice"] in (1, 2)
+    assert "## Packed runs (train.py --seeds)" in (folder / "report.md").read_text()
     # the choice is a set of train.py flags train.py accepts
     import train
 
@@ -56,7 +65,7 @@ def test_first_contact_dry_run(tmp_path):
     again = plan("first-contact", "--dry-run", "--results", tmp_path / "again", "--work", tmp_path / "work")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "continuing the first-contact of an earlier command" in again.stdout
-    assert "matrix tiny" not in again.stdout  # nothing left to measure
+    assert "matrix tiny" not in again.stdout and "packing tiny" not in again.stdout  # nothing left to measure
     [folder] = (tmp_path / "again").iterdir()
     assert [row["variant"] for row in json.loads((folder / "report.json").read_text())["matrix"]["models"]] == \
         list(gpu_plan.VARIANTS)
@@ -64,78 +73,107 @@ def test_first_contact_dry_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
-    """reproduce --dry-run twice: cut short by its time limit after one epoch, then, on a 'fresh
-    machine' (the work folder deleted), resumed from the returned checkpoint to the end."""
-    root = tmp_path_factory.mktemp("plan")
-    results, work = root / "results", root / "work"
-    first = plan("reproduce", "--dry-run", "--results", results, "--work", work, "--train-seconds", "1")
-    run_dir = results / "reproduce" / "dryrun-preresnet110"
-    state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else None
-    had_checkpoint = (run_dir / "checkpoint.pt").is_file()
+    """reproduce --dry-run (3 seeds, packed) as two GPU-machine commands: the first, cut short by its
+    time limit after one epoch, returns its results bundled in $OUT, unpacked here into a
+    checkout; the second, on a 'fresh machine' (the work folder deleted), resumes every seed from
+    the returned checkpoints to the end."""
     import shutil
 
+    root = tmp_path_factory.mktemp("plan")
+    checkout, work, out = root / "checkout", root / "work", root / "out"
+    out.mkdir()
+    # the synthetic data, whatever archive the checkout's data/ holds
+    synthetic = ("--data-archive", root / "no-archive.tar.gz")
+    first = plan("reproduce", "--dry-run", "--work", work, "--train-seconds", "1", *synthetic, out=out)
+    returned = [(path.name, path.is_file(), path.stat().st_size) for path in out.iterdir()]
+    unpacked = plan("unpack", out, "--into", checkout)
+    results = checkout / "bench" / "results"
+    run_dir = results / "reproduce" / "dryrun-preresnet110"
+    state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else None
+    had_checkpoints = all((run_dir / f"seed-{seed}" / "checkpoint.pt").is_file() for seed in (0, 1, 2))
     shutil.rmtree(work / "runs")
-    second = plan("reproduce", "--dry-run", "--results", results, "--work", work)
-    return first, state, had_checkpoint, second, run_dir
+    second = plan("reproduce", "--dry-run", "--results", results, "--work", work, *synthetic)
+    return first, returned, unpacked, state, had_checkpoints, second, run_dir
 
 
 def test_reproduce_dry_run_stops_in_time_and_resumes_from_the_returned_checkpoint(reproduced):
-    first, state, had_checkpoint, second, run_dir = reproduced
+    first, returned, unpacked, state, had_checkpoints, second, run_dir = reproduced
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "STAND-IN" in first.stdout and "stopped after epoch 1 of 3" in first.stdout
-    assert state["epochs_done"] == 1 and not state["finished"] and had_checkpoint
+    assert "STAND-IN" in first.stdout and "3 runs packed: seed-0, seed-1, seed-2" in first.stdout
+    assert "stopping before epoch 2 of 3" in first.stdout and "stopped by --time-limit" in first.stdout
+    # what a GPU machine brings back: a few files at the top of $OUT, unpacked over the checkout here
+    assert 2 <= len(returned) <= 8 and all(is_file and size <= 16 * 2**20 for _, is_file, size in returned), returned
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert state["epochs_done"] == 1 and not state["finished"] and state["seeds"] == [0, 1, 2] and had_checkpoints
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "continuing from" in second.stdout and "resuming after epoch 1" in second.stdout
+    assert "seed-2: continuing from" in second.stdout and "seed-2: resuming after epoch 1" in second.stdout
     summary = json.loads((run_dir / "run.json").read_text())
     assert summary["finished"] and summary["epochs_done"] == 3 and len(summary["commands"]) == 2
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [1, 2, 3]
-    assert "compile_seconds" in metrics[0] and "compile_seconds" in metrics[1]  # each command's first epoch
-    assert summary["final_test_error"] == metrics[-1]["test_error"]
-    for name in ("config.json", "curves.png", "train.log", gpu_plan.WEIGHTS_NAME):
-        assert (run_dir / name).is_file(), name
-    assert not (run_dir / "checkpoint.pt").exists()  # finished: only the weights are kept
-    # the stage evaluated the exported weights with eval.py
-    assert summary["weights"]["eval_test_error"] == pytest.approx(summary["final_test_error"], abs=1e-9)
+    assert (run_dir / "train.log").is_file()
+    for folder, run in summary["runs"].items():
+        metrics = [json.loads(line) for line in (run_dir / folder / "metrics.jsonl").read_text().splitlines()]
+        assert [m["epoch"] for m in metrics] == [1, 2, 3]
+        assert "compile_seconds" in metrics[0] and "compile_seconds" in metrics[1]  # each command's first epoch
+        assert run["final_test_error"] == metrics[-1]["test_error"]
+        for name in ("config.json", "curves.png"):
+            assert (run_dir / folder / name).is_file(), name
+        assert not (run_dir / folder / "checkpoint.pt").exists()  # finished: the registry entry holds the weights
+        # the stage exported the final weights and measured the file (bf16 parameters: an image may flip)
+        assert run["weights"]["entry"] == f"preresnet8-synthetic-paper-cpu-s{folder.split('-')[1]}"
+        assert run["weights"]["test_error"] == pytest.approx(run["final_test_error"], abs=0.1)
 
 
 def test_eval_reads_the_exported_weights_and_train_refuses_to_resume_them(reproduced):
     *_, run_dir = reproduced
-    weights = run_dir / gpu_plan.WEIGHTS_NAME
-    saved = torch.load(weights, map_location="cpu", weights_only=True)
-    assert saved["format"] == "preresnet-weights-1" and "optimizer" not in saved
-    conv = next(v for k, v in saved["model"].items() if k.endswith("conv1.weight"))
-    assert conv.dtype == torch.bfloat16
-    assert all(v.dtype == torch.float32 for k, v in saved["model"].items() if "running_" in k)
-    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(weights), "--json",
-                             "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    registry = run_dir.parents[1] / "weights"  # a dry run's entries stay in its results root
+    run = json.loads((run_dir / "run.json").read_text())["runs"]["seed-0"]
+    entry = run["weights"]["entry"]
+    meta = json.loads((registry / f"{entry}.json").read_text())
+    assert meta["data"]["description"] == "synthetic (dry run)" and meta["test_error"] == run["weights"]["test_error"]
+    assert meta["training_test_error"] == run["final_test_error"]
+    assert meta["commands"]["reproduce"] == "python -m bench.gpu_plan reproduce --dry-run --seeds 0"
+    assert not (ROOT / "preresnet" / "weights" / f"{entry}.json").exists()  # never in the package's registry
+    weights = registry / meta["file"]
+    state = torch.load(weights, map_location="cpu", weights_only=True)  # a plain state_dict
+    assert all(isinstance(v, torch.Tensor) for v in state.values()) and state["conv1.weight"].dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for k, v in state.items() if "running_" in k)
+    env = {**os.environ, "PRERESNET_WEIGHTS_DIR": str(registry)}
+    result = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--weights", entry, "--json", "--device", "cpu"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    summary = json.loads((run_dir / "run.json").read_text())
-    assert json.loads(result.stdout)["test_error"] == pytest.approx(summary["final_test_error"], abs=1e-9)
+    assert json.loads(result.stdout)["test_error"] == meta["test_error"]
+    assert (registry / f"{entry}.md").is_file() and (registry / meta["curves"]).is_file()
     refused = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(weights)], capture_output=True,
                              text=True, cwd=ROOT, timeout=300)
-    assert refused.returncode == 2 and "exported weights" in refused.stderr
+    assert refused.returncode == 2 and "holds bare weights" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 
 def fake_run(folder: Path, finished: bool) -> None:
+    errors = {"seed-0": 0.0712, "seed-1": 0.0701, "seed-2": 0.0690}
+    runs = {name: {"epochs_done": 164 if finished else 80, "finished": finished, "images_per_second": 13_000.0,
+                   "final_test_error": error if finished else None,
+                   "weights": {"entry": f"preresnet110-cifar10jpeg-paper-gpu-s{name[-1]}"} if finished else {}}
+            for name, error in errors.items()}
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({
         "name": folder.name, "model": "preresnet110", "network": "PreResNet-110", "recipe": "paper",
-        "data": gpu_plan.DATA_DESCRIPTION, "epochs": 164, "epochs_done": 164 if finished else 80, "finished": finished,
-        "final_test_error": 0.0712, "paper_test_error": 0.0637, "wall_seconds": 1500.0, "images_per_second": 13_000.0,
-        "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "commit": "abc1234",
-        "commands": [{}, {}], "weights": {"file": "weights-bf16.pt", "eval_test_error": 0.0713} if finished else {}}))
+        "data": gpu_plan.DATA_DESCRIPTION, "epochs": 164, "seeds": [0, 1, 2], "epochs_done": 164 if finished else 80,
+        "finished": finished, "runs": runs,
+        "test_error": sweeps.seed_statistics(list(errors.values())) if finished else None,
+        "paper_test_error": 0.0637, "wall_seconds": 1500.0, "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
+        "triton": "3.6.0", "commit": "abc1234", "commands": [{}, {}]}))
 
 
-def test_results_table_renders_finished_runs_and_names_unfinished_ones(tmp_path):
+def test_results_table_shows_the_spread_over_seeds_and_names_unfinished_runs(tmp_path):
     fake_run(tmp_path / "reproduce" / "preresnet110-paper-cifar10-jpeg", finished=True)
     fake_run(tmp_path / "reproduce" / "preresnet164-paper-cifar10-jpeg", finished=False)
     runs = render_results.load_runs(tmp_path)
     text = render_results.runs_table(runs)
-    assert ("| PreResNet-110 | paper | CIFAR-10 re-encoded as JPEG (lossy; not the papers' data) | **7.12%** | 6.37% | "
-            "25.0 min in 2 commands | 13,000 | NVIDIA H100 80GB HBM3 | 2.11.0 / 3.6.0 | abc1234 |") in text
-    assert "(eval.py: 7.13%)" in text
-    assert "In progress: PreResNet-110 (paper), 80 of 164 epochs" in text
+    assert ("| PreResNet-110 | paper | CIFAR-10 re-encoded as JPEG (lossy; not the papers' data) | **7.01%** ± 0.11% "
+            "(s0 7.12%, s1 7.01%, s2 6.90%) | 3 | 6.37% | 25.0 min in 2 commands | 13,000 | NVIDIA H100 80GB HBM3 | "
+            "2.11.0 / 3.6.0 | abc1234 | `preresnet110-cifar10jpeg-paper-gpu-s0`, `preresnet110-cifar10jpeg-paper-gpu-s1`, "
+            "`preresnet110-cifar10jpeg-paper-gpu-s2` |") in text
+    assert "In progress: PreResNet-110 (paper, 3 seeds, NVIDIA H100 80GB HBM3), 80 of 164 epochs" in text
     readme = f"a\n{render_results.RUNS_START}\nold\n{render_results.RUNS_END}\nb\n"
     assert render_results.render_runs(readme, runs) == f"a\n{render_results.RUNS_START}\n{text}\n{render_results.RUNS_END}\nb\n"
     assert "No finished reproduction run yet" in render_results.runs_table([])

@@ -1,8 +1,10 @@
 """Tests for preresnet.loaders: both backends (torch, and DALI on the CPU) against an independent
-reference, and against each other."""
+reference, and against each other; on a GPU (`pytest -m gpu`, which the GPU plan's `dali` stage
+runs) DALI's GPU pipeline against the torch loader on the GPU; what `--loader auto` takes, and why."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 from preresnet import loaders
 from preresnet.errors import UserError
 
-needs_dali = pytest.mark.skipif(not loaders.dali_available(), reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+needs_dali = pytest.mark.skipif(not loaders.dali_available(),
+                                reason=f"NVIDIA DALI is not installed (pip install {loaders.dali_wheel()})")
 
 
 @pytest.fixture(params=["torch", pytest.param("dali", marks=needs_dali)])
@@ -293,9 +296,9 @@ def test_evaluation_shards_cover_every_image_once_in_order(backend, images, worl
     assert labels == list(range(N))
 
 
-def test_auto_picks_dali_when_installed_and_defaults_to_cifar10_statistics(images):
+def test_auto_is_the_torch_loader_on_the_cpu_and_defaults_to_cifar10_statistics(images):
     loader = loaders.build_loader(images, np.arange(N), batch_size=N, train=False)
-    assert loader.backend == ("dali" if loaders.dali_available() else "torch")
+    assert loader.backend == "torch"
     (x, _), = list(loader)
     mean = np.asarray(loaders.CIFAR10_MEAN, np.float32) * np.float32(255)
     std = np.asarray(loaders.CIFAR10_STD, np.float32) * np.float32(255)
@@ -309,3 +312,131 @@ def test_unknown_backend_and_bad_rank(images):
         loaders.build_loader(images, np.arange(N), batch_size=4, train=True, backend="torch", rank=2, world_size=2)
     with pytest.raises(UserError, match="impossible"):  # 4 x 8 processes > 24 images
         loaders.build_loader(images, np.arange(N), batch_size=4, train=True, backend="torch", world_size=8)
+
+
+# --- the GPU pipeline (pytest -m gpu; the GPU plan's `dali` stage runs these) ---------------------------
+
+
+def assert_same_batches(reference, batches):
+    assert len(reference) == len(batches) > 0
+    for (xt, yt), (xd, yd) in zip(reference, batches):
+        assert xd.is_cuda and yd.is_cuda
+        assert torch.equal(yt, yd)
+        assert torch.equal(xt, xd)
+        assert xt.stride() == xd.stride()
+
+
+@pytest.mark.gpu
+@needs_dali
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_pipeline_gives_the_torch_loaders_batches_on_the_gpu(images, train, channels_last):
+    kwargs = dict(batch_size=5, train=train, seed=4, channels_last=channels_last, device="cuda")
+    dali = make_loader("dali", images, **kwargs)
+    assert dali.pipeline.device_id == 0  # the operators run on the GPU, not DALI's CPU pipeline
+    for epoch in (0, 2):
+        assert_same_batches(epoch_batches(make_loader("torch", images, **kwargs), epoch), epoch_batches(dali, epoch))
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_gpu_pipeline_at_the_training_batch_size():
+    images = random_images(np.random.default_rng(3), 1000)
+    kwargs = dict(batch_size=128, train=True, seed=1, channels_last=True, device="cuda", labels=np.arange(1000) % 10)
+    for epoch in (0, 1):
+        assert_same_batches(epoch_batches(make_loader("torch", images, **kwargs), epoch),
+                            epoch_batches(make_loader("dali", images, **kwargs), epoch))
+
+
+@pytest.mark.gpu
+@needs_dali
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_pipeline_sharded_for_two_ranks(images, train):
+    single = make_loader("dali", images, batch_size=8, train=train, seed=8, device="cuda")
+    for epoch in (0, 1):
+        shards = []
+        for rank in (0, 1):
+            kwargs = dict(batch_size=4, train=train, seed=8, rank=rank, world_size=2, device="cuda")
+            shard = epoch_batches(make_loader("dali", images, **kwargs), epoch)
+            assert_same_batches(epoch_batches(make_loader("torch", images, **kwargs), epoch), shard)
+            shards.append(shard)
+        if train:  # rank r holds the r-th half of each global batch
+            for step, (x, y) in enumerate(epoch_batches(single, epoch)):
+                assert torch.equal(torch.cat([shards[0][step][1], shards[1][step][1]]), y)
+                assert torch.equal(torch.cat([shards[0][step][0], shards[1][step][0]]), x)
+        else:  # contiguous halves of the test set, in order
+            assert torch.cat([y for shard in shards for _, y in shard]).tolist() == list(range(N))
+
+
+# --- --loader auto ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def on_a_gpu(monkeypatch):
+    """auto_backend's view of a machine with an H200 and DALI installed (no GPU is touched)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(loaders, "dali_available", lambda: True)
+
+
+MEASURED = {"reason": "a PreResNet-110 step fed by DALI 20,000 images/s, by the torch loader 19,000"}
+
+
+def test_auto_takes_dali_on_a_gpu_only_where_it_was_measured_not_slower(on_a_gpu):
+    cuda = torch.device("cuda")
+    assert loaders.auto_backend(cuda, {"NVIDIA H200": {"backend": "dali", **MEASURED}}) == \
+        ("dali", f"measured on NVIDIA H200: {MEASURED['reason']}")
+    backend, reason = loaders.auto_backend(cuda, {"NVIDIA H200": {"backend": "torch", **MEASURED}})
+    assert backend == "torch" and reason.startswith("measured on NVIDIA H200")
+    # another GPU's measurement says nothing about this one
+    backend, reason = loaders.auto_backend(cuda, {"NVIDIA H100 80GB HBM3": {"backend": "dali", **MEASURED}})
+    assert (backend, reason) == ("torch", "the loaders have not been measured on NVIDIA H200 (python -m bench.gpu_plan dali)")
+
+
+def test_auto_without_dali_or_on_the_cpu_is_the_torch_loader(on_a_gpu, monkeypatch):
+    table = {"NVIDIA H200": {"backend": "dali", **MEASURED}}
+    backend, reason = loaders.auto_backend("cpu", table)
+    assert backend == "torch" and "on the CPU" in reason
+    monkeypatch.setattr(loaders, "dali_available", lambda: False)
+    assert loaders.auto_backend("cuda", table) == ("torch", "NVIDIA DALI is not installed")
+
+
+def test_auto_reads_the_packaged_table_and_refuses_a_broken_one(on_a_gpu, tmp_path, monkeypatch):
+    assert isinstance(loaders.load_choice_table(), dict)  # the file bench.render_results writes, in the package
+    table = tmp_path / "loader_choice.json"
+    table.write_text(json.dumps({"NVIDIA H200": {"backend": "dali", **MEASURED}}))
+    monkeypatch.setattr(loaders, "CHOICE_TABLE", table)
+    assert loaders.auto_backend("cuda")[0] == "dali"
+    assert loaders.load_choice_table(table)["NVIDIA H200"]["backend"] == "dali"
+    for broken in ("[1, 2]", "{not json", json.dumps({"NVIDIA H200": {"backend": "ffcv"}})):
+        table.write_text(broken)
+        with pytest.raises(UserError, match="loader choice table"):
+            loaders.load_choice_table(table)
+
+
+def test_runtime_records_why_it_took_its_loader(tmp_path):
+    import train
+    from preresnet.recipes import resolve_recipe
+    from preresnet.training import resolve_runtime
+
+    runtime = resolve_runtime("cpu", "off", loader="auto")
+    assert runtime.loader == "torch" and "on the CPU" in runtime.loader_reason
+    assert resolve_runtime("cpu", "off", loader="torch").loader_reason == "--loader torch"
+    train.write_config(tmp_path, {"model": "x"}, resolve_recipe("paper"), runtime)
+    saved = json.loads((tmp_path / "config.json").read_text())["runtime"]
+    assert saved["loader"] == "torch" and saved["loader_reason"] == runtime.loader_reason
+
+
+@pytest.mark.parametrize("cuda, wheel", [("13.0", "nvidia-dali-cuda130"), ("12.8", "nvidia-dali-cuda120"),
+                                         (None, "nvidia-dali-cuda130")])
+def test_a_missing_dali_names_the_wheel_for_this_torch(monkeypatch, cuda, wheel):
+    from preresnet import training
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    for module in (loaders, training):
+        monkeypatch.setattr(module, "dali_available", lambda: False)
+    assert loaders.dali_wheel() == wheel
+    with pytest.raises(UserError, match=f"--loader dali needs NVIDIA DALI: pip install {wheel} "):
+        training.resolve_runtime("cpu", "off", loader="dali")
+    with pytest.raises(UserError, match=f"pip install {wheel} "):
+        loaders.build_loader(random_images(np.random.default_rng(0), 4), np.arange(4), batch_size=2, train=True,
+                             backend="dali")

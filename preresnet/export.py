@@ -1,0 +1,285 @@
+"""Make entries of the pretrained-weights registry (preresnet/pretrained.py reads them): export a
+finished train.py run, and generate each entry's model card from its NAME.json.
+
+    python -m preresnet.export RUN --name NAME --data TEXT --data-dir DIR --device TEXT [--commit SHA]
+    python -m preresnet.export --cards                # regenerate every card from its NAME.json
+
+bench/gpu_plan.py's reproduce stage runs the first for every finished seed; docs/pretrained.md has
+the naming and the storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .models import paper_name
+from .pretrained import (ENV_VAR, NAME_PATTERN, WeightsEntry, evaluate_test_split, file_sha256, load_weights,
+                         read_entry, registry_dir, registry_name, weights_file_name)
+
+# bf16 parameters halve what git and the wheel carry; the BatchNorm running statistics, which set the
+# eval-mode normalisation and are a small part of the size, stay fp32. The error an entry reports is
+# measured on this rounded file.
+STORAGE = "bf16 parameters, fp32 BatchNorm statistics"
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel's, torch.compile's
+
+
+def strip_wrappers(key: str) -> str:
+    """A state_dict key without the prefixes of the wrappers that held the model when it was saved."""
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def train_command(config: dict, data_dir: str) -> str:
+    """The train.py command that trains a run of config (a run folder's config.json) again: network,
+    data, the recipe preset and every field that differs from it, seed and execution flags."""
+    from .recipes import RECIPES
+
+    words = ["python", "train.py", "--type", config["type"], "--depth", str(config["depth"])]
+    if config["type"] == "wide":
+        words += ["--width", str(config["width"])]
+    words += ["--dataset", config["dataset"], "--data-dir", data_dir, "--recipe", config["recipe_name"]]
+    preset = asdict(RECIPES[config["recipe_name"]])
+    for key, value in config["recipe"].items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):
+            value = tuple(value)
+        if value == preset[key]:
+            continue
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            words += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    words += ["--seed", str(config["seed"])]
+    runtime = config.get("runtime")
+    if runtime:
+        words += ["--device", runtime["device"].split(":")[0], "--amp", runtime["amp"], "--loader", runtime["loader"]]
+        for key in ("channels_last", "compile", "fused", "cuda_graphs"):
+            words.append(f"--{'' if runtime[key] else 'no-'}{key.replace('_', '-')}")
+        if runtime["processes"] > 1:  # one process per GPU, the batch split between them
+            words[:2] = ["torchrun", f"--nproc-per-node={runtime['processes']}", "train.py"]
+            words.append("--sync-bn" if runtime["sync_bn"] else "--no-sync-bn")
+    return shlex.join(words)
+
+
+def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, data: str, data_dir: str, device: str,
+           commit: str | None = None, reproduce: str | None = None, source: str | None = None) -> WeightsEntry:
+    """Make a finished train.py run (its folder or checkpoint) the registry entry `name`: the final
+    weights as a plain state_dict without wrapper prefixes (STORAGE), its test error and per-class
+    accuracy measured on that file (fp32; the GPU when there is one) over the run's test set, then
+    NAME.json, the card and the curves. An earlier entry of the same name is replaced.
+
+    data: what the data is, for people; data_dir: the folder a user passes (the commands name it;
+    the measurement reads the run's own); device, commit: where and from what it was trained;
+    reproduce: the command that trains it again; source: where the run's history lives."""
+    from .training import checkpoint_path, load_checkpoint, model_from_checkpoint, resolve_runtime
+
+    if not NAME_PATTERN.fullmatch(name):
+        raise UserError(f"entry name {name!r}: use lower-case letters, digits, '-', '_' and '.'")
+    checkpoint = load_checkpoint(run)
+    config, recipe, folder = checkpoint["config"], checkpoint["recipe"], checkpoint_path(run).parent
+    if checkpoint["epoch"] != recipe["epochs"]:
+        raise UserError(f"{checkpoint_path(run)} is at epoch {checkpoint['epoch']} of {recipe['epochs']}: only a "
+                        f"finished run's last epoch becomes weights")
+    state = {strip_wrappers(key): (value.to(torch.bfloat16) if value.is_floating_point() and "running_" not in key
+                                   else value).contiguous()
+             for key, value in checkpoint["model"].items()}
+    model = model_from_checkpoint({**checkpoint, "model": state}, checkpoint_path(run))
+    config = {**config, "recipe": recipe}  # as in the run's config.json, whose copy also holds the execution flags
+    if (folder / "config.json").is_file():
+        config["runtime"] = json.loads((folder / "config.json").read_text()).get("runtime")
+
+    registry = Path(registry)
+    registry.mkdir(parents=True, exist_ok=True)
+    tmp = registry / f".{name}.pt.{os.getpid()}.tmp"
+    try:
+        torch.save(state, tmp)
+        sha256 = file_sha256(tmp)
+        file = registry / weights_file_name(name, sha256)
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    arch = (config["type"], config["depth"], config["width"])
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = None
+    meta = {
+        "name": name, "model": registry_name(*arch), "network": paper_name(*arch), "type": arch[0], "depth": arch[1],
+        "width": arch[2], "num_classes": config["num_classes"], "classes": config["classes"],
+        "data": {"description": data, "dataset": config["dataset"], "data_dir": data_dir},
+        "recipe": config["recipe_name"], "recipe_settings": recipe, "seed": config["seed"], "epochs": checkpoint["epoch"],
+        "commands": {"reproduce": reproduce, "train": train_command(config, data_dir),
+                     "evaluate": shlex.join(["python", "eval.py", "--weights", name, "--data-dir", data_dir])},
+        "source": source, "device": device, "runtime": config.get("runtime"), "commit": commit,
+        "torch": torch.__version__, "triton": triton, "mean": config["mean"], "std": config["std"],
+        "file": file.name, "sha256": sha256, "bytes": file.stat().st_size, "storage": STORAGE,
+    }
+    runtime = resolve_runtime("auto", "off", channels_last=False, compile=False, loader="torch")
+    load_weights(model, WeightsEntry(name, meta, registry))  # the file as a user loads it
+    results, _ = evaluate_test_split(model, config["dataset"], config["data_dir"], config["mean"], config["std"], runtime)
+    meta.update(test_error=results["test_error"], test_loss=results["test_loss"],
+                per_class_accuracy=results["per_class_accuracy"], test_images=results["test_images"],
+                measured={"device": runtime.device.type, "precision": "fp32"},
+                training_test_error=(checkpoint.get("metrics") or {}).get("test_error"),
+                curves=f"{name}-curves.png" if (folder / "curves.png").is_file() else None,
+                date=time.strftime("%Y-%m-%d"))
+    if meta["curves"]:
+        shutil.copyfile(folder / "curves.png", registry / meta["curves"])
+    text = json.dumps(meta, indent=1) + "\n"
+    write_text(registry / f"{name}.json", text)
+    write_text(registry / f"{name}.md", card(json.loads(text)))  # as write_cards makes it from the file
+    for old in registry.glob(f"{name}-*.pt"):  # the file an earlier export of this entry wrote
+        if old != file and re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{8}}\.pt", old.name):
+            old.unlink()
+    return WeightsEntry(name, meta, registry)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- cards ----------------------------------------------------------------------------------------------
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def card(meta: dict) -> str:
+    """The model card of an entry: its facts, the curves, and the commands to reproduce, evaluate and load it."""
+    name, data, commands = meta["name"], meta["data"], meta["commands"]
+    recipe = ", ".join(f"{key} {','.join(map(str, value)) if isinstance(value, list) else value}"
+                       for key, value in meta["recipe_settings"].items())
+    network = f"{meta['network']} (`{meta['model']}`)" if meta["model"] else meta["network"]
+    measured = meta["measured"]
+    lines = [
+        f"# {name}",
+        "",
+        f"{network}: `{meta['type']}`, depth {meta['depth']}, width {meta['width']}, {meta['num_classes']} classes, "
+        f"trained on {data['description']} with recipe `{meta['recipe']}`, seed {meta['seed']}, {meta['epochs']} epochs.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| test error | **{percent(meta['test_error'])}** on {meta['test_images']} test images: the last epoch's "
+        f"(no selection on the test set), measured on this file ({measured['precision']}, {measured['device']}) |",
+        f"| test error in training | {percent(meta['training_test_error'])} (the last epoch as training measured it, "
+        f"before the file's rounding) |",
+        f"| data | {data['description']}: `--dataset {data['dataset']} --data-dir {data['data_dir']}` |",
+        f"| recipe | `{meta['recipe']}`: {recipe} |",
+        f"| normalisation | mean {[round(m, 4) for m in meta['mean']]}, std {[round(s, 4) for s in meta['std']]} "
+        f"(of the training images, 0-1 scale) |",
+        f"| device | {meta['device']} |",
+        f"| commit | {meta['commit'] or 'unknown'} |",
+        f"| torch / triton | {meta['torch']} / {meta['triton'] or '-'} |",
+        f"| file | `{meta['file']}`, {meta['bytes'] / 1e6:.2f} MB, {meta['storage']}; sha256 `{meta['sha256']}` |",
+        f"| history | `{meta['source']}` |" if meta["source"] else None,
+        f"| date | {meta['date']} |",
+        "",
+        "Per-class accuracy:",
+        "",
+        "| class | accuracy |",
+        "| --- | --- |",
+        *(f"| {cls} | {percent(accuracy)} |" for cls, accuracy in zip(meta["classes"], meta["per_class_accuracy"])),
+        "",
+        f"![training curves]({meta['curves']})" if meta["curves"] else None,
+        "" if meta["curves"] else None,
+        "## Reproduce",
+        "",
+        ("The first command is the GPU plan's stage (bench/README.md): each call trains within its budget and "
+         "continues where the last one stopped. The second trains the same run with train.py in one go."
+         if commands["reproduce"] else None),
+        "" if commands["reproduce"] else None,
+        "```bash",
+        *([commands["reproduce"]] if commands["reproduce"] else []),
+        commands["train"],
+        "```",
+        "",
+        "## Evaluate",
+        "",
+        "```bash",
+        commands["evaluate"],
+        "```",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "import preresnet, torch",
+        "",
+        f'weights = preresnet.get_weights("{name}")',
+        (f'model = preresnet.get_model("{meta["model"]}", weights="{name}")  # eval mode' if meta["model"] else
+         f'model = preresnet.build_model("{meta["type"]}", {meta["depth"]}, {meta["width"]}, weights="{name}")  # eval mode'),
+        "logits = model(weights.transforms()(images))  # images: uint8 NHWC, or float NCHW in [0, 1]",
+        *([f'model = torch.hub.load("path/to/preresnet", "{meta["model"]}", source="local", weights="{name}")']
+          if meta["model"] else []),
+        "```",
+    ]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def write_cards(folder: Path) -> list[Path]:
+    """Regenerate the card of every entry in folder from its NAME.json; returns the cards written."""
+    written = []
+    for path in sorted(folder.glob("*.json")):
+        entry = read_entry(path)
+        write_text(folder / f"{entry.name}.md", card(entry.meta))
+        written.append(folder / f"{entry.name}.md")
+    return written
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m preresnet.export", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("run", nargs="?", metavar="RUN", help="the finished run to export: its folder or checkpoint file")
+    what.add_argument("--cards", action="store_true", help="regenerate every entry's card (NAME.md) from its NAME.json")
+    parser.add_argument("--registry", help=f"the registry folder (default ${ENV_VAR}, else preresnet/weights/)")
+    parser.add_argument("--name", help="the entry's name: NETWORK-DATA-RECIPE-DEVICE-sSEED (docs/pretrained.md)")
+    parser.add_argument("--data", help="what the data is, for people: \"CIFAR-10 re-encoded as JPEG (lossy; not the "
+                                       "papers' data)\"")
+    parser.add_argument("--data-dir", help="the data folder a user passes to train.py and eval.py")
+    parser.add_argument("--device", help="the GPU (or CPU) it was trained on")
+    parser.add_argument("--commit", help="the commit it was trained from")
+    parser.add_argument("--reproduce", help="the command that trains it again")
+    parser.add_argument("--source", help="where the run's history lives (run.json, metrics, logs)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    folder = Path(args.registry) if args.registry else registry_dir()
+    if args.cards:
+        for path in write_cards(folder):
+            print(path)
+        return
+    missing = [flag for flag in ("name", "data", "data_dir", "device") if not getattr(args, flag)]
+    if missing:
+        raise UserError(f"exporting {args.run} needs {', '.join('--' + flag.replace('_', '-') for flag in missing)}")
+    entry = export(args.run, folder, args.name, data=args.data, data_dir=args.data_dir, device=args.device,
+                   commit=args.commit, reproduce=args.reproduce, source=args.source)
+    print(f"{entry.name}: test error {percent(entry.test_error)}, measured on {entry.file}; card {folder / entry.name}.md")
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    sys.exit(run_main(main, build_parser().parse_args(), "python -m preresnet.export"))

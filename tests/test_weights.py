@@ -1,0 +1,369 @@
+"""The pretrained-weights registry (preresnet/pretrained.py): export of finished runs, loading
+through get_model / build_model / torch.hub / eval.py, one-line errors for every bad entry, cards."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import preresnet
+from preresnet import UserError, build_model, export, get_model, get_weights, list_weights, pretrained
+from preresnet.data import load_dataset
+from preresnet.loaders import build_loader
+from preresnet.recipes import Recipe, resolve_recipe
+from preresnet.training import CHECKPOINT_FORMAT, load_checkpoint, prepare_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("a", "b", "c", "d")
+DATA = "four classes of noise (a test)"
+RUNTIME = {"device": "cpu", "amp": "off", "channels_last": True, "compile": False, "loader": "torch", "fused": False,
+           "sync_bn": False, "cuda_graphs": False, "processes": 1}
+S0, S1, P8 = "preresnet20-noise-paper-cpu-s0", "preresnet20-noise-paper-cpu-s1", "preresnet8-noise-paper-cpu-s0"
+# the entries the module's registry holds: name -> (type, depth, width, seed, state_dict key prefix)
+ENTRIES = {
+    S0: ("normal", 3, 1, 0, ""),
+    S1: ("normal", 3, 1, 1, ""),
+    # saved through DistributedDataParallel and torch.compile: the export strips both prefixes
+    P8: ("normal", 1, 1, 0, "module._orig_mod."),
+}
+
+
+def make_data(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("test", 6)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def finished_run(folder: Path, data_dir: Path, type: str, depth: int, width: int, seed: int, prefix: str = "",
+                 epoch: int = 2) -> torch.nn.Module:
+    """A run folder as train.py leaves it after 2 epochs (randomly initialised weights); returns the model."""
+    torch.manual_seed(seed)
+    model = build_model(type, depth, width, num_classes=len(CLASSES))
+    config = prepare_config(load_dataset("folder", data_dir), model=model.paper_name, type=type, depth=depth,
+                            width=width, dropout=0.0, dataset="folder", data_dir=str(data_dir), recipe_name="paper",
+                            seed=seed)
+    recipe = asdict(resolve_recipe("paper", epochs=2))
+    folder.mkdir(parents=True)
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config, "recipe": recipe, "epoch": epoch, "iteration": 8,
+                "position": None, "model": {prefix + key: value for key, value in model.state_dict().items()},
+                "optimizer": {}, "scaler": None, "metrics": {"epoch": epoch, "test_error": 0.625}},
+               folder / "checkpoint.pt")
+    (folder / "config.json").write_text(json.dumps({**config, "recipe": recipe, "runtime": RUNTIME}))
+    Image.new("RGB", (8, 8)).save(folder / "curves.png")
+    return model
+
+
+def rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """model with its parameters rounded as the export stores them (bf16), in eval mode."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A registry of three exported entries; returns (registry, data_dir, {name: source model rounded})."""
+    root = tmp_path_factory.mktemp("weights")
+    data_dir = make_data(root / "data")
+    registry = root / "registry"
+    models = {}
+    for name, (type, depth, width, seed, prefix) in ENTRIES.items():
+        run = root / "runs" / name
+        models[name] = rounded(finished_run(run, data_dir, type, depth, width, seed, prefix))
+        export.export(run, registry, name, data=DATA, data_dir=str(data_dir), device="CPU (test)", commit="abc1234",
+                          reproduce=f"python -m bench.gpu_plan reproduce --seeds {seed}", source=f"runs/{name}")
+    return registry, data_dir, models
+
+
+@pytest.fixture
+def registry(exported, tmp_path, monkeypatch) -> Path:
+    """A copy of the exported registry that a test may change, as the registry ($PRERESNET_WEIGHTS_DIR)."""
+    copy = shutil.copytree(exported[0], tmp_path / "registry")
+    monkeypatch.setenv(pretrained.ENV_VAR, str(copy))
+    return copy
+
+
+def edit_entry(registry: Path, entry: str, **changes) -> None:
+    path = registry / f"{entry}.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def replace_file(registry: Path, name: str, content) -> None:
+    """Give the entry a file holding content, its name and sha256 consistent with the entry."""
+    meta = json.loads((registry / f"{name}.json").read_text())
+    (registry / meta["file"]).unlink()
+    tmp = registry / "tmp.pt"
+    torch.save(content, tmp)
+    sha256 = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    tmp.rename(registry / f"{name}-{sha256[:8]}.pt")
+    edit_entry(registry, name, sha256=sha256, file=f"{name}-{sha256[:8]}.pt")
+
+
+def test_export_writes_a_plain_state_dict_and_the_facts(exported):
+    registry, data_dir, _ = exported
+    assert sorted(p.name for p in registry.iterdir() if not p.name.endswith(".pt")) == sorted(
+        f"{name}{suffix}" for name in ENTRIES for suffix in (".json", ".md", "-curves.png"))
+    assert sorted(p.name for p in registry.glob("*.pt")) == sorted(
+        json.loads((registry / f"{name}.json").read_text())["file"] for name in ENTRIES)
+    for name, (type, depth, width, seed, _) in ENTRIES.items():
+        meta = json.loads((registry / f"{name}.json").read_text())
+        assert sorted(meta) == sorted(pretrained.REQUIRED)
+        file = registry / meta["file"]
+        sha256 = hashlib.sha256(file.read_bytes()).hexdigest()
+        assert meta["sha256"] == sha256 and meta["file"] == f"{name}-{sha256[:8]}.pt" and meta["bytes"] == file.stat().st_size
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        assert list(state) == list(build_model(type, depth, width).state_dict())  # no module./_orig_mod. prefixes
+        assert all(value.dtype == (torch.float32 if "running_" in key else torch.int64 if "num_batches" in key
+                                   else torch.bfloat16) for key, value in state.items())
+        config = load_checkpoint(registry.parent / "runs" / name)["config"]
+        assert meta["model"] == ("preresnet20" if depth == 3 else None)
+        assert (meta["network"], meta["num_classes"], meta["classes"], meta["seed"], meta["epochs"]) == \
+            (config["model"], 4, list(CLASSES), seed, 2)
+        assert meta["data"] == {"description": DATA, "dataset": "folder", "data_dir": str(data_dir)}
+        assert (meta["mean"], meta["std"]) == (config["mean"], config["std"])
+        assert meta["recipe"] == "paper" and meta["recipe_settings"]["epochs"] == 2
+        assert (meta["device"], meta["commit"], meta["torch"], meta["source"]) == \
+            ("CPU (test)", "abc1234", torch.__version__, f"runs/{name}")
+        assert meta["test_images"] == 24 and len(meta["per_class_accuracy"]) == 4
+        assert meta["training_test_error"] == 0.625 and meta["measured"] == {"device": "cpu", "precision": "fp32"}
+        assert meta["commands"]["evaluate"] == f"python eval.py --weights {name} --data-dir {data_dir}"
+
+
+def test_get_model_and_build_model_return_the_weights_in_eval_mode(registry, exported):
+    models = exported[2]
+    x = torch.randn(3, 3, 32, 32)
+    for model in (get_model("preresnet20", weights=S0),
+                  get_model("preresnet20", weights=get_weights(S0)),
+                  build_model("normal", 3, weights=S0)):
+        assert not model.training and model.fc.out_features == 4 and model.fc.weight.dtype == torch.float32
+        torch.testing.assert_close(model(x), models[S0](x), rtol=0, atol=0)
+    # a network outside list_models() loads through build_model
+    model = build_model("normal", 1, weights=P8)
+    torch.testing.assert_close(model(x), models[P8](x), rtol=0, atol=0)
+
+
+def test_fused_networks_load_the_same_weights(registry):
+    pytest.importorskip("triton")
+    unfused = get_model("preresnet20", weights=S1)
+    fused = get_model("preresnet20", weights=S1, fused=True)
+    assert fused.fused and not fused.training
+    assert all(torch.equal(a, b) for a, b in zip(fused.state_dict().values(), unfused.state_dict().values()))
+
+
+def test_default_is_the_entry_with_the_lowest_test_error(registry):
+    assert list_weights() == sorted(ENTRIES)
+    assert list_weights("preresnet20") == [S0, S1]
+    assert list_weights("preresnet56") == []
+    for errors, best in (((0.3, 0.2), S1), ((0.2, 0.3), S0), ((0.2, 0.2), S0)):  # a tie: the first name
+        for seed, error in enumerate(errors):
+            edit_entry(registry, (S0, S1)[seed], test_error=error)
+        assert pretrained.resolve_weights("DEFAULT", "normal", 3, 1, None).name == best
+    model = get_model("preresnet20", weights="DEFAULT")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), get_model(
+        "preresnet20", weights=S0).state_dict().values()))
+
+
+def flip_a_byte(registry):
+    file = registry / get_weights(S0).meta["file"]
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+def truncate(registry):
+    file = registry / get_weights(S0).meta["file"]
+    file.write_bytes(file.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("change, call, fragments", [
+    (None, lambda: get_model("preresnet20", weights="nope"), ["unknown weights 'nope'", S0]),
+    (None, lambda: get_model("preresnet20", weights=f"../registry/{S0}"), ["unknown weights"]),
+    (None, lambda: get_model("preresnet56", weights="DEFAULT"), ["no weights for PreResNet-56", S0]),
+    (None, lambda: get_model("preresnet56", weights=S0), [f"weights {S0} are for PreResNet-20, not PreResNet-56"]),
+    (None, lambda: get_model("preresnet20", weights=S0, num_classes=10), ["classify 4 classes, not num_classes=10"]),
+    (None, lambda: get_model("preresnet20", weights=3), ["weights must be None, 'DEFAULT'"]),
+    (None, lambda: list_weights("resnet50"), ["unknown model 'resnet50'"]),
+    (flip_a_byte, lambda: get_model("preresnet20", weights=S0), [f"{S0}-", "is damaged"]),
+    (truncate, lambda: get_model("preresnet20", weights=S0), ["is damaged"]),
+    (lambda r: (r / get_weights(S0).meta["file"]).unlink(), lambda: get_model("preresnet20", weights=S0), ["is missing"]),
+    (lambda r: replace_file(r, S0, [1, 2, 3]), lambda: get_model("preresnet20", weights=S0),
+     ["does not hold a state_dict"]),
+    (lambda r: replace_file(r, S0, build_model("normal", 3).state_dict()), lambda: get_model("preresnet20", weights=S0),
+     ["does not fit PreResNet-20", "size mismatch for fc.weight"]),
+    (lambda r: (r / f"{S0}.json").write_text("{"), lambda: list_weights(), [f"{S0}.json is unreadable"]),
+    (lambda r: edit_entry(r, S0, name="other"), lambda: get_weights(S0), [f"{S0}.json is inconsistent"]),
+], ids=["unknown", "path", "no-default", "other-network", "num-classes", "not-a-name", "unknown-model", "flipped-byte",
+        "truncated", "missing", "not-a-state-dict", "does-not-fit", "unreadable-json", "inconsistent-json"])
+def test_bad_weights_are_one_line_errors(registry, change, call, fragments):
+    if change:
+        change(registry)
+    with pytest.raises(UserError) as raised:
+        call()
+    message = str(raised.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_export_refuses_an_unfinished_run_and_a_bad_name(exported, tmp_path):
+    run = tmp_path / "run"
+    finished_run(run, exported[1], "normal", 1, 1, 0, epoch=1)
+    with pytest.raises(UserError, match="at epoch 1 of 2: only a finished run's last epoch becomes weights"):
+        export.export(run, tmp_path / "registry", "x", data=DATA, data_dir="d", device="cpu")
+    with pytest.raises(UserError, match="entry name 'DEFAULT'"):
+        export.export(run, tmp_path / "registry", "DEFAULT", data=DATA, data_dir="d", device="cpu")
+    with pytest.raises(UserError, match="needs --name, --data, --data-dir, --device"):
+        export.main(export.build_parser().parse_args([str(run)]))
+    assert not (tmp_path / "registry").exists()
+
+
+def test_weights_are_not_a_checkpoint_to_resume(exported):
+    with pytest.raises(UserError, match="not a checkpoint written by this project's train.py: it holds bare weights .*"
+                                        "nothing to resume"):
+        load_checkpoint(next(exported[0].glob(f"{S0}-*.pt")))
+
+
+def test_transforms_normalise_as_the_data_loader(registry, exported):
+    entry = get_weights(S0)
+    images = load_dataset("folder", exported[1]).test.images
+    loader = build_loader(images, np.zeros(len(images), dtype=np.int64), batch_size=len(images), train=False,
+                          backend="torch", mean=entry.meta["mean"], std=entry.meta["std"])
+    batch = next(iter(loader))[0]
+    normalize = entry.transforms()
+    assert torch.equal(normalize(torch.from_numpy(images)), batch)  # uint8 NHWC: the loader's batch, bit for bit
+    assert torch.equal(normalize(torch.from_numpy(images[0])), batch[0])  # one HWC image
+    as_float = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0  # torchvision's ToTensor layout and scale
+    torch.testing.assert_close(normalize(as_float), batch, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="uint8 images must be HWC or NHWC"):
+        normalize(torch.zeros(3, 32, 32, dtype=torch.uint8))
+
+
+def load_hubconf():
+    spec = importlib.util.spec_from_file_location("hubconf", ROOT / "hubconf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_torch_hub_loads_the_weights_from_a_checkout(registry):
+    hubconf = load_hubconf()
+    assert hubconf.dependencies == ["torch"]
+    # the entry points torch.hub.list reports (it reads GitHub only): the public callables of hubconf
+    assert sorted(name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")) == \
+        sorted(preresnet.list_models())
+    assert "weights" in hubconf.preresnet20.__doc__ and "PreResNet-20" in hubconf.preresnet20.__doc__
+    model = torch.hub.load(str(ROOT), "preresnet20", source="local", weights=S0)
+    expected = get_model("preresnet20", weights=S0)
+    assert not model.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+    assert torch.hub.load(str(ROOT), "wrn16_4", source="local", num_classes=7).fc.out_features == 7
+
+
+def test_hubconf_imports_only_the_model_code():
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import hubconf; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('preresnet', 'PIL', 'matplotlib', 'triton', 'nvidia'))))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == ["preresnet", "preresnet.errors", "preresnet.models", "preresnet.pretrained"]
+
+
+def test_eval_py_evaluates_an_entry_against_its_recorded_error(registry, capsys):
+    import eval as eval_py
+
+    assert eval_py.cli(["--weights", S0, "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    entry = get_weights(S0)
+    assert report["weights"] == S0 and report["test_error"] == entry.test_error == report["recorded_test_error"]
+    assert report["per_class_accuracy"] == entry.meta["per_class_accuracy"] and report["epoch"] == 2
+    assert eval_py.cli(["--weights", S0, "--device", "cpu"]) == 0
+    assert f"recorded in {S0}: test error {100 * entry.test_error:.2f}% on 24 test images (fp32 on cpu)" in \
+        capsys.readouterr().out
+    assert eval_py.cli(["--weights", "nope"]) == 2
+    assert capsys.readouterr().err.strip().startswith("eval.py: error: unknown weights 'nope'")
+    for argv, message in ((["--weights", S0, "--checkpoint", "x"], "not allowed with"),
+                          ([], "one of the arguments --checkpoint --weights is required")):
+        with pytest.raises(SystemExit) as exited:
+            eval_py.cli(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_the_card_holds_the_facts_and_regenerates(registry):
+    meta = get_weights(S0).meta
+    card = (registry / f"{S0}.md").read_text()
+    for fact in (f"# {S0}", "PreResNet-20 (`preresnet20`)", DATA, "recipe `paper`", "seed 0", "2 epochs",
+                 f"**{100 * meta['test_error']:.2f}%** on 24 test images", "no selection on the test set",
+                 "| test error in training | 62.50%", f"--data-dir {meta['data']['data_dir']}",
+                 f"mean {[round(m, 4) for m in meta['mean']]}", "| device | CPU (test) |", "| commit | abc1234 |",
+                 meta["file"], meta["sha256"], export.STORAGE, f"![training curves]({S0}-curves.png)",
+                 meta["commands"]["reproduce"], meta["commands"]["train"], meta["commands"]["evaluate"],
+                 f'preresnet.get_model("preresnet20", weights="{S0}")',
+                 f'torch.hub.load("path/to/preresnet", "preresnet20", source="local", weights="{S0}")',
+                 *(f"| {cls} | {100 * accuracy:.2f}% |" for cls, accuracy in zip(CLASSES, meta["per_class_accuracy"]))):
+        assert fact in card, fact
+    other = (registry / f"{P8}.md").read_text()
+    assert f'preresnet.build_model("normal", 1, 1, weights="{P8}")' in other
+    assert "torch.hub" not in other  # not a hub entry point
+    for path in registry.glob("*.md"):
+        path.unlink()
+    export.main(export.build_parser().parse_args(["--cards", "--registry", str(registry)]))
+    assert (registry / f"{S0}.md").read_text() == card
+
+
+def test_the_train_command_trains_the_same_run(registry):
+    import train
+
+    meta = get_weights(P8).meta
+    words = shlex.split(meta["commands"]["train"])
+    assert words[:2] == ["python", "train.py"]
+    args = train.build_parser().parse_args(words[2:])
+    recipe = resolve_recipe(args.recipe, **{name: getattr(args, name) for name in train.RECIPE_FLAGS})
+    settings = meta["recipe_settings"]
+    assert recipe == Recipe(**{**settings, "milestones": tuple(settings["milestones"])})
+    assert (args.type, args.depth, args.seed, args.dataset, args.data_dir) == \
+        ("normal", 1, 0, "folder", meta["data"]["data_dir"])
+    assert (args.device, args.amp, args.loader, args.channels_last, args.compile, args.fused, args.cuda_graphs) == \
+        ("cpu", "off", "torch", True, False, False, False)
+
+
+@pytest.mark.slow
+def test_an_installed_package_carries_its_registry(exported, tmp_path):
+    """pip install puts the registry's files (setup.py's package_data) where get_model finds them."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for name in ("preresnet", "kernels"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in exported[0].glob(f"{S0}*"):
+        shutil.copy2(path, source / "preresnet" / "weights" / path.name)
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                              "--target", str(target), str(source)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-3000:]
+    installed = target / "preresnet" / "weights"
+    assert sorted(p.name for p in installed.glob(f"{S0}*")) == sorted(p.name for p in exported[0].glob(f"{S0}*"))
+    code = ("import preresnet; model = preresnet.get_model('preresnet20', weights='DEFAULT'); "
+            "print(preresnet.list_weights(), preresnet.__file__, model.training)")
+    env = {key: value for key, value in os.environ.items() if key != pretrained.ENV_VAR}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                            env={**env, "PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [f"['{S0}']", str(target / "preresnet" / "__init__.py"), "False"]
