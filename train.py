@@ -16,6 +16,7 @@ if __name__ == "__main__":  # stop signals are handled from the first line on, b
     faults.install(repeat_interrupts=int(os.environ.get("WORLD_SIZE", "1")) <= 1)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -223,8 +224,6 @@ def run_flags(args: argparse.Namespace, run: GridRun) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> dict:
-    import contextlib
-
     from preresnet import distributed, faults
     from preresnet.training import resolve_runtime
 
@@ -260,9 +259,9 @@ def train(args: argparse.Namespace, dist) -> dict:
             # every process must take the same branch: rank 0 looks
             resume = args.out if broadcast_object((Path(args.out) / CHECKPOINT_NAME).is_file()) else None
         return train_one(args, runtime, resume, deadline)
-    if dist.enabled and len(runs) > 1:
-        raise UserError(f"{len(runs)} runs packed in one process cannot run under torchrun: train them one by one "
-                        f"(--seed), or without torchrun")
+    if dist.enabled:
+        raise UserError(f"--seeds and lists train their {len(runs)} run(s) packed in one process, which cannot run "
+                        f"under torchrun: train them one by one (--seed), or without torchrun")
     folder = resumed or args.out
     if folder and (Path(folder) / CHECKPOINT_NAME).is_file():
         raise UserError(f"{folder} holds a single run, not the runs of --seeds or lists: resume it without them")

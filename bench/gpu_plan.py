@@ -362,11 +362,7 @@ def first_contact(args) -> int:
     # 4. the compact speed matrix, one process per network (a crash loses that network's rest only)
     start = time.monotonic()
     rows_file = folder / "matrix-rows.jsonl"
-    # rows an earlier command on this machine measured are kept; the rest are measured (again)
-    kept = [row for row in read_rows(rows_file) if "images_per_second" in row] if previous else []
-    rows_file.unlink(missing_ok=True)
-    for row in kept:
-        append_row(rows_file, row)
+    kept = keep_measured_rows(rows_file, previous)
     models = ("tiny",) if dry else MATRIX_MODELS
     env = cache_env(work)  # now with the fresh layer-path and launch-config tables
     for name in models:
@@ -405,10 +401,7 @@ def first_contact(args) -> int:
     # 5. packing: aggregate images/s of K packed runs in each network's fastest correct variant
     start = time.monotonic()
     rows_file = folder / "packing-rows.jsonl"
-    kept = [row for row in read_rows(rows_file) if "images_per_second" in row] if previous else []
-    rows_file.unlink(missing_ok=True)
-    for row in kept:
-        append_row(rows_file, row)
+    kept = keep_measured_rows(rows_file, previous)
     report.data["packing"] = {}
     for name in models:
         counts = PACKING_COUNTS.get(name, (1, 2))
@@ -448,6 +441,16 @@ def read_rows(path: Path, status: str | None = None) -> list[dict]:
         return []
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("status") == status]
+
+
+def keep_measured_rows(path: Path, previous: dict | None) -> list[dict]:
+    """The rows an earlier command on this machine measured (previous: its report) stay in the rows
+    file, the others go (they are measured again); returns the kept ones."""
+    kept = [row for row in read_rows(path) if "images_per_second" in row] if previous else []
+    path.unlink(missing_ok=True)
+    for row in kept:
+        append_row(path, row)
+    return kept
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -748,8 +751,9 @@ def seed_folder(seed: int) -> str:
     return f"seed-{seed}"
 
 
-def newest_choice(results_dirs) -> dict | None:
-    """The speed choice of the newest first-contact report that passed on the current kernels."""
+def passed_reports(results_dirs) -> list[dict]:
+    """The first-contact reports that passed on the current kernels (a choice made on other kernels
+    may be wrong on these), oldest first."""
     digest = kernels_digest()
     reports = []
     for results in results_dirs:
@@ -758,10 +762,15 @@ def newest_choice(results_dirs) -> dict | None:
                 data = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if data.get("stage") == "first-contact" and data.get("passed") and data.get("choice"):
-                if data.get("kernels_digest") == digest:  # a choice on other kernels may be wrong on these
-                    reports.append((data["date"], data["choice"]))
-    return max(reports, key=lambda r: r[0])[1] if reports else None
+            if data.get("stage") == "first-contact" and data.get("passed") and data.get("kernels_digest") == digest:
+                reports.append(data)
+    return sorted(reports, key=lambda data: data["date"])
+
+
+def newest_choice(results_dirs) -> dict | None:
+    """The speed choice of the newest first-contact report that passed on the current kernels."""
+    choices = [data["choice"] for data in passed_reports(results_dirs) if data.get("choice")]
+    return choices[-1] if choices else None
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -829,7 +838,8 @@ def export_weights(local: Path, results: Path, dry: bool, env: dict, clock: Cloc
     """A finished seed's final weights as an entry of the weights registry (preresnet/pretrained.py:
     the file, its test error and per-class accuracy measured on it, card and curves), named
     NETWORK-DATA-RECIPE-DEVICE-sSEED. It goes to the registry of the tree the results return to:
-    $OUT/preresnet/weights on a device machine, else this checkout's; a dry run's (synthetic data) to
+    the return tree's preresnet/weights on the GPU machine (bench.returning), else this checkout's; a
+    dry run's (synthetic data) to
     the results root's weights/, never to a registry the package reads. The export runs as its own
     process: a failure is recorded, and the checkpoint kept for `python -m preresnet.export` by hand."""
     from bench.workloads import environment
@@ -1137,24 +1147,13 @@ def checkpoint_room(model: str, committed: Path) -> int:
 def packing_choice(model: str, results_dirs, seeds: int) -> int:
     """How many runs to pack: the choice of the newest first-contact report that passed on the current
     kernels and measured this network (its packing part), else all the seeds at once."""
-    digest = kernels_digest()
-    reports = []
-    for results in results_dirs:
-        for path in Path(results).glob("*/report.json"):
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            choice = data.get("packing", {}).get(model, {}).get("choice")
-            if data.get("stage") == "first-contact" and data.get("passed") and data.get("kernels_digest") == digest \
-                    and choice:
-                reports.append((data["date"], choice))
-    if not reports:
+    choices = [data["packing"][model]["choice"] for data in passed_reports(results_dirs)
+               if data.get("packing", {}).get(model, {}).get("choice")]
+    if not choices:
         say(f"no packing measurement for {model} on these kernels: the {seeds} seeds train packed together")
         return seeds
-    choice = max(reports)[1]
-    say(f"{model}: {choice} runs packed at a time, as first-contact measured fastest")
-    return choice
+    say(f"{model}: {choices[-1]} runs packed at a time, as first-contact measured fastest")
+    return choices[-1]
 
 
 # --- next -----------------------------------------------------------------------------------------

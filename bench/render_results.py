@@ -143,12 +143,18 @@ def loader_line(reports: list[dict]) -> str:
     return "\n\n".join(paragraphs)
 
 
+def between(text: str, start: str, end: str, body: str) -> str:
+    """text with what stands between its start and end markers replaced by body (text without the
+    markers as it is)."""
+    if start not in text:
+        return text
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def render_loader_line(readme: str, reports: list[dict]) -> str:
-    if LOADER_START not in readme:
-        return readme
-    head, rest = readme.split(LOADER_START, 1)
-    _, tail = rest.split(LOADER_END, 1)
-    return f"{head}{LOADER_START}\n{loader_line(reports)}\n{LOADER_END}{tail}"
+    return between(readme, LOADER_START, LOADER_END, loader_line(reports))
 
 
 def render_loader_pages(pages: list[Path], reports: list[dict]) -> dict[Path, str]:
@@ -215,17 +221,11 @@ def runs_table(runs: list[dict]) -> str:
 
 
 def render_runs(readme: str, runs: list[dict]) -> str:
-    if RUNS_START not in readme:
-        return readme
-    head, rest = readme.split(RUNS_START, 1)
-    _, tail = rest.split(RUNS_END, 1)
-    return f"{head}{RUNS_START}\n{runs_table(runs)}\n{RUNS_END}{tail}"
+    return between(readme, RUNS_START, RUNS_END, runs_table(runs))
 
 
 def render(readme: str, reports: list[dict]) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table(reports)}\n{END}{tail}"
+    return between(readme, START, END, table(reports))
 
 
 def main() -> int:

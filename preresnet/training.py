@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, faults
-from .data import Dataset, channel_mean_std, load_dataset
+from .data import Dataset, channel_mean_std
 from .errors import UserError
 from .loaders import MODEL_STREAM, BaseLoader, auto_backend, build_loader, dali_available, dali_missing_message, epoch_seed
 from .models import build_model
@@ -667,7 +667,8 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
     say(f"{first.model.paper_name}: {sum(p.numel() for p in first.model.parameters()) / 1e6:.2f}M parameters, "
         f"{len(dataset.train.labels)} training / {len(dataset.test.labels)} test images, {runtime.describe()}; "
         f"writing to {first.out if len(runs) == 1 else first.out.parent}"
-        + (f" ({len(runs)} runs packed: {', '.join(run.name for run in runs)})" if packed else ""), file=sys.stderr)
+        + (f" ({len(runs)} runs packed: {', '.join(run.name for run in runs)})" if len(runs) > 1
+           else f" (run {runs[0].name})" if packed else ""), file=sys.stderr)
     say(f"step: {first.step_fn.describe()}", file=sys.stderr)
     if first.on_torch_ops:
         say(f"fused: {len(first.on_torch_ops)} layers run PyTorch's ops, measured faster there than the Triton kernel "

@@ -44,17 +44,26 @@ def other_kernels(tmp_path) -> Path:
     return folder
 
 
-def test_a_regular_install_holds_no_top_level_kernels(tmp_path, other_kernels):
+def install_copy(tmp_path: Path, add=None) -> Path:
+    """pip install (a regular install, not editable) of a copy of the checkout's package files into
+    a folder of its own; add(source) may put more files into the copy first. Returns the folder."""
     source = tmp_path / "source"
     source.mkdir()
     for name in ("setup.py", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     for name in ("preresnet", "kernels"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    if add is not None:
+        add(source)
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                               "--target", str(target), str(source)], capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
+    return target
+
+
+def test_a_regular_install_holds_no_top_level_kernels(tmp_path, other_kernels):
+    target = install_copy(tmp_path)
     assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == ["preresnet"]
     # imported from outside any checkout, next to another project's `kernels`
     seen = run_python(IMPORTS, cwd=tmp_path, pythonpath=[other_kernels, target])
