@@ -38,6 +38,6 @@ setup(
         "dali": [DALI],
         "dali-cuda12": [DALI_CUDA12],
         # the tests run DALI's CPU pipeline, which either build has; CI's install time is measured with this one
-        "dev": ["pytest>=7.0", "pytest-benchmark>=4.0", DALI_CUDA12],
+        "dev": ["pytest>=7.0", "pytest-xdist>=3.2", "pytest-benchmark>=4.0", DALI_CUDA12],
     },
 )

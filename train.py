@@ -274,6 +274,7 @@ def train(args: argparse.Namespace, dist) -> dict:
 
 
 def train_one(args: argparse.Namespace, runtime, resume: str | None, deadline: float | None) -> dict:
+    from preresnet import faults
     from preresnet.data import load_dataset
     from preresnet.training import CHECKPOINT_NAME, RunSpec, checkpoint_path, train_runs
 
@@ -292,6 +293,7 @@ def train_one(args: argparse.Namespace, runtime, resume: str | None, deadline: f
     keep_previous = not resume or checkpoint_path(resume).resolve() == (out / CHECKPOINT_NAME).resolve()
     [run] = train_runs([RunSpec(config, recipe, out, checkpoint, keep_previous)], runtime, dataset,
                        progress=args.progress, deadline=deadline)
+    faults.finished()  # every epoch is saved: a signal from now on changes nothing
     final = run.history[-1] if run.history else {}
     if final and dist.is_main and run.status == "paused":
         print(f"stopped after epoch {final['epoch']} of {recipe.epochs} (--time-limit), test error "
@@ -305,6 +307,7 @@ def train_packed(args: argparse.Namespace, runtime, runs: list[GridRun], folder:
     """The runs of --seeds (and lists) in one process, each in its own run folder of the command's
     folder (resumed where it holds a checkpoint, else started); summary.json after every epoch, and
     the table over seeds at the end."""
+    from preresnet import faults
     from preresnet.data import load_dataset
     from preresnet.sweeps import DIVERGED_NAME, SUMMARY_NAME, summary_table, write_summary
     from preresnet.training import CHECKPOINT_NAME, NonFiniteLoss, RunSpec, train_runs
@@ -336,6 +339,7 @@ def train_packed(args: argparse.Namespace, runtime, runs: list[GridRun], folder:
             dataset = dataset or load_dataset(specs[0].config["dataset"], specs[0].config["data_dir"])
             trained = train_runs(specs, runtime, dataset, progress=args.progress, deadline=deadline, packed=True,
                                  after_epoch=lambda _: write_summary(folder, runs))
+            faults.finished()
     finally:
         if specs or skipped:  # nothing written for a command refused before its first run was set up
             summary = write_summary(folder, runs)

@@ -52,9 +52,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Block sizes, warps and stages come from kernels.launch_configs (per GPU, dtype and layer shape).
 # Under the interpreter, which runs one program at a time in Python, the pixel tiles are enlarged
-# to up to INTERPRETER_BLOCK_M (a batch-4 32x32 unit conv: 6x faster at 4096 than at 128); the
-# op-level tests set 64 to cover the multi-tile statistics merge. Read at call time.
+# to up to INTERPRETER_BLOCK_M (a batch-4 32x32 unit conv: 6x faster at 4096 than at 128) and the
+# channel blocks to up to INTERPRETER_BLOCK_C (fewer channel loops and programs); the op-level
+# tests set 64 and None (the config's channel blocks) to cover the multi-tile statistics merge and
+# the channel loops. Read at call time.
 INTERPRETER_BLOCK_M = 4096
+INTERPRETER_BLOCK_C: int | None = 256
 MAX_WGRAD_SPLITS = 2 if INTERPRETED else 64
 MERGE_BLOCK = tl.constexpr(64)  # partials the last program reads at a time (a constexpr: read inside kernels)
 COUNTER_SLOTS = 1 << 14  # ticket counters per device; a launch needs one per output tile of its reduction
@@ -386,12 +389,15 @@ def _config(kind: str, x: torch.Tensor, weight: torch.Tensor, stride: int, prolo
     return launch_configs.launch_config(kind, key, x.dtype, x.device)
 
 
-def _block_m(config, rows: int) -> int:
-    """The config's pixel tile, enlarged under the interpreter (unless the compile audit is recording
-    the GPU's launches)."""
+def _block(config, name: str, size: int) -> int:
+    """The config's block for a dimension of `size`, enlarged under the interpreter (unless the
+    compile audit is recording the GPU's launches): BLOCK_M up to INTERPRETER_BLOCK_M, the channel
+    blocks up to INTERPRETER_BLOCK_C."""
     if INTERPRETED and not launch_configs.auditing():
-        return max(16, min(INTERPRETER_BLOCK_M, triton.next_power_of_2(rows)))
-    return config.block("BLOCK_M", rows)
+        limit = INTERPRETER_BLOCK_M if name == "BLOCK_M" else INTERPRETER_BLOCK_C
+        if limit is not None:
+            return max(launch_configs.MIN_BLOCK, min(limit, triton.next_power_of_2(size)))
+    return config.block(name, size)
 
 
 _counter_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -452,9 +458,9 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
     y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
     config = _config(launch_configs.CONV_FWD, x, weight, stride, prologue, residual is not None)
-    block_m = _block_m(config, m)
-    block_n = config.block("BLOCK_N", c_out)
-    block_k = config.block("BLOCK_K", c_in)
+    block_m = _block(config, "BLOCK_M", m)
+    block_n = _block(config, "BLOCK_N", c_out)
+    block_k = _block(config, "BLOCK_K", c_in)
     tiles, columns = triton.cdiv(m, block_m), triton.cdiv(c_out, block_n)
     scratch = torch.empty((2, tiles, c_out) if emit_stats else (1,), device=x.device, dtype=torch.float32)
     y_mean = torch.empty((c_out,) if emit_stats else (0,), device=x.device, dtype=torch.float32)
@@ -495,9 +501,9 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     # weight gradient, split over output-pixel ranges; the last split of each tile sums them
     m_out = n * ho * wo
     config = _config(launch_configs.CONV_WGRAD, x, weight, stride, prologue, residual)
-    block_out = _block_m(config, m_out)
-    block_c = config.block("BLOCK_C", c_in)
-    block_co = config.block("BLOCK_CO", c_out)
+    block_out = _block(config, "BLOCK_M", m_out)
+    block_c = _block(config, "BLOCK_C", c_in)
+    block_co = _block(config, "BLOCK_CO", c_out)
     splits = max(1, min(triton.cdiv(m_out, block_out), MAX_WGRAD_SPLITS))
     rows_per_split = triton.cdiv(triton.cdiv(m_out, splits), block_out) * block_out
     splits = triton.cdiv(m_out, rows_per_split)
@@ -516,9 +522,9 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     # gradient at the BatchNorm output with dbeta and dgamma, or, for a plain conv, dx
     m_in = n * h * w
     config = _config(launch_configs.CONV_DGRAD, x, weight, stride, prologue, residual)
-    block_in = _block_m(config, m_in)
-    block_c = config.block("BLOCK_C", c_in)
-    block_co = config.block("BLOCK_CO", c_out)
+    block_in = _block(config, "BLOCK_M", m_in)
+    block_c = _block(config, "BLOCK_C", c_in)
+    block_co = _block(config, "BLOCK_CO", c_out)
     tiles, columns = triton.cdiv(m_in, block_in), triton.cdiv(c_in, block_c)
     if prologue:
         gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
@@ -544,11 +550,12 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
             count = sync_count
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         apply = _config(launch_configs.ELEMENTWISE, x, weight, stride, prologue, residual)
-        tiles, columns = triton.cdiv(m_in, _block_m(apply, m_in)), triton.cdiv(c_in, apply.block("BLOCK_C", c_in))
+        block_m, block_c = _block(apply, "BLOCK_M", m_in), _block(apply, "BLOCK_C", c_in)
+        tiles, columns = triton.cdiv(m_in, block_m), triton.cdiv(c_in, block_c)
         _bn_backward_apply_kernel[(tiles, columns)](
             gz, x, mean, var, gamma, *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), eps,
-            BATCH_STATS=batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=_block_m(apply, m_in),
-            BLOCK_C=apply.block("BLOCK_C", c_in), **apply.options,
+            BATCH_STATS=batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=block_m,
+            BLOCK_C=block_c, **apply.options,
         )
     # dgamma/dbeta of the BN parameters: d(scale * x + shift)/dgamma = xhat, /dbeta = 1
     return dx, dgamma, dbeta, dweight

@@ -188,7 +188,7 @@ def test_front_page_keeps_the_ci_test_command_and_the_generated_tables():
     text = README.read_text()
     # .ci/run runs the lines between the marker's opening fence and the closing fence
     block = re.search(r"^<!-- test-command -->\n```bash\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
-    assert block and block.group(1) == 'pip install -e ".[dev]"\npytest\n'
+    assert block and block.group(1) == 'pip install -e ".[dev]"\npytest -n auto\n'
     for table in ("results-table", "performance-table"):
         assert text.count(f"<!-- {table}:start -->") == 1 and text.count(f"<!-- {table}:end -->") == 1, table
         assert text.index(f"<!-- {table}:start -->") < text.index(f"<!-- {table}:end -->"), table

@@ -47,11 +47,13 @@ SPATIAL = [pytest.param(2, 8, 8, id="2x8x8"), pytest.param(1, 7, 7, id="1x7x7"),
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
-    """The GPU's 64-pixel tiles instead of the interpreter's large ones, so that small shapes span
-    several tiles (and a partial last one) and the statistics merge and split weight gradient run."""
+    """The GPU's 64-pixel tiles and channel blocks instead of the interpreter's large ones, so that
+    small shapes span several tiles (and a partial last one), the statistics merge and split weight
+    gradient run, and wide layers loop over channel blocks."""
     from preresnet.kernels import preact_conv
 
     monkeypatch.setattr(preact_conv, "INTERPRETER_BLOCK_M", 64)
+    monkeypatch.setattr(preact_conv, "INTERPRETER_BLOCK_C", None)
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
