@@ -45,8 +45,8 @@ def load_reports(results: Path) -> list[dict]:
 def table(reports: list[dict]) -> str:
     reports = [report for report in reports if report.get("stage") != "dali"]  # loaders, not training steps
     if not reports:
-        return ("No GPU report yet: no GPU has been available to this project. `python -m bench.gpu_report` "
-                "writes one; this table is generated from them.")
+        return ("No GPU report yet: nothing in this project has run on a GPU. `python -m bench.gpu_report` "
+                "on one writes a report; this table is generated from them.")
     lines = ["| model | provider | images/s | vs eager-fp32 | vs compile | of floor | device | commit | date | report |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for report in reports:
