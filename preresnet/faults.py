@@ -59,8 +59,15 @@ def install(repeat_interrupts: bool = True) -> None:
     """Handle the stop signals for the rest of the process (train.py's first line)."""
     global _received, _repeat_interrupts, _finished
     _received, _repeat_interrupts, _finished = None, repeat_interrupts, False
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _record)
+    # all the handlers change at once: a signal arriving in between (a SIGINT just after SIGTERM's
+    # handler is set, still under Python's KeyboardInterrupt) waits and finds _record. The mask is
+    # this thread's: at train.py's first line the process has no other.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _record)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def installed() -> bool:

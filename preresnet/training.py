@@ -619,7 +619,8 @@ def interrupted(runs: list[TrainingRun], packed: bool) -> faults.Interrupted:
     """The stop signal's exception, saying where each run stopped and how to continue."""
     saved = any((run.out / CHECKPOINT_NAME).is_file() for run in runs)
     if packed:
-        where = f": {len(runs)} runs stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
+        stopped = "1 run" if len(runs) == 1 else f"{len(runs)} runs"
+        where = f": {stopped} stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
     else:
         where = f" {runs[0].describe_position()}"
     if not saved:

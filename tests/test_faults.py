@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -312,6 +313,32 @@ def test_finished_handlers_ignore_signals():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_a_signal_while_the_handlers_are_installed_is_recorded(monkeypatch):
+    """A SIGINT arriving after SIGTERM's handler is set and before SIGINT's (under Python's own
+    KeyboardInterrupt handler) waits until all are set, and is recorded like any other. It is sent
+    to this thread: at train.py's first line the process has no other, but a pytest-xdist worker
+    does, and one of them would take a signal sent to the process."""
+    previous = {signum: signal.getsignal(signum) for signum in faults.STOP_SIGNALS}
+    set_handler = signal.signal
+
+    def set_then_interrupt(signum, handler):
+        result = set_handler(signum, handler)
+        if signum == signal.SIGTERM:
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(signal, "signal", set_then_interrupt)
+    try:
+        try:
+            faults.install()
+        except KeyboardInterrupt:
+            pytest.fail("the SIGINT reached Python's own handler: the handlers were set one at a time")
+        assert faults.stop_requested() == signal.SIGINT
+    finally:
+        for signum, handler in previous.items():
+            set_handler(signum, handler)
 
 
 @pytest.mark.soak
