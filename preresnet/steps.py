@@ -317,7 +317,7 @@ def build_step(model, optimizer, scaler, runtime, own_random_state: bool = False
     if reason:
         note = f"CUDA graphs: the step is not captured ({reason})"
         if mode == "reduce-overhead" and runtime.compile:
-            note = f"CUDA graphs by torch.compile(mode='reduce-overhead'), optimizer step eager"
+            note = "CUDA graphs by torch.compile(mode='reduce-overhead'), optimizer step eager"
         return PlainStep(model, forward, optimizer, scaler, runtime, note=note), forward
     step = GraphStep(model, forward, optimizer, scaler, runtime)
     return step, GraphedEval(forward, model, runtime)
