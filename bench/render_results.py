@@ -214,7 +214,7 @@ def runs_table(runs: list[dict]) -> str:
                          f"{run.get('commit')} | {', '.join(f'`{entry}`' for entry in entries) or '-'} |")
     for run in runs:
         if not run.get("finished"):
-            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {len(run.get('runs', {}))} seeds, "
+            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {len(run.get('runs', {}))} seed{'' if len(run.get('runs', {})) == 1 else 's'}, "
                           f"{run.get('device')}), {max(run.get('epochs_done') or 0, 0)} of {run.get('epochs')} epochs "
                           f"after {duration(run.get('wall_seconds', 0))} (`{run['path']}`)."]
     return "\n".join(lines)
