@@ -32,7 +32,7 @@ from .loaders import MODEL_STREAM, BaseLoader, auto_backend, build_loader, dali_
 from .models import build_model
 from .recipes import Recipe, learning_rate
 from .steps import make_optimizer
-from .sweeps import DIVERGED_NAME
+from .sweeps import DIVERGED_NAME, runs_count
 
 CHECKPOINT_FORMAT = "preresnet-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -619,8 +619,7 @@ def interrupted(runs: list[TrainingRun], packed: bool) -> faults.Interrupted:
     """The stop signal's exception, saying where each run stopped and how to continue."""
     saved = any((run.out / CHECKPOINT_NAME).is_file() for run in runs)
     if packed:
-        stopped = "1 run" if len(runs) == 1 else f"{len(runs)} runs"
-        where = f": {stopped} stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
+        where = f": {runs_count(len(runs))} stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
     else:
         where = f" {runs[0].describe_position()}"
     if not saved:

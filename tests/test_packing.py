@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train
-from preresnet.sweeps import DIVERGED_NAME, SUMMARY_NAME, seed_statistics
+from preresnet.sweeps import DIVERGED_NAME, SUMMARY_NAME, seed_statistics, summary_table
 from tests.test_cli import ROOT, TINY, assert_one_line_error, load_weights, make_dataset, run
 
 TIMINGS = {"epoch_seconds", "train_seconds", "images_per_second", "compile_seconds", "capture_seconds",
@@ -104,6 +104,22 @@ def test_seed_statistics():
     assert stats["mean"] == pytest.approx(0.06) and stats["median"] == 0.06
     assert stats["std"] == pytest.approx(0.01) and (stats["min"], stats["max"], stats["runs"]) == (0.05, 0.07, 3)
     assert seed_statistics([0.1])["std"] is None and seed_statistics([]) is None
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    (["in progress"], "lr 0.1, weight decay 0.0001: no run finished yet (1 run)"),
+    (["in progress", "in progress"], "no run finished yet (2 runs)"),
+    (["finished"], "(1 of 1 run finished)"),
+    (["finished", "in progress", "finished"], "(2 of 3 runs finished)"),
+])
+def test_summary_table_counts_runs_in_words(statuses, expected):
+    runs = [{"name": f"seed-{seed}", "status": status, "epochs_done": 164 if status == "finished" else 80,
+             "epochs": 164, "final_test_error": 0.08 if status == "finished" else None,
+             "recipe_lr": 0.1, "recipe_weight_decay": 1e-4} for seed, status in enumerate(statuses)]
+    finished = [run["final_test_error"] for run in runs if run["status"] == "finished"]
+    summary = {"runs": runs, "groups": [{"lr": None, "weight_decay": None, "runs": [run["name"] for run in runs],
+                                         "finished": len(finished), "test_error": seed_statistics(finished)}]}
+    assert summary_table(summary).splitlines()[-1].endswith(expected)
 
 
 def test_a_run_that_diverges_stops_alone_and_is_not_resumed(data_dir, tmp_path, capsys):
