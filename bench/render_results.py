@@ -168,11 +168,27 @@ def load_runs(results: Path) -> list[dict]:
     for path in sorted(results.glob("reproduce/*/run.json")):
         run = json.loads(path.read_text())
         run["path"] = str(path.parent.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path.parent)
+        run["training_seconds"] = training_seconds(path.parent, run.get("runs", {}))
         runs.append(run)
     return runs
 
 
-def duration(seconds: float) -> str:
+def training_seconds(folder: Path, seeds: dict) -> float | None:
+    """How long the run trained: the slowest seed's sum of its epochs' times (metrics.jsonl). The
+    seeds train packed in one process, so their epochs run side by side; metrics.jsonl travels with
+    every checkpoint, so the sum survives a command whose own record was lost."""
+    sums = []
+    for name in seeds:
+        metrics = folder / name / "metrics.jsonl"
+        if metrics.is_file():
+            sums.append(sum(json.loads(line).get("epoch_seconds", 0.0) for line in metrics.read_text().splitlines()
+                            if line.strip()))
+    return max(sums) if sums else None
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     minutes = seconds / 60
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
@@ -200,23 +216,26 @@ def runs_table(runs: list[dict]) -> str:
         lines.append("No finished reproduction run yet: `python -m bench.gpu_plan reproduce` (bench/README.md) writes "
                      "them under `bench/results/reproduce/`; this table is generated from them.")
     else:
-        lines += ["| network | recipe | data | test error, mean ± std (each seed) | seeds | paper | wall time | "
+        lines += ["| network | recipe | data | test error, mean ± std (each seed) | seeds | paper | training time | "
                   "images/s a run | device | torch / triton | commit | weights |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for run in finished:
-            entries = [seed["weights"]["entry"] for seed in run["runs"].values() if "entry" in seed.get("weights", {})]
+            # each seed's entry with the error measured on its file (rounded to bf16: what eval.py --weights gives)
+            entries = [f"`{seed['weights']['entry']}`" + (f" ({percent(seed['weights']['test_error'])} as stored)"
+                                                          if "test_error" in seed["weights"] else "")
+                       for seed in run["runs"].values() if "entry" in seed.get("weights", {})]
             paper = percent(run["paper_test_error"]) if run.get("paper_test_error") is not None else "-"
             speeds = [seed["images_per_second"] for seed in run["runs"].values() if seed.get("images_per_second")]
             ips = f"{sum(speeds) / len(speeds):,.0f}" if speeds else "-"
             lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | {error_cell(run)} | "
-                         f"{len(run['runs'])} | {paper} | {duration(run['wall_seconds'])} in {len(run.get('commands', []))} "
-                         f"commands | {ips} | {run.get('device')} | {run.get('torch')} / {run.get('triton')} | "
-                         f"{run.get('commit')} | {', '.join(f'`{entry}`' for entry in entries) or '-'} |")
+                         f"{len(run['runs'])} | {paper} | {duration(run.get('training_seconds'))} | {ips} | "
+                         f"{run.get('device')} | {run.get('torch')} / {run.get('triton')} | {run.get('commit')} | "
+                         f"{', '.join(entries) or '-'} |")
     for run in runs:
         if not run.get("finished"):
             lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {len(run.get('runs', {}))} seed{'' if len(run.get('runs', {})) == 1 else 's'}, "
                           f"{run.get('device')}), {max(run.get('epochs_done') or 0, 0)} of {run.get('epochs')} epochs "
-                          f"after {duration(run.get('wall_seconds', 0))} (`{run['path']}`)."]
+                          f"after {duration(run.get('training_seconds'))} of training (`{run['path']}`)."]
     return "\n".join(lines)
 
 

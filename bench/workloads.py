@@ -319,11 +319,16 @@ def environment(device: str) -> dict:
     return info
 
 
+OUTPUT_PATHS = ("bench/results", "preresnet/weights")  # what the stages write: no change to the code measured
+
+
 def git_commit() -> str | None:
+    """HEAD's short hash, '+dirty' where a tracked file other than the stages' outputs has changed."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                               cwd=ROOT, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){path}" for path in OUTPUT_PATHS)],
+                               capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (out.stdout.strip() + ("+dirty" if dirty else "")) or None

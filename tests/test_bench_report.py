@@ -175,3 +175,26 @@ def test_report_out_of_time_names_what_it_skipped(stubbed_report):
     assert all(row.get("skipped") for row in report["matrix"]["models"] + report["matrix"]["units"])
     assert report["real_data"] == {"skipped": "time budget"}
     assert "## Kernel correctness: FAIL" in (out / "report.md").read_text()
+
+
+def test_commit_is_dirty_only_for_changes_outside_the_stages_outputs(tmp_path, monkeypatch):
+    from bench import workloads
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for path in ("train.py", "bench/results/run.json", "preresnet/weights/entry.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.setattr(workloads, "ROOT", tmp_path)
+    clean = workloads.git_commit()
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "bench/results/run.json").write_text("1\n")
+    (tmp_path / "preresnet/weights/entry.json").write_text("1\n")
+    (tmp_path / "preresnet/weights/new.pt").write_text("untracked\n")
+    assert workloads.git_commit() == clean  # a stage's results: the code measured is HEAD's
+    (tmp_path / "train.py").write_text("1\n")
+    assert workloads.git_commit() == clean + "+dirty"

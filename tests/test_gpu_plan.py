@@ -152,7 +152,8 @@ def fake_run(folder: Path, finished: bool) -> None:
     errors = {"seed-0": 0.0712, "seed-1": 0.0701, "seed-2": 0.0690}
     runs = {name: {"epochs_done": 164 if finished else 80, "finished": finished, "images_per_second": 13_000.0,
                    "final_test_error": error if finished else None,
-                   "weights": {"entry": f"preresnet110-cifar10jpeg-paper-gpu-s{name[-1]}"} if finished else {}}
+                   "weights": {"entry": f"preresnet110-cifar10jpeg-paper-gpu-s{name[-1]}", "test_error": error + 1e-4}
+                   if finished else {}}
             for name, error in errors.items()}
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({
@@ -162,6 +163,10 @@ def fake_run(folder: Path, finished: bool) -> None:
         "test_error": sweeps.seed_statistics(list(errors.values())) if finished else None,
         "paper_test_error": 0.0637, "wall_seconds": 1500.0, "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
         "triton": "3.6.0", "commit": "abc1234", "commands": [{}, {}]}))
+    for index, name in enumerate(runs):  # the seeds train side by side: the slowest one's epochs make the time
+        (folder / name).mkdir()
+        epochs = [{"epoch": epoch, "epoch_seconds": 9.0 + index} for epoch in range(1, runs[name]["epochs_done"] + 1)]
+        (folder / name / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in epochs))
 
 
 def test_results_table_shows_the_spread_over_seeds_and_names_unfinished_runs(tmp_path):
@@ -170,10 +175,12 @@ def test_results_table_shows_the_spread_over_seeds_and_names_unfinished_runs(tmp
     runs = render_results.load_runs(tmp_path)
     text = render_results.runs_table(runs)
     assert ("| PreResNet-110 | paper | CIFAR-10 re-encoded as JPEG (lossy; not the papers' data) | **7.01%** ± 0.11% "
-            "(s0 7.12%, s1 7.01%, s2 6.90%) | 3 | 6.37% | 25.0 min in 2 commands | 13,000 | NVIDIA H100 80GB HBM3 | "
-            "2.11.0 / 3.6.0 | abc1234 | `preresnet110-cifar10jpeg-paper-gpu-s0`, `preresnet110-cifar10jpeg-paper-gpu-s1`, "
-            "`preresnet110-cifar10jpeg-paper-gpu-s2` |") in text
-    assert "In progress: PreResNet-110 (paper, 3 seeds, NVIDIA H100 80GB HBM3), 80 of 164 epochs" in text
+            "(s0 7.12%, s1 7.01%, s2 6.90%) | 3 | 6.37% | 30.1 min | 13,000 | NVIDIA H100 80GB HBM3 | "
+            "2.11.0 / 3.6.0 | abc1234 | `preresnet110-cifar10jpeg-paper-gpu-s0` (7.13% as stored), "
+            "`preresnet110-cifar10jpeg-paper-gpu-s1` (7.02% as stored), `preresnet110-cifar10jpeg-paper-gpu-s2` "
+            "(6.91% as stored) |") in text
+    assert ("In progress: PreResNet-110 (paper, 3 seeds, NVIDIA H100 80GB HBM3), 80 of 164 epochs after 14.7 min of "
+            "training") in text
     readme = f"a\n{render_results.RUNS_START}\nold\n{render_results.RUNS_END}\nb\n"
     assert render_results.render_runs(readme, runs) == f"a\n{render_results.RUNS_START}\n{text}\n{render_results.RUNS_END}\nb\n"
     assert "No finished reproduction run yet" in render_results.runs_table([])
