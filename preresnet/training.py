@@ -305,6 +305,12 @@ def make_step_fn(model, optimizer, scaler, runtime: Runtime, own_random_state: b
 # --- the runs of a command --------------------------------------------------------------------------
 
 
+def curves_title(network: str, config: dict) -> str:
+    """'PreResNet-110 on cifar10', or for an image folder its name: 'PreResNet-20 on cifar10-jpeg'."""
+    data = Path(config["data_dir"]).name if config["dataset"] == "folder" else config["dataset"]
+    return f"{network} on {data}"
+
+
 def save_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -545,7 +551,7 @@ class TrainingRun:
         self.steps = None
         if runtime.dist.is_main:  # only rank 0 writes the run folder
             self.save(None)
-            save_curves(self.history, self.out / "curves.png", f"{self.model.paper_name} on {config['dataset']}")
+            save_curves(self.history, self.out / "curves.png", curves_title(self.model.paper_name, config))
         return metrics
 
     def stop_in_epoch(self, position: dict) -> None:

@@ -110,6 +110,14 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     assert not [p for p in finished_run.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.parametrize("dataset, data_dir, title", [("cifar10", "/home/me/data", "PreResNet-20 on cifar10"),
+                                                      ("folder", "/home/me/data/cifar10-jpeg", "PreResNet-20 on cifar10-jpeg")])
+def test_curves_are_titled_with_the_data(dataset, data_dir, title):
+    from preresnet.training import curves_title
+
+    assert curves_title("PreResNet-20", {"dataset": dataset, "data_dir": data_dir}) == title
+
+
 def test_short_training_learns_the_synthetic_task(data_dir, tmp_path):
     """Chance is 75% error; the shapes are easy once the network trains at all."""
     out = tmp_path / "learn"

@@ -356,10 +356,14 @@ def test_an_installed_package_carries_its_registry(exported, tmp_path):
     target = install_copy(tmp_path, add_entry)
     installed = target / "preresnet" / "weights"
     assert sorted(p.name for p in installed.glob(f"{S0}*")) == sorted(p.name for p in exported[0].glob(f"{S0}*"))
-    code = ("import preresnet; model = preresnet.get_model('preresnet20', weights='DEFAULT'); "
-            "print(preresnet.list_weights(), preresnet.__file__, model.training)")
+    code = ("import json, preresnet; names = preresnet.list_weights(); "
+            "models = [preresnet.get_model(name.split('-')[0], weights=name) for name in names]; "
+            "print(json.dumps(names, separators=(',', ':')), preresnet.__file__, any(m.training for m in models))")
     env = {key: value for key, value in os.environ.items() if key != pretrained.ENV_VAR}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                             env={**env, "PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [f"['{S0}']", str(target / "preresnet" / "__init__.py"), "False"]
+    committed = [path.stem for path in (Path(preresnet.__file__).parent / "weights").glob("*.json")]
+    listed, location, training = result.stdout.split()
+    assert sorted(json.loads(listed)) == sorted([*committed, S0])  # the checkout's entries, and the one added
+    assert (location, training) == (str(target / "preresnet" / "__init__.py"), "False")
