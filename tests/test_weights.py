@@ -367,3 +367,33 @@ def test_an_installed_package_carries_its_registry(exported, tmp_path):
     listed, location, training = result.stdout.split()
     assert sorted(json.loads(listed)) == sorted([*committed, S0])  # the checkout's entries, and the one added
     assert (location, training) == (str(target / "preresnet" / "__init__.py"), "False")
+
+
+COMMITTED = sorted(path.stem for path in (Path(preresnet.__file__).parent / "weights").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_each_committed_entry_loads_and_agrees_with_its_run(name, tmp_path, monkeypatch):
+    """The weights this checkout ships: the file matches its sha256 and loads strictly into the network
+    in eval mode, the card is what the facts generate, and the results the table reads hold the same
+    errors (the run's last epoch, and the one measured on the file)."""
+    monkeypatch.delenv(pretrained.ENV_VAR, raising=False)
+    weights = get_weights(name)
+    meta = weights.meta
+    model = get_model(meta["model"], weights=name)
+    assert not model.training and model(torch.zeros(1, 3, 32, 32)).shape == (1, meta["num_classes"])
+    assert hashlib.sha256(weights.file.read_bytes()).hexdigest() == meta["sha256"]
+    assert weights.file.name == f"{name}-{meta['sha256'][:8]}.pt"
+    state = weights.get_state_dict()
+    assert all(torch.equal(value.to(state[key].dtype), state[key]) for key, value in model.state_dict().items())
+    registry = Path(preresnet.__file__).parent / "weights"
+    copy = shutil.copytree(registry, tmp_path / "registry", ignore=shutil.ignore_patterns("*.md"))
+    export.main(export.build_parser().parse_args(["--cards", "--registry", str(copy)]))
+    assert (copy / f"{name}.md").read_text() == (registry / f"{name}.md").read_text()
+    assert (registry / meta["curves"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    source = Path(preresnet.__file__).parents[1] / meta["source"]
+    run = json.loads((source.parent / "run.json").read_text())["runs"][source.name]
+    assert run["weights"]["entry"] == name and run["weights"]["test_error"] == meta["test_error"]
+    assert run["final_test_error"] == meta["training_test_error"]
+    history = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == meta["epochs"] and history[-1]["test_error"] == meta["training_test_error"]
