@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict:
     from preresnet import build_model, get_weights
+    from preresnet.data import data_label
     from preresnet.pretrained import evaluate_test_split
     from preresnet.training import load_checkpoint, model_from_checkpoint, resolve_runtime
 
@@ -63,7 +64,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.json:
         print(json.dumps(report))
         return report
-    print(f"{model.paper_name} after {epoch} epochs, {results['test_images']} test images of {dataset_name}")
+    print(f"{model.paper_name} after {epoch} epochs, {results['test_images']} test images of {data_label(dataset_name, data_dir)}")
     print(f"test error {100 * results['test_error']:.2f}%   test loss {results['test_loss']:.4f}")
     if args.weights:
         measured = entry.meta["measured"]

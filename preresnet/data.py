@@ -259,6 +259,12 @@ def load_folder(data_dir: str | os.PathLike) -> Dataset:
     return Dataset("folder", train, test, classes)
 
 
+def data_label(name: str, data_dir: str | os.PathLike) -> str:
+    """What a run trained on, in a title or a line: the dataset's name, or an image folder's own name
+    ('cifar10-jpeg'), which says more than 'folder'."""
+    return Path(data_dir).name if name == "folder" else name
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike, download_missing: bool = True) -> Dataset:
     """`cifar10` | `cifar100` (official archives under data_dir) | `folder` (data_dir/{train,test}/<class>/)."""
     if name == "folder":

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed, faults
-from .data import Dataset, channel_mean_std
+from .data import Dataset, channel_mean_std, data_label
 from .errors import UserError
 from .loaders import MODEL_STREAM, BaseLoader, auto_backend, build_loader, dali_available, dali_missing_message, epoch_seed
 from .models import build_model
@@ -305,12 +305,6 @@ def make_step_fn(model, optimizer, scaler, runtime: Runtime, own_random_state: b
 # --- the runs of a command --------------------------------------------------------------------------
 
 
-def curves_title(network: str, config: dict) -> str:
-    """'PreResNet-110 on cifar10', or for an image folder its name: 'PreResNet-20 on cifar10-jpeg'."""
-    data = Path(config["data_dir"]).name if config["dataset"] == "folder" else config["dataset"]
-    return f"{network} on {data}"
-
-
 def save_curves(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -551,7 +545,7 @@ class TrainingRun:
         self.steps = None
         if runtime.dist.is_main:  # only rank 0 writes the run folder
             self.save(None)
-            save_curves(self.history, self.out / "curves.png", curves_title(self.model.paper_name, config))
+            save_curves(self.history, self.out / "curves.png", f"{self.model.paper_name} on {data_label(config['dataset'], config['data_dir'])}")
         return metrics
 
     def stop_in_epoch(self, position: dict) -> None:

@@ -110,12 +110,11 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     assert not [p for p in finished_run.iterdir() if p.name.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("dataset, data_dir, title", [("cifar10", "/home/me/data", "PreResNet-20 on cifar10"),
-                                                      ("folder", "/home/me/data/cifar10-jpeg", "PreResNet-20 on cifar10-jpeg")])
-def test_curves_are_titled_with_the_data(dataset, data_dir, title):
-    from preresnet.training import curves_title
+def test_curves_and_eval_name_an_image_folder_by_its_own_name():
+    from preresnet.data import data_label
 
-    assert curves_title("PreResNet-20", {"dataset": dataset, "data_dir": data_dir}) == title
+    assert data_label("cifar10", "/home/me/data") == "cifar10"
+    assert data_label("folder", "/home/me/data/cifar10-jpeg") == "cifar10-jpeg"
 
 
 def test_short_training_learns_the_synthetic_task(data_dir, tmp_path):
@@ -244,6 +243,7 @@ def test_eval_round_trip(finished_run, data_dir):
     assert len(accuracy) == 4 and np.mean(accuracy) == pytest.approx(1 - report["test_error"])
     table = run("eval.py", "--checkpoint", finished_run, check=True).stdout
     assert "test error" in table and all(name in table for name in CLASSES)
+    assert f"PreResNet-8 after 3 epochs, 64 test images of {data_dir.name}\n" in table
 
 
 def test_eval_rejects_bad_checkpoints(finished_run, tmp_path):
