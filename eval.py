@@ -64,7 +64,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.json:
         print(json.dumps(report))
         return report
-    print(f"{model.paper_name} after {epoch} epochs, {results['test_images']} test images of {data_label(dataset_name, data_dir)}")
+    data = data_label(dataset_name, data_dir)
+    print(f"{model.paper_name} after {epoch} epochs, {results['test_images']} test images of {data}")
     print(f"test error {100 * results['test_error']:.2f}%   test loss {results['test_loss']:.4f}")
     if args.weights:
         measured = entry.meta["measured"]

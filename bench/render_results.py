@@ -177,12 +177,10 @@ def training_seconds(folder: Path, seeds: dict) -> float | None:
     """How long the run trained: the slowest seed's sum of its epochs' times (metrics.jsonl). The
     seeds train packed in one process, so their epochs run side by side; metrics.jsonl travels with
     every checkpoint, so the sum survives a command whose own record was lost."""
-    sums = []
-    for name in seeds:
-        metrics = folder / name / "metrics.jsonl"
-        if metrics.is_file():
-            sums.append(sum(json.loads(line).get("epoch_seconds", 0.0) for line in metrics.read_text().splitlines()
-                            if line.strip()))
+    from preresnet.training import read_metrics
+
+    sums = [sum(m.get("epoch_seconds", 0.0) for m in read_metrics(folder / name / "metrics.jsonl"))
+            for name in seeds if (folder / name / "metrics.jsonl").is_file()]
     return max(sums) if sums else None
 
 
@@ -209,6 +207,8 @@ def error_cell(run: dict) -> str:
 def runs_table(runs: list[dict]) -> str:
     """One row per finished reproduction: the last epoch's test error of every seed (no selection on
     the test set), its mean and sample standard deviation, and how many seeds."""
+    from preresnet.sweeps import counted
+
     runs = [run for run in runs if not run.get("dry_run")]
     finished = [run for run in runs if run.get("finished")]
     lines = []
@@ -233,7 +233,7 @@ def runs_table(runs: list[dict]) -> str:
                          f"{', '.join(entries) or '-'} |")
     for run in runs:
         if not run.get("finished"):
-            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {len(run.get('runs', {}))} seed{'' if len(run.get('runs', {})) == 1 else 's'}, "
+            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {counted(len(run.get('runs', {})), 'seed')}, "
                           f"{run.get('device')}), {max(run.get('epochs_done') or 0, 0)} of {run.get('epochs')} epochs "
                           f"after {duration(run.get('training_seconds'))} of training (`{run['path']}`)."]
     return "\n".join(lines)

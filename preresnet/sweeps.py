@@ -110,9 +110,9 @@ def write_summary(folder: Path, runs: list[GridRun]) -> dict:
     return summary
 
 
-def runs_count(count: int) -> str:
+def counted(count: int, noun: str) -> str:
     """'1 run', '2 runs'."""
-    return f"{count} run" + ("" if count == 1 else "s")
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def percent(value: float | None) -> str:
@@ -133,10 +133,10 @@ def summary_table(summary: dict) -> str:
         stats = group["test_error"]
         setting = f"lr {lr:g}, weight decay {weight_decay:g}" if lr is not None else "(no run set up)"
         if stats is None:
-            lines.append(f"{setting}: no run finished yet ({runs_count(len(group['runs']))})")
+            lines.append(f"{setting}: no run finished yet ({counted(len(group['runs']), 'run')})")
             continue
         spread = f"std {percent(stats['std'])}  " if stats["std"] is not None else ""
         lines.append(f"{setting}: mean {percent(stats['mean'])}  {spread}median {percent(stats['median'])}  "
                      f"min {percent(stats['min'])}  max {percent(stats['max'])}  "
-                     f"({stats['runs']} of {runs_count(len(group['runs']))} finished)")
+                     f"({stats['runs']} of {counted(len(group['runs']), 'run')} finished)")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from .loaders import MODEL_STREAM, BaseLoader, auto_backend, build_loader, dali_
 from .models import build_model
 from .recipes import Recipe, learning_rate
 from .steps import make_optimizer
-from .sweeps import DIVERGED_NAME, runs_count
+from .sweeps import DIVERGED_NAME, counted
 
 CHECKPOINT_FORMAT = "preresnet-checkpoint-1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -545,7 +545,8 @@ class TrainingRun:
         self.steps = None
         if runtime.dist.is_main:  # only rank 0 writes the run folder
             self.save(None)
-            save_curves(self.history, self.out / "curves.png", f"{self.model.paper_name} on {data_label(config['dataset'], config['data_dir'])}")
+            data = data_label(config["dataset"], config["data_dir"])
+            save_curves(self.history, self.out / "curves.png", f"{self.model.paper_name} on {data}")
         return metrics
 
     def stop_in_epoch(self, position: dict) -> None:
@@ -619,7 +620,7 @@ def interrupted(runs: list[TrainingRun], packed: bool) -> faults.Interrupted:
     """The stop signal's exception, saying where each run stopped and how to continue."""
     saved = any((run.out / CHECKPOINT_NAME).is_file() for run in runs)
     if packed:
-        where = f": {runs_count(len(runs))} stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
+        where = f": {counted(len(runs), 'run')} stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
     else:
         where = f" {runs[0].describe_position()}"
     if not saved:

@@ -38,6 +38,10 @@ ENTRIES = {
     P8: ("normal", 1, 1, 0, "module._orig_mod."),
 }
 
+# the registry this checkout ships, and its entries
+REGISTRY = Path(preresnet.__file__).parent / "weights"
+COMMITTED = sorted(path.stem for path in REGISTRY.glob("*.json"))
+
 
 def make_data(root: Path) -> Path:
     rng = np.random.default_rng(0)
@@ -363,13 +367,9 @@ def test_an_installed_package_carries_its_registry(exported, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                             env={**env, "PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr
-    committed = [path.stem for path in (Path(preresnet.__file__).parent / "weights").glob("*.json")]
     listed, location, training = result.stdout.split()
-    assert sorted(json.loads(listed)) == sorted([*committed, S0])  # the checkout's entries, and the one added
+    assert sorted(json.loads(listed)) == sorted([*COMMITTED, S0])  # the checkout's entries, and the one added
     assert (location, training) == (str(target / "preresnet" / "__init__.py"), "False")
-
-
-COMMITTED = sorted(path.stem for path in (Path(preresnet.__file__).parent / "weights").glob("*.json"))
 
 
 @pytest.mark.parametrize("name", COMMITTED)
@@ -386,12 +386,11 @@ def test_each_committed_entry_loads_and_agrees_with_its_run(name, tmp_path, monk
     assert weights.file.name == f"{name}-{meta['sha256'][:8]}.pt"
     state = weights.get_state_dict()
     assert all(torch.equal(value.to(state[key].dtype), state[key]) for key, value in model.state_dict().items())
-    registry = Path(preresnet.__file__).parent / "weights"
-    copy = shutil.copytree(registry, tmp_path / "registry", ignore=shutil.ignore_patterns("*.md"))
+    copy = shutil.copytree(REGISTRY, tmp_path / "registry", ignore=shutil.ignore_patterns("*.md"))
     export.main(export.build_parser().parse_args(["--cards", "--registry", str(copy)]))
-    assert (copy / f"{name}.md").read_text() == (registry / f"{name}.md").read_text()
-    assert (registry / meta["curves"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    source = Path(preresnet.__file__).parents[1] / meta["source"]
+    assert (copy / f"{name}.md").read_text() == (REGISTRY / f"{name}.md").read_text()
+    assert (REGISTRY / meta["curves"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    source = REGISTRY.parents[1] / meta["source"]
     run = json.loads((source.parent / "run.json").read_text())["runs"][source.name]
     assert run["weights"]["entry"] == name and run["weights"]["test_error"] == meta["test_error"]
     assert run["final_test_error"] == meta["training_test_error"]
