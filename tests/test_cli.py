@@ -40,6 +40,10 @@ def draw(kind: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_dataset(root: Path, train_per_class: int = 48, test_per_class: int = 16, seed: int = 0) -> Path:
+    """An image folder of the four shapes, its decode cache already written: the one-line-error tests
+    then see only the error, whichever test runs first (a cold cache adds 'decoding ...' to stderr)."""
+    from preresnet.data import load_dataset
+
     rng = np.random.default_rng(seed)
     for split, count in (("train", train_per_class), ("test", test_per_class)):
         for kind in CLASSES:
@@ -47,6 +51,7 @@ def make_dataset(root: Path, train_per_class: int = 48, test_per_class: int = 16
             folder.mkdir(parents=True)
             for i in range(count):
                 Image.fromarray(draw(kind, rng)).save(folder / f"{i:03d}.png")
+    load_dataset("folder", root)
     return root
 
 
@@ -76,13 +81,7 @@ def load_weights(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """The image folder, its decode cache already written: the one-line-error tests then see only the
-    error, whichever test runs first (a cold cache adds its 'decoding ...' lines to stderr)."""
-    from preresnet.data import load_dataset
-
-    root = make_dataset(tmp_path_factory.mktemp("shapes"))
-    load_dataset("folder", root)
-    return root
+    return make_dataset(tmp_path_factory.mktemp("shapes"))
 
 
 # batch 4: 48 steps an epoch, so that a kill right after epoch 1 lands inside epoch 2 on any machine
