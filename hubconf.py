@@ -1,8 +1,12 @@
 """torch.hub entry points: one per network of preresnet.list_models(), each taking the weights=
-argument of preresnet.get_model (None, "DEFAULT", or an entry name of preresnet.list_weights()).
+argument of preresnet.get_model (None, "DEFAULT", or an entry name of preresnet.list_weights()),
+and, as torchvision's hub has them, get_weight (a registry entry: its meta, transforms() and
+state_dict) and list_weights.
 
     model = torch.hub.load("OWNER/preresnet", "preresnet110", weights="DEFAULT")
     model = torch.hub.load("path/to/preresnet", "preresnet20", source="local", weights="DEFAULT")
+    weights = torch.hub.load("path/to/preresnet", "get_weight", "DEFAULT", model_name="preresnet20", source="local")
+    logits = model(weights.transforms()(images))
 
 Importing this file imports only torch and the package's model code (models.py, pretrained.py).
 """
@@ -29,3 +33,19 @@ def _entry_point(name: str):
 
 for _name in _preresnet.list_models():
     globals()[_name] = _entry_point(_name)
+
+
+# model_name, not get_weights' model: torch.hub.load's own second argument is called model
+
+
+def get_weight(name, model_name=None):
+    """The registry entry (a preresnet.WeightsEntry: .meta, .transforms(), .get_state_dict()) called
+    name, or with name "DEFAULT" and model_name (a list_models() name) the entry that
+    weights="DEFAULT" loads for that network: preresnet.get_weights(name, model_name)."""
+    return _preresnet.get_weights(name, model_name)
+
+
+def list_weights(model_name=None):
+    """Names of the registry's entries; with model_name (a list_models() name), that network's:
+    preresnet.list_weights(model_name)."""
+    return _preresnet.list_weights(model_name)

@@ -32,6 +32,9 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.6",
     ],
+    # the commands beside the checkout's train.py and eval.py, which a wheel does not carry
+    entry_points={"console_scripts": ["preresnet-train = preresnet.train_cli:cli",
+                                      "preresnet-eval = preresnet.evaluate_cli:cli"]},
     extras_require={
         # NVIDIA DALI runs the augmentation pipeline on the GPU (and on the CPU in tests); the torch
         # loader gives the same batches without it. Its wheels are for Linux only.

@@ -135,10 +135,9 @@ def read_cifar_batches(folder: Path, files: tuple[str, ...], label_key: bytes) -
     return Split(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
 
 
-def load_cifar(name: str, data_dir: str | os.PathLike, download_missing: bool = True) -> Dataset:
-    """Read CIFAR-10/100 from data_dir, downloading and MD5-checking the archive when not extracted."""
-    spec = CIFAR_SPECS[name]
-    root = Path(data_dir)
+def extracted_cifar(spec: CifarSpec, root: Path, download_missing: bool) -> Path:
+    """The folder of spec's extracted batches under root, downloading, MD5-checking and extracting the
+    archive when a file is missing."""
     folder = root / spec.folder
     needed = spec.train_files + spec.test_files + (spec.meta_file,)
     if not all((folder / f).is_file() for f in needed):
@@ -163,14 +162,25 @@ def load_cifar(name: str, data_dir: str | os.PathLike, download_missing: bool = 
         except (tarfile.TarError, OSError, EOFError) as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise UserError(f"cannot extract {archive} ({exc}): delete it and run again") from None
-    train = read_cifar_batches(folder, spec.train_files, spec.label_key)
-    test = read_cifar_batches(folder, spec.test_files, spec.label_key)
+    return folder
+
+
+def cifar_classes(folder: Path, spec: CifarSpec, labels: np.ndarray) -> list[str]:
+    """The class names of the archive's meta file, or "0", "1", ... where they do not name every label
+    (the same rule for both splits and for one: load_split's classes are load_dataset's)."""
     meta = unpickle(folder / spec.meta_file)
     classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get(spec.names_key, [])]
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    if len(classes) != num_classes:
-        classes = [str(i) for i in range(num_classes)]
-    return Dataset(name, train, test, classes)
+    top = int(labels.max())
+    return classes if top < len(classes) else [str(i) for i in range(top + 1)]
+
+
+def load_cifar(name: str, data_dir: str | os.PathLike, download_missing: bool = True) -> Dataset:
+    """Read CIFAR-10/100 from data_dir, downloading and MD5-checking the archive when not extracted."""
+    spec = CIFAR_SPECS[name]
+    folder = extracted_cifar(spec, Path(data_dir), download_missing)
+    train = read_cifar_batches(folder, spec.train_files, spec.label_key)
+    test = read_cifar_batches(folder, spec.test_files, spec.label_key)
+    return Dataset(name, train, test, cifar_classes(folder, spec, np.concatenate([train.labels, test.labels])))
 
 
 # --- image folders ------------------------------------------------------------------------------
@@ -271,6 +281,27 @@ def load_dataset(name: str, data_dir: str | os.PathLike, download_missing: bool 
         return load_folder(data_dir)
     if name in CIFAR_SPECS:
         return load_cifar(name, data_dir, download_missing)
+    raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def load_split(name: str, data_dir: str | os.PathLike, split: str,
+               download_missing: bool = True) -> tuple[Split, list[str]]:
+    """One split ("train" or "test") of load_dataset's dataset and its class names, reading nothing
+    of the other split (no decoding, no decode cache, no batches), so that evaluating on the test
+    split costs only the test split; an image folder then needs only its DATA_DIR/SPLIT/<class>/."""
+    if split not in ("train", "test"):
+        raise UserError(f"unknown split {split!r}: choose train or test")
+    if name == "folder":
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise UserError(f"dataset folder {root} does not exist")
+        classes, files = list_class_files(root / split)
+        return load_folder_split(root, split, files), classes
+    if name in CIFAR_SPECS:
+        spec = CIFAR_SPECS[name]
+        folder = extracted_cifar(spec, Path(data_dir), download_missing)
+        data = read_cifar_batches(folder, spec.train_files if split == "train" else spec.test_files, spec.label_key)
+        return data, cifar_classes(folder, spec, data.labels)
     raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .models import paper_name
+from .models import paper_depths, paper_name
 from .pretrained import (ENV_VAR, NAME_PATTERN, WeightsEntry, evaluate_test_split, file_sha256, load_weights,
                          read_entry, registry_dir, registry_name, weights_file_name)
 
@@ -45,14 +45,23 @@ def strip_wrappers(key: str) -> str:
 
 def train_command(config: dict, data_dir: str) -> str:
     """The train.py command that trains a run of config (a run folder's config.json) again: network,
-    data, the recipe preset and every field that differs from it, seed and execution flags."""
-    from .recipes import RECIPES
+    data, the weights it started from, the recipe preset and every field that differs from what the
+    preset gives for the run's epochs (train.py scales the milestones and the warm-up with them),
+    seed and execution flags."""
+    from .recipes import RECIPES, resolve_recipe
 
-    words = ["python", "train.py", "--type", config["type"], "--depth", str(config["depth"])]
+    # --depth refuses a papers' total depth (--depth 110 would build PreResNet-662): such a run had --units
+    depth_flag = "--units" if config["depth"] in paper_depths(config["type"]) else "--depth"
+    words = ["python", "train.py", "--type", config["type"], depth_flag, str(config["depth"])]
     if config["type"] == "wide":
         words += ["--width", str(config["width"])]
     words += ["--dataset", config["dataset"], "--data-dir", data_dir, "--recipe", config["recipe_name"]]
-    preset = asdict(RECIPES[config["recipe_name"]])
+    init = config.get("init")
+    if init:  # the entry itself, not DEFAULT, which a later entry can change
+        words += ["--init", init["entry"] if init["kind"] == "registry" else init["path"]]
+    # the milestones and warm-up as --epochs alone scales them: only the fields that differ from those are flags
+    preset = {**asdict(resolve_recipe(config["recipe_name"], epochs=config["recipe"]["epochs"])),
+              "epochs": RECIPES[config["recipe_name"]].epochs}
     for key, value in config["recipe"].items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, list):
@@ -127,6 +136,7 @@ def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, da
         "source": source, "device": device, "runtime": config.get("runtime"), "commit": commit,
         "torch": torch.__version__, "triton": triton, "mean": config["mean"], "std": config["std"],
         "file": file.name, "sha256": sha256, "bytes": file.stat().st_size, "storage": STORAGE,
+        **({"init": config["init"]} if config.get("init") else {}),  # a fine-tuned run's first weights
     }
     runtime = resolve_runtime("auto", "off", channels_last=False, compile=False, loader="torch")
     load_weights(model, WeightsEntry(name, meta, registry))  # the file as a user loads it
@@ -161,6 +171,13 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def init_text(init: dict) -> str:
+    """Where a fine-tuned entry's first weights came from (train.py --init: config["init"])."""
+    where = f"entry `{init['entry']}`" if init["kind"] == "registry" else f"`{init['path']}`"
+    return (f"{init['network']} weights of {where} (sha256 `{init['sha256'][:16]}...`), classifier head "
+            f"{init['head']}")
+
+
 def card(meta: dict) -> str:
     """The model card of an entry: its facts, the curves, and the commands to reproduce, evaluate and load it."""
     name, data, commands = meta["name"], meta["data"], meta["commands"]
@@ -184,6 +201,7 @@ def card(meta: dict) -> str:
         f"| recipe | `{meta['recipe']}`: {recipe} |",
         f"| normalisation | mean {[round(m, 4) for m in meta['mean']]}, std {[round(s, 4) for s in meta['std']]} "
         f"(of the training images, 0-1 scale) |",
+        (f"| fine-tuned from | {init_text(meta['init'])} |" if meta.get("init") else None),
         f"| device | {meta['device']} |",
         f"| commit | {meta['commit'] or 'unknown'} |",
         f"| torch / triton | {meta['torch']} / {meta['triton'] or '-'} |",

@@ -199,6 +199,14 @@ def paper_name(type: str, depth: int, width: int = 1) -> str:
     return f"WRN-{6 * depth + 4}-{width}"
 
 
+# torchvision's old pretrained=True, answered with its current spelling
+PRETRAINED_REFUSED = ('there is no pretrained= argument: use weights="DEFAULT" (the entry with the lowest test '
+                      'error for the network) or an entry name of preresnet.list_weights(), as torchvision spells it '
+                      '(weights=None for a random initialisation)')
+# what get_model passes on to build_model: its name fixes the network itself
+GET_MODEL_ARGUMENTS = ("num_classes", "fused", "dropout", "weights")
+
+
 def check_model_args(type: str, depth: int, width: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
     """Raise UserError for combinations that do not describe a network of the papers."""
     if type not in MODEL_TYPES:
@@ -225,6 +233,8 @@ def build_model(
     fused: bool = False,
     dropout: float = 0.0,
     weights=None,
+    *,
+    pretrained=None,
 ) -> PreActResNet:
     """Build a pre-activation network: `type` normal | bottleneck | wide, `depth` units per stage.
 
@@ -233,7 +243,10 @@ def build_model(
     without a GPU only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported).
     weights: None, an entry name of `list_weights()`, a `WeightsEntry`, or "DEFAULT" (the entry
     with the lowest test error for this network): the network comes back in eval mode with them
-    loaded (preresnet/pretrained.py)."""
+    loaded (preresnet/pretrained.py). pretrained= (torchvision's old spelling) is refused with a
+    pointer to weights=."""
+    if pretrained is not None:
+        raise UserError(PRETRAINED_REFUSED)
     check_model_args(type, depth, width, 10 if num_classes is None else num_classes, dropout)
     entry = None
     if weights is not None:
@@ -326,4 +339,47 @@ def get_model(name: str, **kwargs) -> PreActResNet:
     weights: get_model("preresnet110", weights="DEFAULT") is in eval mode with the best weights loaded)."""
     if name not in _REGISTRY:
         raise UserError(f"unknown model {name!r}: choose one of {', '.join(_REGISTRY)}")
+    if "pretrained" in kwargs:
+        raise UserError(PRETRAINED_REFUSED)
+    unknown = [key for key in kwargs if key not in GET_MODEL_ARGUMENTS]
+    if unknown:
+        raise UserError(f"get_model({name!r}) takes {', '.join(GET_MODEL_ARGUMENTS)}, not {', '.join(unknown)} (its "
+                        f"name fixes the network; build_model(type, depth, width) builds others)")
     return _REGISTRY[name](**kwargs)
+
+
+# --- names a command line gives a network -----------------------------------------------------------
+
+# Units per stage of the networks the papers name, by type (He et al. 2016 "Deep Residual Learning"
+# and "Identity Mappings": ResNet-20 to -1202, PreResNet-110, -164, -1001; Zagoruyko & Komodakis
+# 2016: WRN-16, -22, -28, -40 of any width): their total depths are what a reader may take --depth for.
+PAPER_UNITS = {"normal": (3, 5, 7, 9, 18, 200), "bottleneck": (18, 111), "wide": (2, 3, 4, 6)}
+
+
+def model_arch(name: str) -> tuple[str, int, int]:
+    """(type, units per stage, width) of a list_models() name."""
+    if name not in MODEL_ARCHS:
+        raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODEL_ARCHS)}")
+    return MODEL_ARCHS[name]
+
+
+def paper_depths(type: str) -> dict[int, int]:
+    """Total depth -> units per stage, of the papers' networks of type: {20: 3, 32: 5, ...} for normal."""
+    layers = {"normal": (6, 2), "bottleneck": (9, 2), "wide": (6, 4)}[type]  # per unit, outside the units
+    return {layers[0] * units + layers[1]: units for units in PAPER_UNITS[type]}
+
+
+def check_depth_meant(type: str, depth: int, width: int = 1) -> None:
+    """Refuse a --depth (units per stage) that is the total depth of one of the papers' networks of
+    this type: --depth 110 would build PreResNet-662, not PreResNet-110. train.py's --units gives
+    that many units per stage on purpose."""
+    units = paper_depths(type).get(depth) if type in MODEL_TYPES else None
+    if units is None:
+        return
+    meant = paper_name(type, units, width)
+    flags = f"--type {type} --depth {units}" + (f" --width {width}" if type == "wide" else "")
+    name = next((name for name, arch in MODEL_ARCHS.items() if arch == (type, units, width)), None)
+    instead = f"--model {name} (or {flags})" if name else flags
+    built = paper_name(type, depth, width)
+    raise UserError(f"--depth {depth} counts residual units per stage and would build {built}; for {meant} use "
+                    f"{instead}; to build {built} on purpose give --units {depth} instead of --depth")

@@ -13,7 +13,8 @@ the environment variable PRERESNET_WEIGHTS_DIR names another folder instead):
 
 The registry is the set of NAME.json files, with no hand-edited list: entries copied in from
 several machines never conflict. preresnet/export.py makes entries (bench/gpu_plan.py's reproduce
-stage exports every finished seed); this module reads them, and imports only torch and the models.
+stage exports every finished seed); this module reads them, and imports only torch, numpy and the
+models. `python -m preresnet.pretrained` lists them.
 
     model = preresnet.get_model("preresnet20", weights="DEFAULT")   # eval mode, weights loaded
     preresnet.list_weights("preresnet20"), preresnet.get_weights(NAME).transforms()
@@ -21,15 +22,19 @@ stage exports every finished seed); this module reads them, and imports only tor
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .cli import run_main
 from .errors import UserError
 from .models import MODEL_ARCHS, paper_name
 
@@ -71,10 +76,27 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def image_tensor(images) -> torch.Tensor:
+    """images as a tensor: a tensor as it is, a numpy array or a PIL image (through its array
+    interface, HWC uint8 for an RGB image) as a CPU tensor of its values."""
+    if isinstance(images, torch.Tensor):
+        return images
+    if not isinstance(images, np.ndarray) and not hasattr(images, "__array_interface__"):
+        raise UserError(f"images must be a PIL image, a numpy array or a tensor, got {type(images).__name__}")
+    array = np.asarray(images)
+    if array.dtype.kind not in "biuf":
+        raise UserError(f"images must be uint8 or float in [0, 1], got a numpy array of {array.dtype}")
+    # np.asarray of a PIL image is read-only, which torch.from_numpy warns of: copy such an array
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
 class Normalize(torch.nn.Module):
-    """The normalisation the weights were trained with, as the data loaders apply it. uint8 images,
-    HWC or NHWC (as decoded from files and as the datasets hold them), become float32 CHW or NCHW;
-    float images in [0, 1], CHW or NCHW (as torchvision's ToTensor gives them), keep their layout."""
+    """The normalisation the weights were trained with, as the data loaders apply it, giving float
+    CHW (one image) or NCHW (a batch). It takes what torchvision's transforms take: a PIL RGB image,
+    a numpy array or a tensor, uint8 (0-255) or float in [0, 1] (as ToTensor gives them), one image
+    (3-D) or a batch (4-D). The channel axis is the one of size 3: the last (HWC, NHWC: PIL, numpy,
+    the datasets' arrays) or the third from last (CHW, NCHW: torchvision.io.decode_image, ToTensor);
+    a shape with 3 at both places (3 x H x 3) is ambiguous and refused."""
 
     def __init__(self, mean, std):
         super().__init__()
@@ -84,15 +106,28 @@ class Normalize(torch.nn.Module):
         self.register_buffer("mean255", self.mean * 255.0, persistent=False)
         self.register_buffer("std255", self.std * 255.0, persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images) -> torch.Tensor:
+        images = image_tensor(images)
+        shape = tuple(images.shape)
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise UserError(f"images must be uint8 (0-255) or float in [0, 1], got {images.dtype} of shape {shape}")
+        channels_last = images.dim() in (3, 4) and shape[-1] == 3
+        channels_first = images.dim() in (3, 4) and shape[-3] == 3
+        if channels_last == channels_first:
+            which = ("both the last and the third-from-last axis have size 3" if channels_last
+                     else "no channel axis of 3")
+            raise UserError(f"images must be one image or a batch, HWC/NHWC or CHW/NCHW with 3 channels; shape {shape} "
+                            f"has {which} (permute them to CHW or NCHW)")
+        if channels_last:
+            images = images.movedim(-1, -3)
         if images.dtype == torch.uint8:
-            if images.dim() not in (3, 4) or images.shape[-1] != 3:
-                raise UserError(f"uint8 images must be HWC or NHWC with 3 channels, got shape {tuple(images.shape)}")
-            return ((images.float() - self.mean255) / self.std255).movedim(-1, -3).contiguous()
-        if not images.is_floating_point() or images.dim() not in (3, 4) or images.shape[-3] != 3:
-            raise UserError(f"images must be uint8 HWC/NHWC or float CHW/NCHW in [0, 1], got {images.dtype} "
-                            f"of shape {tuple(images.shape)}")
-        return (images - self.mean[:, None, None]) / self.std[:, None, None]
+            return ((images.float() - self.mean255[:, None, None]) / self.std255[:, None, None]).contiguous()
+        if images.numel():
+            low, high = float(images.min()), float(images.max())
+            if not (low >= 0.0 and high <= 1.0):  # written so that NaN fails too
+                raise UserError(f"float images must be in [0, 1] (as ToTensor gives them), got values from {low:g} to "
+                                f"{high:g}: divide 0-255 images by 255, or pass them as uint8")
+        return ((images - self.mean[:, None, None]) / self.std[:, None, None]).contiguous()
 
     def extra_repr(self) -> str:
         return f"mean={[round(m, 4) for m in self.mean.tolist()]}, std={[round(s, 4) for s in self.std.tolist()]}"
@@ -180,11 +215,23 @@ def list_weights(model: str | None = None) -> list[str]:
     return [entry.name for entry in registry_entries() if model is None or entry.model == model]
 
 
-def get_weights(name: str) -> WeightsEntry:
-    """The registry entry called name (list_weights() names them)."""
+def get_weights(name: str, model: str | None = None) -> WeightsEntry:
+    """The registry entry called name (list_weights() names them), or with name "DEFAULT" and model
+    (a list_models() name) the entry get_model(model, weights="DEFAULT") loads. With model and an
+    entry name, the entry must be one of that network's."""
+    if model is not None and model not in MODEL_ARCHS:
+        raise UserError(f"unknown model {model!r}: choose one of {', '.join(MODEL_ARCHS)}")
+    if name == "DEFAULT":
+        if model is None:
+            raise UserError('"DEFAULT" is the best entry of a network: name the network too, get_weights("DEFAULT", '
+                            f"model=NAME) with NAME one of {', '.join(MODEL_ARCHS)}")
+        return resolve_weights(name, *MODEL_ARCHS[model], None)
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or not (registry_dir() / f"{name}.json").is_file():
         raise UserError(f"unknown weights {name!r}: {describe_registry(registry_entries())}")
-    return read_entry(registry_dir() / f"{name}.json")
+    entry = read_entry(registry_dir() / f"{name}.json")
+    if model is not None and entry.model != model:
+        raise UserError(f"weights {name} are for {entry.meta['network']}, not {model} ({paper_name(*MODEL_ARCHS[model])})")
+    return entry
 
 
 def resolve_weights(weights, type: str, depth: int, width: int, num_classes: int | None) -> WeightsEntry:
@@ -222,19 +269,107 @@ def load_weights(model: torch.nn.Module, entry: WeightsEntry) -> None:
         raise UserError(f"weights file {entry.file} does not fit {model.paper_name}: {detail[:300]}") from None
 
 
+@dataclass
+class EvaluatedSplit:
+    """What evaluate_test_split evaluated: the model's classes, the labels of the test images in the
+    data's order as the model numbers the classes, and the model's logits where they were kept."""
+
+    classes: list[str]
+    labels: np.ndarray  # N, int64
+    logits: torch.Tensor | None  # N x classes, float32, on the CPU
+    reordered: bool  # the data holds the model's classes in another order; its labels were mapped
+
+
+def model_labels(data_classes: list[str], labels: np.ndarray, classes: list[str], data: str,
+                 network: str) -> np.ndarray:
+    """labels of data_classes as numbers of the model's classes: the same names in another order are
+    mapped; another set of names is a UserError (a figure over mismatched classes means nothing)."""
+    if data_classes == classes:
+        return labels
+    if sorted(data_classes) != sorted(classes):
+        unknown = [name for name in data_classes if name not in classes]
+        missing = [name for name in classes if name not in data_classes]
+        detail = " and ".join(([f"it has {shown_names(unknown)}"] if unknown else []) +
+                              ([f"it lacks {shown_names(missing)}"] if missing else []))
+        raise UserError(f"the classes of {data} are not the ones {network} was trained on: {detail} (evaluate it on "
+                        f"data with its classes: {shown_names(classes)})")
+    return np.array([classes.index(name) for name in data_classes], dtype=np.int64)[labels]
+
+
+def shown_names(names: list[str], shown: int = 6) -> str:
+    """'a', 'b', 'c' and 7 more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(map(repr, names[:shown])) + more
+
+
 def evaluate_test_split(model: torch.nn.Module, dataset_name: str, data_dir: str | os.PathLike, mean, std, runtime,
-                        batch_size: int = 500) -> tuple[dict, object]:
+                        batch_size: int = 500, classes: list[str] | None = None,
+                        keep_logits: bool = False) -> tuple[dict, EvaluatedSplit]:
     """model's test loss, error and per-class accuracy over the test split of dataset_name in
-    data_dir, normalised with mean and std (eval.py and export share it); returns them and the dataset."""
-    from .data import load_dataset
+    data_dir (only that split is read), normalised with mean and std (eval.py and export share it).
+    classes: the model's (its config's or entry's); the data's classes are checked against them, and
+    labels mapped where the data holds them in another order. Returns the figures and an EvaluatedSplit."""
+    from .data import data_label, load_split
     from .loaders import build_loader
     from .training import evaluate
 
-    dataset = load_dataset(dataset_name, data_dir)
+    split, data_classes = load_split(dataset_name, data_dir, "test")
     num_classes = model.fc.out_features
-    if dataset.num_classes != num_classes:
-        raise UserError(f"{dataset_name} in {data_dir} has {dataset.num_classes} classes; this {model.paper_name} "
-                        f"classifies {num_classes}")
-    loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=batch_size, train=False,
-                          backend=runtime.loader, mean=mean, std=std, device=runtime.device)
-    return evaluate(model.to(runtime.device), loader, runtime, num_classes), dataset
+    if classes is None:
+        if len(data_classes) != num_classes:
+            raise UserError(f"{dataset_name} in {data_dir} has {len(data_classes)} classes; this {model.paper_name} "
+                            f"classifies {num_classes}")
+        classes = data_classes
+    labels = model_labels(data_classes, split.labels, list(classes), data_label(dataset_name, data_dir),
+                          model.paper_name)
+    loader = build_loader(split.images, labels, batch_size=batch_size, train=False, backend=runtime.loader, mean=mean,
+                          std=std, device=runtime.device)
+    chunks = []
+    # evaluate() sees every test image once, in order: its forward passes' outputs are the logits
+    hook = model.register_forward_hook(lambda module, inputs, output: chunks.append(output.float().cpu())) \
+        if keep_logits else None
+    try:
+        results = evaluate(model.to(runtime.device), loader, runtime, num_classes)
+    finally:
+        if hook is not None:
+            hook.remove()
+    logits = torch.cat(chunks) if keep_logits else None
+    return results, EvaluatedSplit(list(classes), labels, logits, data_classes != list(classes))
+
+
+def entry_table(entries: list[WeightsEntry]) -> str:
+    """The registry as python -m preresnet.pretrained prints it: one line per entry."""
+    header = ("entry", "network", "data", "test error", "file", "size")
+    rows = [(entry.name, entry.meta["network"], entry.meta["data"]["description"], f"{100 * entry.test_error:.2f}%",
+             entry.meta["file"], f"{entry.meta['bytes'] / 2**20:.1f} MiB") for entry in entries]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in (header, *rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m preresnet.pretrained",
+                                     description="List the entries of the pretrained-weights registry: name, network, "
+                                                 "data, test error (the last epoch's, measured on the file), file and "
+                                                 "size.")
+    parser.add_argument("--model", metavar="NAME", help="only the entries of this network (a list_models() name)")
+    return parser
+
+
+def print_registry(args: argparse.Namespace) -> None:
+    names = list_weights(args.model)  # checks the model's name
+    entries = [entry for entry in registry_entries() if entry.name in names]
+    if not entries:
+        print(describe_registry(entries) if args.model is None else
+              f"the registry {registry_dir()} holds no weights for {args.model}")
+        return
+    print(f"the registry {registry_dir()}:")
+    print(entry_table(entries))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(print_registry, build_parser().parse_args(argv), "python -m preresnet.pretrained")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

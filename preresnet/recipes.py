@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import UserError
+from .sweeps import counted
 
 
 @dataclass(frozen=True)
@@ -50,21 +51,33 @@ def get_recipe(name: str) -> Recipe:
 
 
 def resolve_recipe(name: str, **overrides) -> Recipe:
-    """The named recipe with the given fields replaced (None means keep the recipe's value).
+    """The named recipe with the given fields replaced (None means keep the recipe's value), for a
+    new run (a resumed run keeps the recipe its checkpoint holds).
 
-    When `epochs` changes and `milestones` is not given, the milestones keep their place in the
-    schedule (scaled by new/old epochs, rounded), so a shortened run still decays its lr.
+    When `epochs` changes, the milestones (unless `milestones` is given) and the warm-up (unless
+    `warmup_iters` is given) keep their place in the schedule: scaled by new/old epochs and rounded,
+    each milestone to at least epoch 1 and a warm-up to at least one step, so that a shortened run
+    still leaves its warm-up early and decays its lr. A milestone after the last epoch would never
+    take effect: it is refused (one at the last epoch is kept: it decays the lr of a run extended
+    with --resume --epochs).
     """
     recipe = get_recipe(name)
     overrides = {key: value for key, value in overrides.items() if value is not None}
     unknown = set(overrides) - {field.name for field in dataclasses.fields(Recipe)}
     if unknown:
         raise TypeError(f"not recipe fields: {sorted(unknown)}")
-    if "epochs" in overrides and "milestones" not in overrides:
+    if "epochs" in overrides:
         scale = overrides["epochs"] / recipe.epochs
-        overrides["milestones"] = tuple(sorted({max(1, round(m * scale)) for m in recipe.milestones}))
+        if "milestones" not in overrides:
+            overrides["milestones"] = tuple(sorted({max(1, round(m * scale)) for m in recipe.milestones}))
+        if "warmup_iters" not in overrides and recipe.warmup_iters:
+            overrides["warmup_iters"] = max(1, round(recipe.warmup_iters * scale))
     resolved = dataclasses.replace(recipe, **overrides)
     check_recipe(resolved)
+    late = [m for m in resolved.milestones if m > resolved.epochs]
+    if late:
+        raise UserError(f"milestone {late[0]} is after the last epoch ({resolved.epochs}): it would never lower the "
+                        f"lr; give --milestones up to {resolved.epochs}, or more --epochs")
     return resolved
 
 
@@ -91,3 +104,46 @@ def learning_rate(recipe: Recipe, epoch: int, iteration: int) -> float:
         return recipe.warmup_lr
     decays = sum(1 for milestone in recipe.milestones if epoch >= milestone)
     return recipe.lr * recipe.lr_decay**decays
+
+
+def steps_per_epoch(train_images: int, batch_size: int) -> int:
+    """Optimizer steps of an epoch: the last incomplete batch is dropped (preresnet.loaders.plan_epoch)."""
+    if batch_size > train_images:
+        raise UserError(f"batch size {batch_size} is more than the {train_images} training images: an epoch would "
+                        f"have no step; give a smaller --batch-size")
+    return train_images // batch_size
+
+
+def schedule_phases(recipe: Recipe, steps_per_epoch: int) -> list[tuple[float, int, int, bool]]:
+    """The run's stretches of steps at one lr, as learning_rate gives them: (lr, first step, end step
+    (exclusive), whether it is the warm-up), steps counted from 0 over the run."""
+    total = recipe.epochs * steps_per_epoch
+    bounds = sorted({0, min(recipe.warmup_iters, total), total,
+                     *(m * steps_per_epoch for m in recipe.milestones if m * steps_per_epoch < total)})
+    phases: list[tuple[float, int, int, bool]] = []
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        lr, warmup = learning_rate(recipe, start // steps_per_epoch, start), start < recipe.warmup_iters
+        if phases and phases[-1][0] == lr and phases[-1][3] == warmup:  # a milestone inside the warm-up
+            phases[-1] = (lr, phases[-1][1], end, warmup)
+        else:
+            phases.append((lr, start, end, warmup))
+    return phases
+
+
+def describe_schedule(recipe: Recipe, steps_per_epoch: int) -> str:
+    """The lr of every stretch of the run and its steps: "0.01 for 400 steps (warm-up), 0.1 to epoch
+    81 (31271 steps), ..., 0.001 to epoch 164 (16422 steps); 391 steps an epoch, 64124 in all"."""
+    parts = [f"{lr:g} for {counted(end - start, 'step')} (warm-up)" if warmup else
+             f"{lr:g} to epoch {end // steps_per_epoch} ({counted(end - start, 'step')})"
+             for lr, start, end, warmup in schedule_phases(recipe, steps_per_epoch)]
+    return f"{', '.join(parts)}; {counted(steps_per_epoch, 'step')} an epoch, {recipe.epochs * steps_per_epoch} in all"
+
+
+def check_schedule(recipe: Recipe, steps_per_epoch: int) -> None:
+    """Refuse a new run's schedule that cannot work: a warm-up as long as the whole run."""
+    total = recipe.epochs * steps_per_epoch
+    if recipe.warmup_iters and recipe.warmup_iters >= total:
+        raise UserError(f"the warm-up of {counted(recipe.warmup_iters, 'step')} lasts the whole run "
+                        f"({counted(total, 'step')}, {steps_per_epoch} an epoch), so the lr would never leave "
+                        f"--warmup-lr {recipe.warmup_lr:g}; give --warmup-iters below {total} (0: none), or more "
+                        f"--epochs")

@@ -244,6 +244,25 @@ def test_cifar10_corrupt_extracted_batch(tmp_path, cifar10):
     assert str(batch) in str(info.value)
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cifar_load_split_reads_only_that_split(tmp_path, cifar10, monkeypatch, split):
+    data_dir = tmp_path / "data"
+    full = data.load_dataset("cifar10", data_dir)
+    read = []
+    original = data.unpickle
+
+    def recording(path):
+        read.append(path.name)
+        return original(path)
+
+    monkeypatch.setattr(data, "unpickle", recording)
+    images, classes = data.load_split("cifar10", data_dir, split)
+    spec = data.CIFAR_SPECS["cifar10"]
+    assert read == [*(spec.train_files if split == "train" else spec.test_files), spec.meta_file]
+    assert_split(images, getattr(full, split).images, getattr(full, split).labels)
+    assert classes == cifar10.classes
+
+
 def test_cifar100_format(tmp_path, monkeypatch):
     fake = build_cifar100(tmp_path)
     patch_spec(monkeypatch, "cifar100", md5=fake.md5, url=fake.archive.as_uri())
@@ -378,6 +397,27 @@ def test_folder_unreadable_cache_is_rebuilt(tmp_path):
     assert_split(ds.train, *expected["train"])
     with np.load(root / ".preresnet-cache-train.npz") as cached:  # rewritten, valid again
         np.testing.assert_array_equal(cached["images"], expected["train"][0])
+
+
+def test_folder_test_split_alone_reads_no_training_image(tmp_path, monkeypatch):
+    """eval.py reads only the test split: a folder without train/ is enough, and no train cache is made."""
+    root = tmp_path / "ds"
+    expected = make_folder(root, {"test": LAYOUT["test"]})
+    split, classes = data.load_split("folder", root, "test")
+    assert classes == ["ant", "moose", "zebra"]
+    assert_split(split, *expected["test"])
+    assert [p.name for p in root.glob(".preresnet-cache-*")] == [".preresnet-cache-test.npz"]
+    # beside a train/ folder too: its images are neither listed nor decoded, and its cache not written
+    make_folder(root, {"train": LAYOUT["train"]}, seed=1)
+    listed = []
+    original = data.list_class_files
+    monkeypatch.setattr(data, "list_class_files",
+                        lambda split_dir: listed.append(split_dir.name) or original(split_dir))
+    split, _ = data.load_split("folder", root, "test")
+    assert listed == ["test"] and not (root / ".preresnet-cache-train.npz").exists()
+    assert_split(split, *expected["test"])
+    with pytest.raises(UserError, match="unknown split 'val': choose train or test"):
+        data.load_split("folder", root, "val")
 
 
 def test_folder_missing(tmp_path):

@@ -2,6 +2,7 @@
 as `preresnet.kernels`, so the project lives beside the Hugging Face `kernels` package (imported as
 `kernels`), from a regular install and from a source checkout."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -64,12 +65,25 @@ def install_copy(tmp_path: Path, add=None) -> Path:
 
 def test_a_regular_install_holds_no_top_level_kernels(tmp_path, other_kernels):
     target = install_copy(tmp_path)
-    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == ["preresnet"]
+    # bin/: pip install --target's folder of console scripts, no package
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == ["bin", "preresnet"]
+    assert sorted(p.name for p in (target / "bin").iterdir()) == ["preresnet-eval", "preresnet-train"]
     # imported from outside any checkout, next to another project's `kernels`
     seen = run_python(IMPORTS, cwd=tmp_path, pythonpath=[other_kernels, target])
     assert seen["other"] == "another project"
     assert Path(seen["layers"]).is_relative_to(target / "preresnet" / "kernels")
     assert {"conv_paths.json", "launch_configs.json"} <= set(seen["tables"])
+    # the console scripts setup.py declares; preresnet-eval runs from the install (preresnet-train's
+    # module, preresnet/train_cli.py, is train.py's code once it moves into the package)
+    (dist_info,) = target.glob("preresnet-*.dist-info")
+    assert (dist_info / "entry_points.txt").read_text().split() == [
+        "[console_scripts]", "preresnet-eval", "=", "preresnet.evaluate_cli:cli", "preresnet-train", "=",
+        "preresnet.train_cli:cli"]
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    usage = subprocess.run([str(target / "bin" / "preresnet-eval"), "--weights", "DEFAULT"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert usage.returncode == 2 and usage.stderr.startswith("preresnet-eval: error: --weights DEFAULT is the entry"), \
+        usage.stderr[-3000:]
 
 
 def test_a_checkout_serves_its_kernels_folder_as_preresnet_kernels(tmp_path, other_kernels):

@@ -1,7 +1,8 @@
 import pytest
 
 from preresnet import UserError
-from preresnet.recipes import RECIPES, learning_rate, resolve_recipe
+from preresnet.recipes import (RECIPES, check_schedule, describe_schedule, learning_rate, resolve_recipe,
+                               schedule_phases, steps_per_epoch)
 
 
 def test_paper_recipe_warmup_then_steps():
@@ -31,6 +32,53 @@ def test_overrides_replace_fields_and_none_keeps_them():
 def test_shorter_schedule_scales_milestones():
     assert resolve_recipe("paper", epochs=10).milestones == (5, 7)
     assert resolve_recipe("wrn", epochs=20).milestones == (6, 12, 16)
+
+
+def test_the_warm_up_scales_with_the_epochs_as_the_milestones_do():
+    """400 of 164 epochs' steps: 2 epochs warm up for 5 steps, not for most of the run."""
+    warmups = [resolve_recipe("paper", epochs=epochs).warmup_iters for epochs in (1, 2, 10, 164, 328)]
+    assert warmups == [2, 5, 24, 400, 800]
+    assert resolve_recipe("paper").warmup_iters == 400  # the full recipe is the paper's
+    assert resolve_recipe("paper", epochs=2, warmup_iters=400).warmup_iters == 400  # given: kept
+    assert resolve_recipe("paper", epochs=2, milestones=(1,)).warmup_iters == 5  # scaled on its own
+    assert resolve_recipe("wrn", epochs=2).warmup_iters == 0
+
+
+def test_the_schedule_gives_the_steps_at_each_lr():
+    assert describe_schedule(RECIPES["paper"], 391) == (
+        "0.01 for 400 steps (warm-up), 0.1 to epoch 81 (31271 steps), 0.01 to epoch 122 (16031 steps), "
+        "0.001 to epoch 164 (16422 steps); 391 steps an epoch, 64124 in all")
+    assert describe_schedule(resolve_recipe("paper", epochs=2), 390) == (
+        "0.01 for 5 steps (warm-up), 0.1 to epoch 1 (385 steps), 0.01 to epoch 2 (390 steps); 390 steps an epoch, "
+        "780 in all")
+    # a warm-up past the first milestone: the phase at 0.1 never comes, and the line says so
+    assert describe_schedule(resolve_recipe("paper", epochs=3, warmup_iters=30), 12) == (
+        "0.01 for 30 steps (warm-up), 0.001 to epoch 3 (6 steps); 12 steps an epoch, 36 in all")
+
+
+@pytest.mark.parametrize("recipe", [RECIPES["wrn"], resolve_recipe("paper", epochs=5),
+                                    resolve_recipe("paper", epochs=4, warmup_iters=13, milestones=(1, 3, 4)),
+                                    resolve_recipe("paper", epochs=3, lr_decay=1.0)])
+def test_the_schedule_phases_are_the_steps_learning_rate_gives(recipe):
+    per_epoch = 7
+    rates = [learning_rate(recipe, step // per_epoch, step) for step in range(recipe.epochs * per_epoch)]
+    phases = schedule_phases(recipe, per_epoch)
+    assert [step for _, start, end, _ in phases for step in range(start, end)] == list(range(len(rates)))
+    assert all(rates[step] == lr for lr, start, end, _ in phases for step in range(start, end))
+
+
+def test_a_schedule_that_cannot_work_is_refused():
+    with pytest.raises(UserError, match=r"the warm-up of 2 steps lasts the whole run \(2 steps, 2 an epoch\)"):
+        check_schedule(resolve_recipe("paper", epochs=1), 2)
+    check_schedule(resolve_recipe("paper", epochs=1), 3)
+    check_schedule(resolve_recipe("paper", epochs=1, warmup_iters=0), 1)
+    with pytest.raises(UserError, match=r"milestone 4 is after the last epoch \(3\): it would never lower the lr"):
+        resolve_recipe("paper", epochs=3, milestones=(1, 4))
+    assert resolve_recipe("paper", epochs=3, milestones=(3,)).milestones == (3,)  # decays a run extended later
+    assert resolve_recipe("wrn", epochs=2).milestones == (1, 2)  # scaled: never after the last epoch
+    assert steps_per_epoch(192, 16) == 12 and steps_per_epoch(193, 16) == 12  # the last partial batch is dropped
+    with pytest.raises(UserError, match="batch size 193 is more than the 192 training images"):
+        steps_per_epoch(192, 193)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -243,19 +243,51 @@ def test_weights_are_not_a_checkpoint_to_resume(exported):
         load_checkpoint(next(exported[0].glob(f"{S0}-*.pt")))
 
 
-def test_transforms_normalise_as_the_data_loader(registry, exported):
+def test_transforms_take_what_torchvision_transforms_take(registry, exported):
     entry = get_weights(S0)
-    images = load_dataset("folder", exported[1]).test.images
+    images = load_dataset("folder", exported[1]).test.images  # N x 32 x 32 x 3 uint8, as the datasets hold them
     loader = build_loader(images, np.zeros(len(images), dtype=np.int64), batch_size=len(images), train=False,
                           backend="torch", mean=entry.meta["mean"], std=entry.meta["std"])
     batch = next(iter(loader))[0]
     normalize = entry.transforms()
-    assert torch.equal(normalize(torch.from_numpy(images)), batch)  # uint8 NHWC: the loader's batch, bit for bit
-    assert torch.equal(normalize(torch.from_numpy(images[0])), batch[0])  # one HWC image
-    as_float = torch.from_numpy(images).permute(0, 3, 1, 2) / 255.0  # torchvision's ToTensor layout and scale
-    torch.testing.assert_close(normalize(as_float), batch, rtol=0, atol=1e-5)
-    with pytest.raises(UserError, match="uint8 images must be HWC or NHWC"):
-        normalize(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    nchw = torch.from_numpy(images).permute(0, 3, 1, 2)  # uint8 CHW is what torchvision.io.decode_image gives
+    # uint8 in every layout and container: the loader's batch bit for bit; one image gives CHW
+    for given, expected in ((torch.from_numpy(images), batch), (images, batch), (nchw, batch),
+                            (nchw.contiguous(), batch), (torch.from_numpy(images[0]), batch[0]), (images[0], batch[0]),
+                            (nchw[0].contiguous(), batch[0]), (Image.fromarray(images[0]), batch[0])):
+        normalized = normalize(given)
+        assert normalized.dtype == torch.float32 and normalized.is_contiguous()
+        assert torch.equal(normalized, expected), type(given)
+    # float in [0, 1], CHW as ToTensor gives it, or HWC
+    for given, expected in ((nchw / 255.0, batch), (nchw[0] / 255.0, batch[0]), (images / np.float32(255), batch),
+                            (torch.from_numpy(images[0]) / 255.0, batch[0])):
+        torch.testing.assert_close(normalize(given), expected, rtol=0, atol=1e-5)
+    # one image, as torchvision's transforms return it, is a batch of one for the network
+    model = get_model("preresnet20", weights=S0)
+    torch.testing.assert_close(model(normalize(Image.fromarray(images[0])).unsqueeze(0)), model(batch[:1]))
+
+
+@pytest.mark.parametrize("images, fragments", [
+    (torch.full((3, 32, 32), 255.0), ["float images must be in [0, 1]", "from 255 to 255", "divide 0-255 images by 255"]),
+    (torch.full((2, 3, 32, 32), -0.5), ["float images must be in [0, 1]", "from -0.5"]),
+    (torch.full((3, 32, 32), float("nan")), ["float images must be in [0, 1]"]),
+    (np.full((32, 32, 3), 200.0), ["float images must be in [0, 1]"]),
+    (torch.zeros(3, 32, 3, dtype=torch.uint8), ["shape (3, 32, 3)", "both the last and the third-from-last axis"]),
+    (torch.zeros(32, 32, dtype=torch.uint8), ["shape (32, 32) has no channel axis of 3"]),
+    (Image.new("RGBA", (32, 32)), ["shape (32, 32, 4) has no channel axis of 3"]),
+    (Image.new("L", (32, 32)), ["shape (32, 32) has no channel axis of 3"]),
+    (torch.zeros(3, 32, 32, dtype=torch.int64), ["uint8 (0-255) or float in [0, 1], got torch.int64"]),
+    (np.array([["a"]]), ["got a numpy array of <U1"]),
+    ([[0, 1]], ["a PIL image, a numpy array or a tensor, got list"]),
+], ids=["float-0-255", "negative", "nan", "numpy-float-0-255", "ambiguous", "gray-tensor", "rgba", "gray-pil", "int64",
+        "strings", "list"])
+def test_transforms_refuse_what_they_cannot_normalise(registry, images, fragments):
+    with pytest.raises(UserError) as raised:
+        get_weights(S0).transforms()(images)
+    message = str(raised.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
 
 
 def load_hubconf():
@@ -270,13 +302,77 @@ def test_torch_hub_loads_the_weights_from_a_checkout(registry):
     assert hubconf.dependencies == ["torch"]
     # the entry points torch.hub.list reports (it reads GitHub only): the public callables of hubconf
     assert sorted(name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")) == \
-        sorted(preresnet.list_models())
+        sorted([*preresnet.list_models(), "get_weight", "list_weights"])
     assert "weights" in hubconf.preresnet20.__doc__ and "PreResNet-20" in hubconf.preresnet20.__doc__
     model = torch.hub.load(str(ROOT), "preresnet20", source="local", weights=S0)
     expected = get_model("preresnet20", weights=S0)
     assert not model.training
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
     assert torch.hub.load(str(ROOT), "wrn16_4", source="local", num_classes=7).fc.out_features == 7
+
+
+def test_torch_hub_gives_the_entries_meta_and_transforms(registry, exported):
+    """As torchvision's hub: get_weight returns the entry (meta, transforms, state_dict), list_weights its names."""
+    entry = torch.hub.load(str(ROOT), "get_weight", S1, source="local")
+    assert entry == get_weights(S1) and entry.meta["test_error"] == get_weights(S1).test_error
+    assert torch.hub.load(str(ROOT), "get_weight", "DEFAULT", model_name="preresnet20", source="local") == \
+        pretrained.resolve_weights("DEFAULT", "normal", 3, 1, None)
+    assert torch.hub.load(str(ROOT), "list_weights", model_name="preresnet20", source="local") == [S0, S1]
+    model = torch.hub.load(str(ROOT), "preresnet20", source="local", weights=S1)
+    images = load_dataset("folder", exported[1]).test.images[:4]
+    expected = get_model("preresnet20", weights=S1)(get_weights(S1).transforms()(images))
+    torch.testing.assert_close(model(entry.transforms()(images)), expected, rtol=0, atol=0)
+    with pytest.raises(UserError, match='"DEFAULT" is the best entry of a network: name the network too'):
+        torch.hub.load(str(ROOT), "get_weight", "DEFAULT", source="local")
+    with pytest.raises(UserError, match=f"weights {S0} are for PreResNet-20, not preresnet56"):
+        torch.hub.load(str(ROOT), "get_weight", S0, "preresnet56", source="local")
+
+
+@pytest.mark.parametrize("call", [
+    lambda: get_model("preresnet20", pretrained=True),
+    lambda: build_model("normal", 3, pretrained=True),
+    lambda: preresnet.models.preresnet20(pretrained=False),
+    lambda: torch.hub.load(str(ROOT), "preresnet20", source="local", pretrained=True),
+], ids=["get_model", "build_model", "factory", "hub"])
+def test_pretrained_is_answered_with_the_weights_spelling(call):
+    with pytest.raises(UserError) as raised:
+        call()
+    message = str(raised.value)
+    assert "\n" not in message and 'there is no pretrained= argument: use weights="DEFAULT"' in message, message
+    assert "preresnet.list_weights()" in message and "torchvision" in message
+
+
+def test_get_model_names_the_arguments_it_takes():
+    with pytest.raises(UserError, match=r"get_model\('preresnet20'\) takes num_classes, fused, dropout, weights, not "
+                                        r"depth \(its name fixes the network"):
+        get_model("preresnet20", depth=5)
+
+
+def test_python_m_preresnet_pretrained_lists_the_entries(registry):
+    def listing(*args):
+        return subprocess.run([sys.executable, "-m", "preresnet.pretrained", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    result = listing()
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"the registry {registry}:"
+    assert lines[1].split() == ["entry", "network", "data", "test", "error", "file", "size"]
+    assert len(lines) == 2 + len(ENTRIES)
+    for name, line in zip(sorted(ENTRIES), lines[2:]):
+        meta = get_weights(name).meta
+        assert line.startswith(name + " ")
+        for fact in (meta["network"], DATA, f"{100 * meta['test_error']:.2f}%", meta["file"],
+                     f"{meta['bytes'] / 2**20:.1f} MiB"):
+            assert fact in line, (fact, line)
+    only = listing("--model", "preresnet20").stdout.splitlines()
+    assert [line.split()[0] for line in only[2:]] == [S0, S1]
+    assert listing("--model", "preresnet56").stdout.strip() == \
+        f"the registry {registry} holds no weights for preresnet56"
+    refused = listing("--model", "resnet50")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "python -m preresnet.pretrained: error: unknown model 'resnet50': choose one of "
+        f"{', '.join(preresnet.list_models())}"]
 
 
 def test_hubconf_imports_only_the_model_code():
