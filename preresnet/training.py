@@ -18,7 +18,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,9 +28,11 @@ import torch.nn.functional as F
 from . import distributed, faults
 from .data import Dataset, channel_mean_std, data_label
 from .errors import UserError
-from .loaders import MODEL_STREAM, BaseLoader, auto_backend, build_loader, dali_available, dali_missing_message, epoch_seed
+from .loaders import MODEL_STREAM, BaseLoader, build_loader, epoch_seed
 from .models import build_model
-from .recipes import Recipe, learning_rate
+from .provenance import COMMANDS_NAME, command_record, commands_text, read_commands, this_command
+from .recipes import Recipe, learning_rate, steps_per_epoch
+from .runtime import Runtime, resolve_runtime, settle_compile  # noqa: F401  (train.py, eval.py and export import them here)
 from .steps import make_optimizer
 from .sweeps import DIVERGED_NAME, counted
 
@@ -69,75 +71,6 @@ def restore_random_state(saved: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(saved["state"], device)
     else:
         torch.set_rng_state(saved["state"])
-
-
-# --- runtime: device, precision, layout, compilation ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Runtime:
-    device: torch.device
-    amp: str  # "off" | "bf16" | "fp16"
-    channels_last: bool
-    compile: bool
-    loader: str  # "torch" | "dali"
-    fused: bool = False  # the Triton kernels of kernels/
-    sync_bn: bool = False  # BatchNorm statistics over all ranks (multi-process runs)
-    dist: distributed.Dist = distributed.Dist()
-    cuda_graphs: bool = False  # the whole step (and evaluation) captured in CUDA graphs: preresnet/steps.py
-    loader_reason: str = ""  # why this loader: the --loader asked for, or what auto found (config.json)
-
-    @property
-    def amp_dtype(self) -> torch.dtype | None:
-        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
-
-    def autocast(self):
-        if self.amp == "off":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def describe(self) -> str:
-        return (f"device {self.device}, amp {self.amp}, channels-last {'on' if self.channels_last else 'off'}, "
-                f"compile {'on' if self.compile else 'off'}, {'fused' if self.fused else 'unfused'}, {self.loader} loader, "
-                f"CUDA graphs {'on' if self.cuda_graphs else 'off'}")
-
-
-def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool | None = None,
-                    compile: bool | None = None, loader: str = "auto", fused: bool | None = None,
-                    sync_bn: bool | None = None, dist: distributed.Dist = distributed.Dist(),
-                    cuda_graphs: bool | None = None) -> Runtime:
-    """Fill in 'auto' (None): on a GPU the fastest correct settings, on the CPU the ones that work."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
-    if device not in ("cuda", "cpu"):
-        raise UserError(f"unknown device {device!r}: choose auto, cuda or cpu")
-    on_gpu = device == "cuda"
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "off"
-    if amp not in ("off", "bf16", "fp16"):
-        raise UserError(f"unknown --amp {amp!r}: choose auto, bf16, fp16 or off")
-    if fused and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise UserError("--fused on the CPU runs the Triton kernels under the interpreter (slow; meant for tests): "
-                        "set TRITON_INTERPRET=1, or train on a GPU")
-    loader_reason = f"--loader {loader}"
-    if loader == "auto":
-        loader, loader_reason = auto_backend(device)
-    if loader == "dali" and not dali_available():
-        raise UserError(dali_missing_message("--loader dali"))
-    return Runtime(
-        device=torch.device(device, dist.local_rank) if on_gpu and dist.enabled else torch.device(device),
-        amp=amp,
-        channels_last=on_gpu if channels_last is None else channels_last,
-        compile=on_gpu if compile is None else compile,
-        loader=loader,
-        loader_reason=loader_reason,
-        fused=bool(fused),
-        sync_bn=bool(sync_bn),
-        dist=dist,
-        cuda_graphs=on_gpu if cuda_graphs is None else cuda_graphs,
-    )
 
 
 # --- checkpoints ------------------------------------------------------------------------------------
@@ -191,7 +124,7 @@ def link_or_copy(source: Path, target: Path) -> None:
 
 def remove_stale_temporaries(out: Path) -> None:
     """Temporary files of a process killed while writing (SIGKILL leaves them); each can be as big as a checkpoint."""
-    for name in (CHECKPOINT_NAME, PREVIOUS_NAME, "metrics.jsonl", "curves.png", "config.json"):
+    for name in (CHECKPOINT_NAME, PREVIOUS_NAME, "metrics.jsonl", "curves.png", "config.json", COMMANDS_NAME):
         for tmp in out.glob(f".{name}.*.tmp"):
             if tmp != temporary_path(out / name):  # another process's
                 tmp.unlink(missing_ok=True)
@@ -385,6 +318,10 @@ class TrainingRun:
             torch.manual_seed(config["seed"])
             model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
                                 fused=runtime.fused, dropout=config["dropout"])
+            if spec.checkpoint is None and config.get("init"):  # a fine-tuning run starts from its weights
+                from .finetune import load_init_weights
+
+                load_init_weights(model, config["init"])
             if runtime.sync_bn:
                 distributed.convert_sync_batchnorm(model)
             model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
@@ -417,6 +354,9 @@ class TrainingRun:
             if dist.is_main:
                 remove_stale_temporaries(out)
             self.first_epoch = self.epoch  # of this command: its first epoch compiles
+            # the commands that trained the run before this one (a new run: none), and this one's record
+            self.earlier_commands = read_commands(out) if resume_from is not None else []
+            self.command = command_record(runtime)
             self.model, self.wrapped = model, model
             if dist.enabled:  # gradients averaged over ranks; rank 0's initial weights broadcast
                 self.wrapped = torch.nn.parallel.DistributedDataParallel(
@@ -539,7 +479,8 @@ class TrainingRun:
         metrics = {"epoch": self.epoch + 1, **train_metrics,
                    "test_loss": test_metrics["test_loss"], "test_error": test_metrics["test_error"],
                    "test_images": test_metrics["test_images"], "epoch_seconds": time.perf_counter() - self.epoch_start,
-                   "processes": runtime.dist.world_size, **step_timings(self.step_fn, self.forward)}
+                   "processes": runtime.dist.world_size, "command": len(self.earlier_commands),
+                   **step_timings(self.step_fn, self.forward)}
         self.history.append(metrics)
         self.epoch += 1
         self.steps = None
@@ -588,6 +529,9 @@ class TrainingRun:
             writes[out / PREVIOUS_NAME] = lambda tmp: link_or_copy(out / CHECKPOINT_NAME, tmp)
         writes[out / CHECKPOINT_NAME] = lambda tmp: torch.save(checkpoint, tmp)
         writes[out / "metrics.jsonl"] = lambda tmp: tmp.write_text(metrics_text(self.history))
+        stopped_in = {"epoch": self.epoch + 1, "step": position["step"]} if position else None
+        commands = self.earlier_commands + [this_command(self.command, self.history, self.first_epoch, stopped_in)]
+        writes[out / COMMANDS_NAME] = lambda tmp: tmp.write_text(commands_text(commands))
         write_files(writes)
         self.keep_previous = True
 
@@ -776,6 +720,11 @@ def epoch_will_pass(deadline: float | None, history: list[dict], epoch: int, fir
     mine = [m.get("epoch_seconds", 0.0) - sum(m.get(key) or 0.0 for key in one_off)  # compiled once per process
             for m in history if m.get("epoch", 0) > first_epoch]
     return bool(mine) and time.monotonic() + max(mine) > deadline
+
+
+def schedule_steps(recipes: list[Recipe], dataset: Dataset) -> int:
+    """Optimizer steps of the longest of these runs' whole schedules (what a CPU's auto compile weighs)."""
+    return max(recipe.epochs * steps_per_epoch(len(dataset.train.labels), recipe.batch_size) for recipe in recipes)
 
 
 def prepare_config(data: Dataset, **fields) -> dict:

@@ -9,6 +9,9 @@ every worker oversubscribes the machine, and its OpenMP threads then spin and th
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# the CPU's feature flags as the tests see them, in every process they start: none, so that what an
+# auto choice on the CPU gives (fp32, not bf16) does not depend on the machine CI runs on
+os.environ.setdefault("PRERESNET_CPU_FLAGS", "")
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))

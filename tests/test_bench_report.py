@@ -11,6 +11,7 @@ import torch
 from bench import render_results
 from bench.gpu_report import add_speedups, markdown
 from bench.workloads import conv_path_step
+from preresnet.provenance import git_commit
 
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "999.1", "cuda": "12.8", "torch": "2.13.0", "triton": "3.9.0",
        "commit": "abc1234", "python": "3.11", "cpu": "x86_64"}
@@ -177,9 +178,7 @@ def test_report_out_of_time_names_what_it_skipped(stubbed_report):
     assert "## Kernel correctness: FAIL" in (out / "report.md").read_text()
 
 
-def test_commit_is_dirty_only_for_changes_outside_the_stages_outputs(tmp_path, monkeypatch):
-    from bench import workloads
-
+def test_commit_is_dirty_only_for_changes_outside_the_stages_outputs(tmp_path):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
 
@@ -189,12 +188,11 @@ def test_commit_is_dirty_only_for_changes_outside_the_stages_outputs(tmp_path, m
     git("init", "-q")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
-    monkeypatch.setattr(workloads, "ROOT", tmp_path)
-    clean = workloads.git_commit()
+    clean = git_commit(tmp_path)
     assert clean and not clean.endswith("+dirty")
     (tmp_path / "bench/results/run.json").write_text("1\n")
     (tmp_path / "preresnet/weights/entry.json").write_text("1\n")
     (tmp_path / "preresnet/weights/new.pt").write_text("untracked\n")
-    assert workloads.git_commit() == clean  # a stage's results: the code measured is HEAD's
+    assert git_commit(tmp_path) == clean  # a stage's results: the code measured is HEAD's
     (tmp_path / "train.py").write_text("1\n")
-    assert workloads.git_commit() == clean + "+dirty"
+    assert git_commit(tmp_path) == clean + "+dirty"

@@ -2,18 +2,24 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from preresnet.loaders import dali_available
+import train
+from preresnet import UserError
+from preresnet.loaders import auto_backend, dali_available
+from preresnet.recipes import resolve_recipe
+from preresnet.training import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("circle", "cross", "square", "stripes")
@@ -100,9 +106,16 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     config = json.loads((finished_run / "config.json").read_text())
     assert config["model"] == "PreResNet-8" and config["classes"] == list(CLASSES)
     assert config["recipe"]["epochs"] == 3 and config["recipe"]["lr"] == 0.1 and config["seed"] == 7
-    assert config["runtime"] == {"device": "cpu", "amp": "off", "channels_last": False, "compile": False,
-                                 "loader": "torch", "loader_reason": "--loader torch", "fused": False,
-                                 "sync_bn": False, "cuda_graphs": False, "processes": 1}
+    runtime = config["runtime"]
+    reasons = {key: runtime.pop(key) for key in ("amp_reason", "channels_last_reason", "compile_reason", "loader_reason")}
+    assert runtime == {"device": "cpu", "amp": "off", "channels_last": True, "compile": False, "loader": "torch",
+                       "fused": False, "sync_bn": False, "cuda_graphs": False, "processes": 1}
+    # every auto choice names its rule; the CPU's flags are the tests' own (conftest: no native bf16)
+    assert reasons == {"amp_reason": "auto: this CPU has no native bf16 (AVX512-BF16, AMX-BF16), so fp32",
+                       "channels_last_reason": "auto: oneDNN's CPU convolutions are faster in NHWC",
+                       "compile_reason": "auto: on a CPU compiling pays from 30,000 steps; this run's schedule has "
+                                         "144 (under)",
+                       "loader_reason": "--loader torch"}
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -160,11 +173,83 @@ def test_resume_after_sigkill_is_bit_identical(data_dir, finished_run, tmp_path)
     reference_lines = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3]
     assert [m["train_loss"] for m in lines] == [m["train_loss"] for m in reference_lines]
+    # the run's record names both commands and the epochs each trained (the killed one: up to its checkpoint)
+    commands = [json.loads(line) for line in (out / "commands.jsonl").read_text().splitlines()]
+    assert [c["epochs"] for c in commands] == [[1, 1], [2, 3]]
+    assert [m["command"] for m in lines] == [0, 1, 1]
+    assert "--seed" in commands[0]["argv"] and "--resume" in commands[1]["argv"]
+    for command, trained in zip(commands, ([lines[0]], lines[1:])):
+        assert command["train_seconds"] == round(sum(m["train_seconds"] for m in trained), 1)
+        assert command["wall_seconds"] >= command["epoch_seconds"] > 0
+        assert command["device"].startswith("CPU (") and command["threads"] >= 1 and "commit" in command
+        assert (command["amp"], command["channels_last"], command["compile"]) == ("off", True, False)
 
 
 def test_resume_refuses_a_changed_recipe(finished_run):
     result = run("train.py", "--resume", finished_run, "--lr", "0.5")
     assert_one_line_error(result, "--lr", "0.1")
+    assert_one_line_error(run("train.py", "--resume", finished_run, "--model", "preresnet20"),
+                          "the run trains PreResNet-8, not --model preresnet20 (PreResNet-20)")
+
+
+def test_a_short_run_scales_its_warm_up_and_prints_its_schedule(finished_run, data_dir, tmp_path):
+    """--epochs 3 of 48 steps: the paper's 400-step warm-up becomes 7 steps (400 x 3/164), so each
+    epoch trains at the lr of its place in the schedule, as the scaled milestones (1, 2) say."""
+    recipe = load_weights(finished_run)["recipe"]
+    assert (recipe["warmup_iters"], tuple(recipe["milestones"])) == (7, (1, 2))
+    metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics] == pytest.approx([0.1, 0.01, 0.001])
+    result = run("train.py", *TINY, "--epochs", "1", "--out", tmp_path / "one", data_dir=data_dir, check=True)
+    lines = result.stderr.splitlines()
+    schedule = "lr schedule: 0.01 for 2 steps (warm-up), 0.1 to epoch 1 (10 steps); 12 steps an epoch, 12 in all"
+    header = next(i for i, line in enumerate(lines) if line.startswith("PreResNet-8: "))
+    assert schedule in lines[:header], lines  # among the run's first lines, before training starts
+
+
+def test_resume_keeps_the_warm_up_its_run_started_with(data_dir, tmp_path):
+    """The checkpoint's recipe is the run's: a longer --epochs scales nothing, and a run saved
+    before the warm-up scaled (400 steps, longer than the run) continues with it, not refused."""
+    out = tmp_path / "short"
+    run("train.py", *TINY, "--epochs", "1", "--out", out, data_dir=data_dir, check=True)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    result = run("train.py", "--resume", out, "--epochs", "3", "--no-progress", check=True)
+    assert load_weights(out)["recipe"]["warmup_iters"] == 2  # 400 x 1/164, not 400 x 3/164
+    assert ("lr schedule: 0.01 for 2 steps (warm-up), 0.1 to epoch 1 (10 steps), 0.01 to epoch 3 (24 steps); 12 steps "
+            "an epoch, 36 in all") in result.stderr
+    checkpoint = load_weights(old)
+    checkpoint["recipe"]["warmup_iters"] = 400
+    torch.save(checkpoint, old / "checkpoint.pt")
+    result = run("train.py", "--resume", old, "--epochs", "2", "--no-progress", check=True)
+    assert "lr schedule: 0.01 for 24 steps (warm-up); 12 steps an epoch, 24 in all" in result.stderr
+    assert load_weights(old)["recipe"]["warmup_iters"] == 400
+    assert [json.loads(line)["lr"] for line in (old / "metrics.jsonl").read_text().splitlines()] == [0.1, 0.01]
+
+
+def test_packed_runs_print_each_schedule_once(capsys):
+    """The runs of --seeds and lists: one line for a schedule they share, named where they differ;
+    the warm-up here outlasts epoch 1 (5 steps of 3 an epoch), and the line shows it."""
+    dataset = SimpleNamespace(train=SimpleNamespace(labels=np.zeros(48)))
+    specs = [RunSpec({}, resolve_recipe("paper", epochs=2, batch_size=16, lr=lr), Path(f"lr-{lr}-seed-{seed}"))
+             for lr in (0.1, 0.05) for seed in (0, 1)]
+    train.say_start(specs[:2], dataset)
+    assert capsys.readouterr().err == ("lr schedule: 0.01 for 5 steps (warm-up), 0.01 to epoch 2 (1 step); 3 steps an "
+                                       "epoch, 6 in all\n")
+    train.say_start(specs, dataset)
+    assert capsys.readouterr().err.splitlines()[1] == \
+        "lr-0.05-seed-0, lr-0.05-seed-1: lr schedule: 0.01 for 5 steps (warm-up), 0.005 to epoch 2 (1 step); 3 steps " \
+        "an epoch, 6 in all"
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--epochs", "1", "--batch-size", "96"],  # 2 steps, and the warm-up scaled to 2
+     ["the warm-up of 2 steps lasts the whole run (2 steps, 2 an epoch)", "--warmup-iters below 2"]),
+    (["--epochs", "3", "--warmup-iters", "36"], ["the warm-up of 36 steps lasts the whole run (36 steps"]),
+    (["--epochs", "3", "--milestones", "1,4"], ["milestone 4 is after the last epoch (3)"]),
+])
+def test_a_schedule_that_cannot_work_is_refused(data_dir, tmp_path, args, fragments):
+    assert_one_line_error(run("train.py", *TINY, *args, "--out", tmp_path / "refused", data_dir=data_dir), *fragments)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_fp16_with_loss_scaling_and_extending_a_finished_run(data_dir, tmp_path):
@@ -200,8 +285,9 @@ def test_fused_training_tracks_unfused_training(tmp_path, monkeypatch):
     for name, flag, paths in (("fused", "--fused", None), ("mixed", "--fused", table), ("plain", "--no-fused", None)):
         if paths:
             monkeypatch.setenv("PRERESNET_CONV_PATHS", str(paths))
+        # lr 0.01 throughout, as the paper's warm-up gives it: 2 steps cannot hold a warm-up and a phase after it
         result = run("train.py", *TINY, "--data-dir", tiny, "--epochs", "1", "--batch-size", "2", flag,
-                     "--out", tmp_path / name, check=True)
+                     "--warmup-iters", "0", "--lr", "0.01", "--out", tmp_path / name, check=True)
         monkeypatch.delenv("PRERESNET_CONV_PATHS", raising=False)
         if name == "mixed":
             assert "fused: 2 layers run PyTorch's ops" in result.stderr
@@ -229,9 +315,10 @@ def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
     run("train.py", *TINY, "--type", "wide", "--width", "2", "--dropout", "0.3", "--data-dir", data_dir,
         "--epochs", "1", "--amp", "bf16", "--channels-last", "--compile", "--out", out, check=True, timeout=900)
     config = json.loads((out / "config.json").read_text())
-    assert config["runtime"] == {"device": "cpu", "amp": "bf16", "channels_last": True, "compile": True,
-                                 "loader": "torch", "loader_reason": "--loader torch", "fused": False,
-                                 "sync_bn": False, "cuda_graphs": False, "processes": 1}
+    assert {key: value for key, value in config["runtime"].items() if not key.endswith("_reason")} == {
+        "device": "cpu", "amp": "bf16", "channels_last": True, "compile": True, "loader": "torch", "fused": False,
+        "sync_bn": False, "cuda_graphs": False, "processes": 1}
+    assert config["runtime"]["amp_reason"] == "--amp bf16" and config["runtime"]["compile_reason"] == "--compile"
     assert config["model"] == "WRN-10-2" and config["recipe"]["nesterov"] is True  # the wrn recipe
     metrics = json.loads((out / "metrics.jsonl").read_text())
     assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["test_error"] <= 1
@@ -286,7 +373,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     (["--type", "normal", "--depth", "0"], ["depth"]),
     (["--type", "resnet", "--depth", "3"], ["--type", "invalid choice"]),
     (["--type", "normal", "--depth", "3", "--dataset", "imagenet"], ["--dataset", "invalid choice"]),
-    (["--depth", "3"], ["--type and --depth are required"]),
+    (["--depth", "3"], ["--type and --depth are required, or --model NAME"]),
+    (["--type", "normal", "--depth", "110"],
+     ["--depth 110 counts residual units per stage and would build PreResNet-662; for PreResNet-110 use --model "
+      "preresnet110 (or --type normal --depth 18); to build PreResNet-662 on purpose give --units 110"]),
+    (["--type", "bottleneck", "--depth", "164"], ["PreResNet-1478", "--model preresnet164", "--depth 18"]),
+    (["--type", "wide", "--depth", "28", "--width", "10"], ["WRN-172-10", "--model wrn28_10", "--depth 4 --width 10"]),
+    (["--type", "wide", "--depth", "40", "--width", "4"], ["for WRN-40-4 use --type wide --depth 6 --width 4;"]),
+    (["--model", "preresnet110", "--depth", "3"],
+     ["--model preresnet110 is PreResNet-110 (--depth 18), not --depth 3"]),
+    (["--model", "wrn16_4", "--width", "8"], ["--model wrn16_4 is WRN-16-4 (--width 4), not --width 8"]),
+    (["--model", "preresnet110", "--type", "bottleneck"], ["(--type normal), not --type bottleneck"]),
+    (["--model", "resnet50"], ["--model", "invalid choice", "preresnet110"]),
+    (["--type", "normal", "--depth", "3", "--units", "3"], ["--depth and --units", "give one"]),
     (["--type", "normal", "--depth", "1", "--dataset", "folder", "--data-dir", "/nonexistent/shapes"],
      ["/nonexistent/shapes does not exist"]),
     (["--type", "normal", "--depth", "1", "--epochs", "abc"], ["--epochs", "invalid int value"]),
@@ -322,10 +421,30 @@ def test_cuda_without_gpu_is_a_clear_error(data_dir, tmp_path):
     assert_one_line_error(result, "--device cuda", "no CUDA GPU")
 
 
+def test_model_names_a_registry_network_and_units_build_any(data_dir, tmp_path):
+    out = tmp_path / "pr20"
+    result = run("train.py", "--model", "preresnet20", *TINY[4:], "--epochs", "1", "--out", out, data_dir=data_dir,
+                 check=True)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["type"], config["depth"], config["width"]) == ("PreResNet-20", "normal", 3, 1)
+    assert "final test error" in result.stdout
+    parser = train.build_parser()
+    assert train.network(parser.parse_args(["--model", "wrn16_4", "--type", "wide", "--width", "4"])) == ("wide", 2, 4)
+    assert train.network(parser.parse_args(["--type", "normal", "--units", "110"])) == ("normal", 110, 1)
+    assert train.network(parser.parse_args(["--type", "normal", "--depth", "18"])) == ("normal", 18, 1)
+    with pytest.raises(UserError, match="--depth 20 counts residual units"):
+        train.network(parser.parse_args(["--type", "normal", "--depth", "20"]))
+
+
 def test_help_documents_every_flag():
     text = run("train.py", "--help", check=True).stdout
-    for flag in ("--type", "--depth", "--width", "--dataset", "--data-dir", "--recipe", "--epochs", "--batch-size",
-                 "--lr", "--weight-decay", "--out", "--resume", "--seed", "--device", "--amp", "--channels-last",
+    words = " ".join(text.split())
+    # --loader's default is auto_backend's rule: torch on the CPU, DALI on a GPU only where measured not slower
+    assert auto_backend("cpu")[0] == "torch" and "DALI when installed" not in words
+    assert ("Default auto: torch on the CPU; on a GPU, DALI where it is installed and measured not slower on that GPU"
+            in words)
+    for flag in ("--model", "--units", "--init", "--type", "--depth", "--width", "--dataset", "--data-dir", "--recipe",
+                 "--epochs", "--batch-size", "--lr", "--weight-decay", "--out", "--resume", "--seed", "--device", "--amp", "--channels-last",
                  "--no-channels-last", "--compile", "--no-compile", "--fused", "--no-fused"):
         assert flag in text, flag
     assert "--json" in run("eval.py", "--help", check=True).stdout

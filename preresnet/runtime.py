@@ -1,0 +1,243 @@
+"""Where and how a run computes: device, autocast precision, memory layout, torch.compile, data
+loader, fused kernels, CUDA graphs. `auto` (None) is filled in by a rule, and each rule's reason is
+kept with its choice (config.json records both).
+
+The rules, with the measurements behind them (docs/training.md, "Precision, layout and compilation"):
+
+- **Precision.** On a GPU bf16 autocast where the GPU has it, else fp16 with loss scaling. On a CPU
+  bf16 autocast only where the processor computes bf16 natively (AVX512-BF16 or AMX-BF16 on x86,
+  the BF16 extension on Arm), read from the processor's own feature flags, never guessed from its
+  vendor. Without them oneDNN emulates bf16 with fp32 instructions: a PreResNet-20 step took 2.4x
+  as long as fp32 on an Intel Xeon without AVX512-BF16 (bench/results/2026-12-03-cpu/), so there
+  `auto` is fp32, and an explicit `--amp bf16` or `--amp fp16` works but warns in one line.
+- **Layout.** channels-last everywhere: on a GPU for the tensor cores, on a CPU because oneDNN's
+  convolutions are faster in NHWC (fp32 1.2x to 1.4x, in both CPUs measured).
+- **torch.compile.** On a GPU always. On a CPU it pays only over a long run: Inductor's C++ code
+  generation costs 45 to 60 s for PreResNet-20 (more for deeper networks, again for evaluation
+  mode), and the compiled step was measured 1.03x (bf16, AMD EPYC) to 1.16x (fp32, Intel Xeon)
+  faster than eager. `auto` compiles on a CPU when the run's whole schedule has at least
+  CPU_COMPILE_MIN_STEPS optimizer steps, where even the smaller gain repays the warm-up; the
+  schedule, not what is left of it, decides, so every command of a run makes the same choice.
+- **A resumed run** keeps the precision, layout and compilation it was started with (config.json)
+  unless a flag asks otherwise: where a run was cut never changes what it computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import distributed
+from .errors import UserError
+from .loaders import auto_backend, dali_available, dali_missing_message
+
+AMP_CHOICES = ("off", "bf16", "fp16")
+# feature flags (Linux /proc/cpuinfo: x86 'flags', Arm 'Features') of instructions that compute each
+# type natively; oneDNN, which runs PyTorch's CPU convolutions and matrix products, uses them
+NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "asimdhp")}
+# 30,000 steps (77 CIFAR epochs at batch 128): at the smallest gain measured (3% of a 0.085 s
+# PreResNet-20 step) compiling saves 77 s, more than its 45-60 s warm-up
+CPU_COMPILE_MIN_STEPS = 30_000
+# bf16 autocast as a CPU's auto waits on the accuracy comparison of docs/training.md (fp32 and bf16,
+# three seeds each): until it holds, auto is fp32 on every CPU and the rule only says why
+CPU_BF16_AUTO = False
+FLAGS_ENV = "PRERESNET_CPU_FLAGS"  # feature flags to use instead of the processor's (tests; another CPU's rules)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp: str  # "off" | "bf16" | "fp16"
+    channels_last: bool
+    compile: bool | None  # None only until settle_compile has seen the run's schedule (a CPU's auto)
+    loader: str  # "torch" | "dali"
+    fused: bool = False  # the Triton kernels of kernels/
+    sync_bn: bool = False  # BatchNorm statistics over all ranks (multi-process runs)
+    dist: distributed.Dist = distributed.Dist()
+    cuda_graphs: bool = False  # the whole step (and evaluation) captured in CUDA graphs: preresnet/steps.py
+    loader_reason: str = ""  # why this loader: the --loader asked for, or what auto found (config.json)
+    amp_reason: str = ""
+    channels_last_reason: str = ""
+    compile_reason: str = ""
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.amp]
+
+    def autocast(self):
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> str:
+        return (f"device {self.device}, amp {self.amp}, channels-last {'on' if self.channels_last else 'off'}, "
+                f"compile {'on' if self.compile else 'off'}, {'fused' if self.fused else 'unfused'}, {self.loader} loader, "
+                f"CUDA graphs {'on' if self.cuda_graphs else 'off'}")
+
+    def reasons(self) -> dict:
+        """Why each setting is what it is (config.json's runtime section)."""
+        return {"amp_reason": self.amp_reason, "channels_last_reason": self.channels_last_reason,
+                "compile_reason": self.compile_reason, "loader_reason": self.loader_reason}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The processor's feature flags as Linux reports them ($PRERESNET_CPU_FLAGS instead where set);
+    empty where /proc/cpuinfo is not."""
+    if FLAGS_ENV in os.environ:
+        return frozenset(os.environ[FLAGS_ENV].replace(",", " ").split())
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_cpu_support(amp: str, flags: frozenset[str] | None = None) -> list[str]:
+    """The instruction sets of this CPU that compute amp's type natively (empty: emulated)."""
+    flags = cpu_flags() if flags is None else flags
+    found = [flag for flag in NATIVE_CPU_FLAGS[amp] if flag in flags]
+    if not flags and amp == "bf16" and FLAGS_ENV not in os.environ:  # no /proc/cpuinfo (macOS, Windows): ask PyTorch's own CPU probe
+        probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+        found = [flag for flag, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)()]
+    return found
+
+
+def emulation_warning(amp: str) -> str:
+    wanted = {"bf16": "AVX512-BF16, AMX-BF16 or Arm BF16", "fp16": "AVX512-FP16, AMX-FP16 or Arm FP16"}[amp]
+    return (f"warning: --amp {amp} on a CPU without native {amp} ({wanted}): the arithmetic is emulated and "
+            f"slower than fp32 (--amp off); the results are the same")
+
+
+def resolve_amp(amp: str, device: str, saved: dict | None, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """The autocast precision `amp` means on device, and why."""
+    if amp == "auto" and saved and saved.get("amp") in AMP_CHOICES:
+        return saved["amp"], "as the run was started (its config.json)"
+    if amp == "auto" and device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU computes bf16"
+        return "fp16", "auto: the GPU has no bf16, fp16 with loss scaling"
+    if amp == "auto":
+        native = native_cpu_support("bf16", flags)
+        if native and CPU_BF16_AUTO:
+            return "bf16", f"auto: this CPU computes bf16 natively ({', '.join(native)})"
+        if native:
+            return "off", (f"auto: fp32; this CPU computes bf16 natively ({', '.join(native)}), but bf16 autocast "
+                           f"waits on the accuracy comparison against fp32")
+        return "off", "auto: this CPU has no native bf16 (AVX512-BF16, AMX-BF16), so fp32"
+    if amp not in AMP_CHOICES:
+        raise UserError(f"unknown --amp {amp!r}: choose auto, bf16, fp16 or off")
+    return amp, f"--amp {amp}"
+
+
+def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool | None = None,
+                    compile: bool | None = None, loader: str = "auto", fused: bool | None = None,
+                    sync_bn: bool | None = None, dist: distributed.Dist = distributed.Dist(),
+                    cuda_graphs: bool | None = None, saved: dict | None = None) -> Runtime:
+    """Fill in 'auto' (None) by the rules above. saved: the runtime section of a resumed run's
+    config.json, whose precision, layout and compilation an auto keeps. On a CPU an auto compile
+    stays None until settle_compile sees the run's schedule."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"unknown device {device!r}: choose auto, cuda or cpu")
+    on_gpu = device == "cuda"
+    amp, amp_reason = resolve_amp(amp, device, saved)
+    if fused and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UserError("--fused on the CPU runs the Triton kernels under the interpreter (slow; meant for tests): "
+                        "set TRITON_INTERPRET=1, or train on a GPU")
+    loader_reason = f"--loader {loader}"
+    if loader == "auto":
+        loader, loader_reason = auto_backend(device)
+    if loader == "dali" and not dali_available():
+        raise UserError(dali_missing_message("--loader dali"))
+    saved = saved or {}
+    if channels_last is not None:
+        channels_last_reason = f"--{'' if channels_last else 'no-'}channels-last"
+    elif isinstance(saved.get("channels_last"), bool):
+        channels_last, channels_last_reason = saved["channels_last"], "as the run was started (its config.json)"
+    else:
+        channels_last = True
+        channels_last_reason = ("auto: on a GPU, for the tensor cores" if on_gpu else
+                                "auto: oneDNN's CPU convolutions are faster in NHWC")
+    if compile is not None:
+        compile_reason = f"--{'' if compile else 'no-'}compile"
+    elif isinstance(saved.get("compile"), bool):
+        compile, compile_reason = saved["compile"], "as the run was started (its config.json)"
+    elif on_gpu:
+        compile, compile_reason = True, "auto: on a GPU"
+    else:
+        compile_reason = ""  # settle_compile decides from the run's schedule
+    return Runtime(
+        device=torch.device(device, dist.local_rank) if on_gpu and dist.enabled else torch.device(device),
+        amp=amp,
+        amp_reason=amp_reason,
+        channels_last=channels_last,
+        channels_last_reason=channels_last_reason,
+        compile=compile,
+        compile_reason=compile_reason,
+        loader=loader,
+        loader_reason=loader_reason,
+        fused=bool(fused),
+        sync_bn=bool(sync_bn),
+        dist=dist,
+        cuda_graphs=on_gpu if cuda_graphs is None else cuda_graphs,
+    )
+
+
+def settle_compile(runtime: Runtime, schedule_steps: int) -> Runtime:
+    """A CPU's auto compile, decided by the optimizer steps of the run's whole schedule (of the
+    longest run, for packed runs): on from CPU_COMPILE_MIN_STEPS."""
+    if runtime.compile is not None:
+        return runtime
+    compile = schedule_steps >= CPU_COMPILE_MIN_STEPS
+    relation = "at least" if compile else "under"
+    return replace(runtime, compile=compile, compile_reason=(
+        f"auto: on a CPU compiling pays from {CPU_COMPILE_MIN_STEPS:,} steps; this run's schedule has "
+        f"{schedule_steps:,} ({relation})"))
+
+
+def warn_if_emulated(runtime: Runtime, say=print) -> None:
+    """One line when the CPU emulates the autocast type asked for."""
+    if runtime.device.type == "cpu" and runtime.amp != "off" and not native_cpu_support(runtime.amp):
+        say(emulation_warning(runtime.amp))
+
+
+def saved_runtime(path: str | os.PathLike) -> dict | None:
+    """The runtime section of the config.json of the run that path continues (a run folder, a
+    checkpoint file in one, or a packed command's folder, whose seed-N runs share one runtime);
+    None where there is none yet (a new run under --resume auto)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    candidates = [folder / "config.json"] + sorted(folder.glob("*/config.json"))
+    for config in candidates:
+        try:
+            runtime = json.loads(config.read_text()).get("runtime")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(runtime, dict):
+            return runtime
+    return None
