@@ -852,7 +852,8 @@ def export_weights(local: Path, results: Path, dry: bool, env: dict, clock: Cloc
     model = next((key for key, spec in NETWORKS.items() if spec[:3] == arch), None)
     network = registry_name(*arch) or config["model"].lower().replace("-", "")
     name = f"{network}-{'synthetic' if dry else 'cifar10jpeg'}-{config['recipe_name']}-{'gpu' if on_gpu else 'cpu'}-s{seed}"
-    stage = ["--dry-run"] if dry else ["--model", model] + ([] if on_gpu else ["--device", "cpu"])
+    # on a CPU with the threads its epochs were timed with (bench/README.md); the stage's default is 1
+    stage = ["--dry-run"] if dry else ["--model", model] + ([] if on_gpu else ["--device", "cpu", "--threads", "2"])
     if dry:
         registry = results.parents[2] / "weights"
     else:

@@ -1,6 +1,6 @@
 """Device launches per training step, counted on the CPU.
 
-    python -m bench.launches [--models preresnet110 ...] [--batch 128]
+    python -m bench.launches [--models preresnet110 ...] [--providers fused ...] [--batch 2] [--json]
 
 At CIFAR sizes a big GPU runs most kernels of a training step in a few microseconds, about the
 cost of launching one, so the number of launches bounds the step as much as the arithmetic does.
@@ -21,6 +21,10 @@ the values do not matter, only which kernels would run). The count of one op:
 `_local_scalar_dense` (`.item()`, a host synchronisation) is reported apart: a training step must
 have none. torch.compile'd providers are not counted: on the CPU, inductor generates C++ kernels,
 fused differently from the Triton kernels it generates for a GPU.
+
+The count does not depend on the batch (tests/test_launches.py), so the command runs batch 2 by
+default: the ATen ops still compute on the CPU, where a larger batch only costs time. It prints one Markdown row per model and provider (TABLE_HEADER), or with --json one object per row
+with every op's count.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_str
 # CUDA's multi_tensor_apply: tensors one launch takes, by the number of tensor lists (depth)
 FOREACH_TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
 HOST_SYNC = "_local_scalar_dense"
+DEFAULT_BATCH = 2  # the count is the same at any batch; the ATen ops run, so a small one is fast
+TABLE_HEADER = ("model", "provider", "launches", "ATen ops", "Triton kernels", "host syncs")
 
 
 def _storages(value) -> set[int]:
@@ -142,29 +148,50 @@ def step_launches(name: str, provider: str, batch: int = 128) -> LaunchCounter:
     return count_step(step)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.launches", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="registry names (default: the benchmark networks, bench.workloads.MODELS)")
+    parser.add_argument("--providers", nargs="+", default=list(COUNTED_PROVIDERS), choices=COUNTED_PROVIDERS)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH,
+                        help="the step's batch (default %(default)s: the count does not depend on it)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per model and provider, every op's count")
+    return parser
+
+
+def table_lines() -> list[str]:
+    """The header of the Markdown table the command prints: TABLE_HEADER, the counts right-aligned."""
+    return ["| " + " | ".join(TABLE_HEADER) + " |",
+            "| " + " | ".join("---" if i < 2 else "---:" for i in range(len(TABLE_HEADER))) + " |"]
+
+
+def table_row(name: str, provider: str, counter: LaunchCounter) -> str:
+    """One row of the table: the network by its paper name (PreResNet-110), the counts."""
+    from preresnet.models import MODEL_ARCHS, paper_name
+
+    network = paper_name(*MODEL_ARCHS[name]) if name in MODEL_ARCHS else name
+    cells = (network, provider, counter.total, sum(counter.aten.values()), sum(counter.triton.values()),
+             counter.host_syncs)
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
 def main(argv: list[str] | None = None) -> int:
     # the launchers accept CPU tensors only under the interpreter (read when triton is first imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    args = build_parser().parse_args(argv)
     from bench.workloads import MODELS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--providers", nargs="+", default=list(COUNTED_PROVIDERS), choices=COUNTED_PROVIDERS)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--json", action="store_true", help="one JSON object per model and provider")
-    args = parser.parse_args(argv)
-    print("| model | provider | launches | ATen | Triton | host syncs | largest |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in args.models:
+    if not args.json:
+        print("\n".join(table_lines()), flush=True)
+    for name in args.models or MODELS:
         for provider in args.providers:
             counter = step_launches(name, provider, args.batch)
             if args.json:
-                print(json.dumps({"model": name, "provider": provider, "launches": counter.total,
-                                  "aten": dict(counter.aten), "triton": dict(counter.triton)}))
-                continue
-            top = ", ".join(f"{op} {n}" for op, n in (counter.aten + counter.triton).most_common(4))
-            print(f"| {name} | {provider} | {counter.total} | {sum(counter.aten.values())} | "
-                  f"{sum(counter.triton.values())} | {counter.host_syncs} | {top} |", flush=True)
+                print(json.dumps({"model": name, "provider": provider, "batch": args.batch, "launches": counter.total,
+                                  "host_syncs": counter.host_syncs, "aten": dict(counter.aten),
+                                  "triton": dict(counter.triton)}), flush=True)
+            else:
+                print(table_row(name, provider, counter), flush=True)
     return 0
 
 
