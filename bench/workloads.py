@@ -2,6 +2,7 @@
 
 Providers, each a way to run the same network:
   eager-fp32     the reference model, fp32, NCHW: the unfused baseline
+  eager-fp32-cl  the reference model, fp32, channels-last (the CPU rows' baseline: bench/test_cpu_steps.py)
   eager-amp-cl   the reference model, bf16 autocast, channels-last
   compile        the reference model under torch.compile (default mode), bf16 autocast, channels-last
   fused          the Triton kernels, bf16 autocast, channels-last
@@ -25,10 +26,17 @@ from torch import nn
 
 from preresnet import get_model
 from preresnet.models import PreActBasicBlock, PreActBottleneck
+from preresnet.provenance import git_commit
 
 PROVIDERS = ("eager-fp32", "eager-amp-cl", "compile", "fused", "fused-compile", "cuda-graph")
 UNIT_PROVIDERS = ("eager-fp32", "eager-amp-cl", "fused")  # compiling each unit shape would not fit the time budget
 MODELS = ("preresnet110", "preresnet164", "wrn16_4")
+# the CPU section (bench/test_cpu_steps.py): a training step at batch 128 on the CPU, the ratios to
+# fp32 channels-last (CPU_BASELINE) in docs/benchmarks.md (bench/cpu_table.py)
+CPU_PROVIDERS = ("eager-fp32", "eager-fp32-cl", "eager-amp-cl", "compile")
+CPU_MODELS = ("preresnet20", "preresnet110")
+CPU_BATCH = 128
+CPU_BASELINE = "eager-fp32-cl"
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,7 +48,8 @@ def skip_reason(provider: str, device: str) -> str | None:
         if provider.startswith("fused"):
             return "the Triton kernels run on a CPU only under the interpreter: its timings mean nothing"
         if provider == "compile":
-            return "compiling the full networks takes minutes on a CPU, past the suite's 5-minute budget"
+            return ("compiling these networks takes minutes on a CPU, past the suite's 5-minute budget "
+                    "(bench/test_cpu_steps.py times the compiled step of PreResNet-20 and PreResNet-110 there)")
     if provider.startswith("fused") and os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled"
     return None
@@ -116,6 +125,11 @@ def is_fused(provider: str) -> bool:
     return provider.startswith("fused")
 
 
+def provider_dtype(provider: str) -> str:
+    """The autocast type a provider computes in."""
+    return "float32" if provider in ("eager-fp32", "eager-fp32-cl") else "bfloat16"
+
+
 def prepare(module: nn.Module, provider: str, device: str):
     """Module placed and wrapped for the provider, the input memory format, and the autocast context."""
     channels_last = provider != "eager-fp32"
@@ -124,7 +138,8 @@ def prepare(module: nn.Module, provider: str, device: str):
         module = torch.compile(module)
     elif provider == "cuda-graph":
         module = torch.compile(module, mode="reduce-overhead")
-    amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if channels_last else contextlib.nullcontext
+    bf16 = provider_dtype(provider) == "bfloat16"
+    amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return module, torch.channels_last if channels_last else torch.contiguous_format, amp
 
 
@@ -198,11 +213,16 @@ def torch_path_layers(name: str, device: str) -> dict[str, str]:
 
 
 def training_step(name: str, provider: str, device: str, batch: int):
-    """One SGD step of a paper network (forward, loss, backward, optimizer), synchronised. The
-    fused providers run what train.py --fused runs: each layer on the path kernels/conv_paths.json
-    names for this GPU (the Triton kernel where it names none)."""
+    """One SGD step of a paper network (forward, loss, backward, optimizer), synchronised; it
+    returns the step's loss, and leaves the gradients of its parameters (step.model) in place until
+    the next call. The fused providers run what train.py --fused runs: each layer on the path
+    kernels/conv_paths.json names for this GPU (the Triton kernel where it names none). name "tiny":
+    PreResNet-8 (tests)."""
+    from preresnet import build_model
+
     torch.manual_seed(0)
-    model = get_model(name, fused=is_fused(provider))
+    model = build_model("normal", 1, num_classes=10, fused=is_fused(provider)) if name == "tiny" \
+        else get_model(name, fused=is_fused(provider))
     if is_fused(provider):
         from preresnet.kernels.paths import assign_paths
 
@@ -221,7 +241,9 @@ def training_step(name: str, provider: str, device: str, batch: int):
         loss.backward()
         optimizer.step()
         synchronize(device)
+        return loss
 
+    step.model = model
     return step
 
 
@@ -299,6 +321,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def cpu_environment() -> dict:
+    """What a CPU row names besides environment(): the processor's model name, the instruction sets
+    it computes bf16 with natively (empty: oneDNN emulates bf16), and the threads PyTorch uses."""
+    from preresnet.runtime import cpu_name, native_cpu_support
+
+    return {"cpu_name": cpu_name(), "native_bf16": native_cpu_support("bf16"), "threads": torch.get_num_threads()}
+
+
 def environment(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "commit": git_commit()}
@@ -318,17 +348,3 @@ def environment(device: str) -> dict:
             info["driver"] = None
     return info
 
-
-OUTPUT_PATHS = ("bench/results", "preresnet/weights")  # what the stages write: no change to the code measured
-
-
-def git_commit() -> str | None:
-    """HEAD's short hash, '+dirty' where a tracked file other than the stages' outputs has changed."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                *(f":(exclude){path}" for path in OUTPUT_PATHS)],
-                               capture_output=True, text=True, cwd=ROOT, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
