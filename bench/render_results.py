@@ -163,25 +163,46 @@ def render_loader_pages(pages: list[Path], reports: list[dict]) -> dict[Path, st
 
 
 def load_runs(results: Path) -> list[dict]:
-    """The reproduction runs bench.gpu_plan's reproduce stage wrote: results/reproduce/NAME/run.json."""
+    """The reproduction runs under results/reproduce/NAME/: run.json, with what each seed's own
+    files say (metrics.jsonl: the training time and images; commands.jsonl: the commands)."""
     runs = []
     for path in sorted(results.glob("reproduce/*/run.json")):
         run = json.loads(path.read_text())
         run["path"] = str(path.parent.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path.parent)
-        run["training_seconds"] = training_seconds(path.parent, run.get("runs", {}))
+        run.update(training_record(path.parent, run.get("runs", {})))
         runs.append(run)
     return runs
 
 
-def training_seconds(folder: Path, seeds: dict) -> float | None:
-    """How long the run trained: the slowest seed's sum of its epochs' times (metrics.jsonl). The
-    seeds train packed in one process, so their epochs run side by side; metrics.jsonl travels with
-    every checkpoint, so the sum survives a command whose own record was lost."""
+def training_record(folder: Path, seeds: dict) -> dict:
+    """How long the run trained and how fast, from each seed's metrics.jsonl (which travels with
+    every checkpoint, so it survives a command whose own record was lost): training_seconds, the
+    slowest seed's sum of its epochs' step times (the seeds train packed, side by side);
+    images_per_second, a seed's images over its step time, averaged over the seeds; commits, those
+    of the seeds' commands.jsonl, with None for a command whose commit is unknown."""
+    from preresnet.provenance import read_commands
     from preresnet.training import read_metrics
 
-    sums = [sum(m.get("epoch_seconds", 0.0) for m in read_metrics(folder / name / "metrics.jsonl"))
-            for name in seeds if (folder / name / "metrics.jsonl").is_file()]
-    return max(sums) if sums else None
+    sums, rates, commits = [], [], []
+    for name in seeds:
+        metrics = read_metrics(folder / name / "metrics.jsonl") if (folder / name / "metrics.jsonl").is_file() else []
+        seconds = sum(m.get("train_seconds", 0.0) for m in metrics)
+        if seconds:
+            sums.append(seconds)
+            rates.append(sum(m["images_per_second"] * m["train_seconds"] for m in metrics) / seconds)
+        for command in read_commands(folder / name):
+            if command.get("commit") not in commits:
+                commits.append(command.get("commit"))
+    return {"training_seconds": max(sums) if sums else None,
+            "images_per_second": sum(rates) / len(rates) if rates else None, "commits": commits}
+
+
+def commits_cell(run: dict) -> str:
+    """The commits that trained the run, oldest first ('unknown' for commands without a record)."""
+    commits = run.get("commits") or ([run["commit"]] if isinstance(run.get("commit"), str) else run.get("commit") or [])
+    if not commits:
+        return "-"
+    return ", ".join(commit or "unknown" for commit in commits)
 
 
 def duration(seconds: float | None) -> str:
@@ -217,7 +238,7 @@ def runs_table(runs: list[dict]) -> str:
                      "them under `bench/results/reproduce/`; this table is generated from them.")
     else:
         lines += ["| network | recipe | data | test error, mean ± std (each seed) | seeds | paper | training time | "
-                  "images/s a run | device | torch / triton | commit | weights |",
+                  "images/s a run | device | torch / triton | commits | weights |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for run in finished:
             # each seed's entry with the error measured on its file (rounded to bf16: what eval.py --weights gives)
@@ -225,11 +246,10 @@ def runs_table(runs: list[dict]) -> str:
                                                           if "test_error" in seed["weights"] else "")
                        for seed in run["runs"].values() if "entry" in seed.get("weights", {})]
             paper = percent(run["paper_test_error"]) if run.get("paper_test_error") is not None else "-"
-            speeds = [seed["images_per_second"] for seed in run["runs"].values() if seed.get("images_per_second")]
-            ips = f"{sum(speeds) / len(speeds):,.0f}" if speeds else "-"
+            ips = f"{run['images_per_second']:,.0f}" if run.get("images_per_second") else "-"
             lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | {error_cell(run)} | "
                          f"{len(run['runs'])} | {paper} | {duration(run.get('training_seconds'))} | {ips} | "
-                         f"{run.get('device')} | {run.get('torch')} / {run.get('triton')} | {run.get('commit')} | "
+                         f"{run.get('device')} | {run.get('torch')} / {run.get('triton')} | {commits_cell(run)} | "
                          f"{', '.join(entries) or '-'} |")
     for run in runs:
         if not run.get("finished"):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .provenance import read_commands
 from .models import paper_depths, paper_name
 from .pretrained import (ENV_VAR, NAME_PATTERN, WeightsEntry, evaluate_test_split, file_sha256, load_weights,
                          read_entry, registry_dir, registry_name, weights_file_name)
@@ -137,6 +138,7 @@ def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, da
         "torch": torch.__version__, "triton": triton, "mean": config["mean"], "std": config["std"],
         "file": file.name, "sha256": sha256, "bytes": file.stat().st_size, "storage": STORAGE,
         **({"init": config["init"]} if config.get("init") else {}),  # a fine-tuned run's first weights
+        "trained_by": [trained_by(command) for command in read_commands(folder)],
     }
     runtime = resolve_runtime("auto", "off", channels_last=False, compile=False, loader="torch")
     load_weights(model, WeightsEntry(name, meta, registry))  # the file as a user loads it
@@ -178,6 +180,40 @@ def init_text(init: dict) -> str:
             f"{init['head']}")
 
 
+TRAINED_BY_FIELDS = ("epochs", "commit", "device", "threads", "amp", "channels_last", "compile", "train_seconds",
+                     "wall_seconds", "argv")
+
+
+def trained_by(command: dict) -> dict:
+    """What the card keeps of a command of the run's commands.jsonl."""
+    return {key: command.get(key) for key in TRAINED_BY_FIELDS}
+
+
+def seconds_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.0f} min"
+
+
+def trained_by_lines(commands: list[dict]) -> list[str]:
+    """The card's table of the commands that trained the run (empty where none was recorded)."""
+    if not commands:
+        return []
+    lines = ["## How it was trained", "",
+             f"{len(commands)} train.py command{'s' if len(commands) > 1 else ''}, each continuing where the last "
+             f"stopped (the run's commands.jsonl; 'unknown' where a command left no record):", "",
+             "| epochs | commit | device | threads | precision | layout | compile | step time | wall time |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in commands:
+        epochs = f"{c['epochs'][0]}-{c['epochs'][1]}" if c.get("epochs") else "none finished"
+        layout = {True: "channels-last", False: "NCHW"}.get(c.get("channels_last"), "unknown")
+        lines.append(f"| {epochs} | {c.get('commit') or 'unknown'} | {c.get('device') or 'unknown'} | "
+                     f"{c.get('threads') or 'unknown'} | {'fp32' if c.get('amp') == 'off' else c.get('amp') or 'unknown'} | "
+                     f"{layout} | {'on' if c.get('compile') else 'off'} | {seconds_text(c.get('train_seconds'))} | "
+                     f"{seconds_text(c.get('wall_seconds'))} |")
+    return [*lines, ""]
+
+
 def card(meta: dict) -> str:
     """The model card of an entry: its facts, the curves, and the commands to reproduce, evaluate and load it."""
     name, data, commands = meta["name"], meta["data"], meta["commands"]
@@ -203,7 +239,7 @@ def card(meta: dict) -> str:
         f"(of the training images, 0-1 scale) |",
         (f"| fine-tuned from | {init_text(meta['init'])} |" if meta.get("init") else None),
         f"| device | {meta['device']} |",
-        f"| commit | {meta['commit'] or 'unknown'} |",
+        f"| commit | {commits_text(meta)} |",
         f"| torch / triton | {meta['torch']} / {meta['triton'] or '-'} |",
         f"| file | `{meta['file']}`, {meta['bytes'] / 1e6:.2f} MB, {meta['storage']}; sha256 `{meta['sha256']}` |",
         f"| history | `{meta['source']}` |" if meta["source"] else None,
@@ -217,6 +253,7 @@ def card(meta: dict) -> str:
         "",
         f"![training curves]({meta['curves']})" if meta["curves"] else None,
         "" if meta["curves"] else None,
+        *trained_by_lines(meta.get("trained_by") or []),
         "## Reproduce",
         "",
         ("The first command is the GPU plan's stage (bench/README.md): each call trains within its budget and "
@@ -248,6 +285,17 @@ def card(meta: dict) -> str:
         "```",
     ]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def commits_text(meta: dict) -> str:
+    """The commits that trained the entry: every command's (oldest first), else the one export was told."""
+    commits = []
+    for command in meta.get("trained_by") or []:
+        if command.get("commit") not in commits:
+            commits.append(command.get("commit"))
+    if commits:
+        return ", ".join(commit or "unknown" for commit in commits)
+    return meta["commit"] or "unknown"
 
 
 def write_cards(folder: Path) -> list[Path]:

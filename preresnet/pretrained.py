@@ -45,7 +45,7 @@ NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 REQUIRED = ("name", "model", "network", "type", "depth", "width", "num_classes", "classes", "data", "recipe",
             "recipe_settings", "seed", "epochs", "commands", "source", "device", "runtime", "commit", "torch", "triton",
             "mean", "std", "file", "sha256", "bytes", "storage", "test_error", "test_loss", "per_class_accuracy",
-            "test_images", "measured", "training_test_error", "curves", "date")
+            "test_images", "measured", "training_test_error", "trained_by", "curves", "date")
 
 
 def registry_dir() -> Path:

@@ -7,19 +7,22 @@ The rules, with the measurements behind them (docs/training.md, "Precision, layo
 - **Precision.** On a GPU bf16 autocast where the GPU has it, else fp16 with loss scaling. On a CPU
   bf16 autocast only where the processor computes bf16 natively (AVX512-BF16 or AMX-BF16 on x86,
   the BF16 extension on Arm), read from the processor's own feature flags, never guessed from its
-  vendor. Without them oneDNN emulates bf16 with fp32 instructions: a PreResNet-20 step took 2.4x
-  as long as fp32 on an Intel Xeon without AVX512-BF16 (bench/results/2026-12-03-cpu/), so there
-  `auto` is fp32, and an explicit `--amp bf16` or `--amp fp16` works but warns in one line.
+  vendor: there a bf16 channels-last step is 1.98x to 1.99x fp32 channels-last (PreResNet-110 and
+  -20, bench/results/2026-12-03-cpu-steps/). Without them oneDNN emulates bf16 with fp32
+  instructions and the step takes 2.56x as long as fp32 (bench/results/2026-12-03-cpu-steps-emulated-bf16/),
+  so there `auto` is fp32, and an explicit `--amp bf16` or `--amp fp16` works but warns in one line.
+  bf16 becomes a native CPU's auto only once the accuracy comparison allows it (CPU_BF16_AUTO).
 - **Layout.** channels-last everywhere: on a GPU for the tensor cores, on a CPU because oneDNN's
-  convolutions are faster in NHWC (fp32 1.2x to 1.4x, in both CPUs measured).
-- **torch.compile.** On a GPU always. On a CPU it pays only over a long run: Inductor's C++ code
-  generation costs 45 to 60 s for PreResNet-20 (more for deeper networks, again for evaluation
-  mode), and the compiled step was measured 1.03x (bf16, AMD EPYC) to 1.16x (fp32, Intel Xeon)
-  faster than eager. `auto` compiles on a CPU when the run's whole schedule has at least
-  CPU_COMPILE_MIN_STEPS optimizer steps, where even the smaller gain repays the warm-up; the
-  schedule, not what is left of it, decides, so every command of a run makes the same choice.
-- **A resumed run** keeps the precision, layout and compilation it was started with (config.json)
-  unless a flag asks otherwise: where a run was cut never changes what it computes.
+  convolutions are faster in NHWC (fp32 1.12x to 1.16x; bench/results/2026-12-03-cpu-steps/).
+- **torch.compile.** On a GPU always. On a CPU it pays over a run long enough to repay its warm-up:
+  Inductor's code generation took 20 to 115 s for the first step (PreResNet-20 and -110, warm and
+  cold caches), evaluation mode compiles once more, and the compiled step was 1.10x (fp32) to
+  1.32x (bf16) faster than eager (bench/results/2026-12-03-cpu-steps/). `auto` compiles on a CPU when
+  the run's whole schedule has at least CPU_COMPILE_MIN_STEPS optimizer steps; the schedule, not
+  what is left of it, decides, so every command of a run makes the same choice.
+- **A resumed run** keeps the precision, layout and compilation it was started with (config.json),
+  with the reasons recorded then, unless a flag asks otherwise: where a run was cut never changes
+  what it computes.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ AMP_CHOICES = ("off", "bf16", "fp16")
 # feature flags (Linux /proc/cpuinfo: x86 'flags', Arm 'Features') of instructions that compute each
 # type natively; oneDNN, which runs PyTorch's CPU convolutions and matrix products, uses them
 NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx512_fp16", "amx_fp16", "asimdhp")}
-# 30,000 steps (77 CIFAR epochs at batch 128): at the smallest gain measured (3% of a 0.085 s
-# PreResNet-20 step) compiling saves 77 s, more than its 45-60 s warm-up
-CPU_COMPILE_MIN_STEPS = 30_000
+# 10,000 steps (26 CIFAR epochs at batch 128): at the smallest gain measured (fp32 PreResNet-20,
+# 18 ms of a 188 ms step) compiling saves 180 s, more than a cold first step (65 s) and evaluation's
+# compilation; the short 15-epoch schedule (5,850 steps) stays eager, the papers' 164 epochs compile
+CPU_COMPILE_MIN_STEPS = 10_000
 # bf16 autocast as a CPU's auto waits on the accuracy comparison of docs/training.md (fp32 and bf16,
 # three seeds each): until it holds, auto is fp32 on every CPU and the rule only says why
 CPU_BF16_AUTO = False
@@ -130,10 +134,16 @@ def emulation_warning(amp: str) -> str:
             f"slower than fp32 (--amp off); the results are the same")
 
 
+def kept_reason(saved: dict, setting: str) -> str:
+    """Why a resumed run's auto keeps its setting: the reason its config.json gives (so a resumed run
+    writes the same config.json), or, for a run started before reasons were recorded, that it was kept."""
+    return saved.get(f"{setting}_reason") or "as the run was started (its config.json)"
+
+
 def resolve_amp(amp: str, device: str, saved: dict | None, flags: frozenset[str] | None = None) -> tuple[str, str]:
     """The autocast precision `amp` means on device, and why."""
     if amp == "auto" and saved and saved.get("amp") in AMP_CHOICES:
-        return saved["amp"], "as the run was started (its config.json)"
+        return saved["amp"], kept_reason(saved, "amp")
     if amp == "auto" and device == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bf16", "auto: the GPU computes bf16"
@@ -178,7 +188,7 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
     if channels_last is not None:
         channels_last_reason = f"--{'' if channels_last else 'no-'}channels-last"
     elif isinstance(saved.get("channels_last"), bool):
-        channels_last, channels_last_reason = saved["channels_last"], "as the run was started (its config.json)"
+        channels_last, channels_last_reason = saved["channels_last"], kept_reason(saved, "channels_last")
     else:
         channels_last = True
         channels_last_reason = ("auto: on a GPU, for the tensor cores" if on_gpu else
@@ -186,7 +196,7 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
     if compile is not None:
         compile_reason = f"--{'' if compile else 'no-'}compile"
     elif isinstance(saved.get("compile"), bool):
-        compile, compile_reason = saved["compile"], "as the run was started (its config.json)"
+        compile, compile_reason = saved["compile"], kept_reason(saved, "compile")
     elif on_gpu:
         compile, compile_reason = True, "auto: on a GPU"
     else:

@@ -212,6 +212,39 @@ class GraphStep(PlainStep):
 
 
 
+class TimedEval:
+    """The evaluation forward of an uncaptured compiled model, timing its first batch in this
+    process: torch.compile compiles evaluation (eval mode, no grad) as a graph of its own, and
+    --time-limit must count that one-off as it counts the first step's (eval_compile_seconds)."""
+
+    def __init__(self, forward, model, runtime):
+        self.forward, self.model, self.runtime = forward, model, runtime
+        self.timed, self.first_batch_seconds = False, None
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def __call__(self, x):
+        if self.timed:
+            return self.forward(x)
+        start = time.perf_counter()
+        out = self.forward(x)
+        synchronize(self.runtime.device)
+        self.first_batch_seconds, self.timed = time.perf_counter() - start, True
+        return out
+
+    def take_timings(self) -> dict:
+        if self.first_batch_seconds is None:
+            return {}
+        timings, self.first_batch_seconds = {"eval_compile_seconds": self.first_batch_seconds}, None
+        return timings
+
+
 class GraphedEval:
     """The evaluation forward for the fixed evaluation batch, captured in a CUDA graph on a GPU
     (after one eager warm-up call on a side stream); any other batch shape (the last partial batch)
@@ -312,7 +345,8 @@ def build_step(model, optimizer, scaler, runtime, own_random_state: bool = False
     else:
         forward = model
     if not runtime.cuda_graphs:
-        return PlainStep(model, forward, optimizer, scaler, runtime), forward
+        return PlainStep(model, forward, optimizer, scaler, runtime), (
+            TimedEval(forward, model, runtime) if runtime.compile else forward)
     reason = graph_fallback_reason(runtime, own_random_state)
     if reason:
         note = f"CUDA graphs: the step is not captured ({reason})"

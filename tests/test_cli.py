@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+from preresnet import train_cli as train
 from preresnet import UserError
 from preresnet.loaders import auto_backend, dali_available
 from preresnet.recipes import resolve_recipe
@@ -113,7 +113,7 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     # every auto choice names its rule; the CPU's flags are the tests' own (conftest: no native bf16)
     assert reasons == {"amp_reason": "auto: this CPU has no native bf16 (AVX512-BF16, AMX-BF16), so fp32",
                        "channels_last_reason": "auto: oneDNN's CPU convolutions are faster in NHWC",
-                       "compile_reason": "auto: on a CPU compiling pays from 30,000 steps; this run's schedule has "
+                       "compile_reason": "auto: on a CPU compiling pays from 10,000 steps; this run's schedule has "
                                          "144 (under)",
                        "loader_reason": "--loader torch"}
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]

@@ -54,7 +54,7 @@ def test_first_contact_dry_run(tmp_path):
     assert all(row["images_per_second"] > 0 for row in packing["rows"]) and packing["choice"] in (1, 2)
     assert "## Packed runs (train.py --seeds)" in (folder / "report.md").read_text()
     # the choice is a set of train.py flags train.py accepts
-    import train
+    from preresnet import train_cli as train
 
     args = train.build_parser().parse_args(["--type", "normal", "--depth", "1", *report["choice"]["flags"]])
     assert args.cuda_graphs is not None and args.compile is not None
@@ -163,10 +163,14 @@ def fake_run(folder: Path, finished: bool) -> None:
         "test_error": sweeps.seed_statistics(list(errors.values())) if finished else None,
         "paper_test_error": 0.0637, "wall_seconds": 1500.0, "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
         "triton": "3.6.0", "commit": "abc1234", "commands": [{}, {}]}))
-    for index, name in enumerate(runs):  # the seeds train side by side: the slowest one's epochs make the time
+    for index, name in enumerate(runs):  # the seeds train side by side: the slowest one's steps make the time
         (folder / name).mkdir()
-        epochs = [{"epoch": epoch, "epoch_seconds": 9.0 + index} for epoch in range(1, runs[name]["epochs_done"] + 1)]
+        epochs = [{"epoch": epoch, "epoch_seconds": 9.0 + index, "train_seconds": 8.0 + index,
+                   "images_per_second": 49_920 / (8.0 + index)} for epoch in range(1, runs[name]["epochs_done"] + 1)]
         (folder / name / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in epochs))
+        # two commands trained each seed; the second's commit is unknown (a command that left no record)
+        commands = [{"commit": "abc1234", "epochs": [1, 50]}, {"commit": None, "epochs": [51, 80]}]
+        (folder / name / "commands.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in commands))
 
 
 def test_results_table_shows_the_spread_over_seeds_and_names_unfinished_runs(tmp_path):
@@ -175,11 +179,11 @@ def test_results_table_shows_the_spread_over_seeds_and_names_unfinished_runs(tmp
     runs = render_results.load_runs(tmp_path)
     text = render_results.runs_table(runs)
     assert ("| PreResNet-110 | paper | CIFAR-10 re-encoded as JPEG (lossy; not the papers' data) | **7.01%** ± 0.11% "
-            "(s0 7.12%, s1 7.01%, s2 6.90%) | 3 | 6.37% | 30.1 min | 13,000 | NVIDIA H100 80GB HBM3 | "
-            "2.11.0 / 3.6.0 | abc1234 | `preresnet110-cifar10jpeg-paper-gpu-s0` (7.13% as stored), "
+            "(s0 7.12%, s1 7.01%, s2 6.90%) | 3 | 6.37% | 27.3 min | 5,593 | NVIDIA H100 80GB HBM3 | "
+            "2.11.0 / 3.6.0 | abc1234, unknown | `preresnet110-cifar10jpeg-paper-gpu-s0` (7.13% as stored), "
             "`preresnet110-cifar10jpeg-paper-gpu-s1` (7.02% as stored), `preresnet110-cifar10jpeg-paper-gpu-s2` "
             "(6.91% as stored) |") in text
-    assert ("In progress: PreResNet-110 (paper, 3 seeds, NVIDIA H100 80GB HBM3), 80 of 164 epochs after 14.7 min of "
+    assert ("In progress: PreResNet-110 (paper, 3 seeds, NVIDIA H100 80GB HBM3), 80 of 164 epochs after 13.3 min of "
             "training") in text
     readme = f"a\n{render_results.RUNS_START}\nold\n{render_results.RUNS_END}\nb\n"
     assert render_results.render_runs(readme, runs) == f"a\n{render_results.RUNS_START}\n{text}\n{render_results.RUNS_END}\nb\n"

@@ -414,7 +414,7 @@ def test_auto_reads_the_packaged_table_and_refuses_a_broken_one(on_a_gpu, tmp_pa
 
 
 def test_runtime_records_why_it_took_its_loader(tmp_path):
-    import train
+    from preresnet import train_cli as train
     from preresnet.recipes import resolve_recipe
     from preresnet.training import resolve_runtime
 
@@ -429,14 +429,14 @@ def test_runtime_records_why_it_took_its_loader(tmp_path):
 @pytest.mark.parametrize("cuda, wheel", [("13.0", "nvidia-dali-cuda130"), ("12.8", "nvidia-dali-cuda120"),
                                          (None, "nvidia-dali-cuda130")])
 def test_a_missing_dali_names_the_wheel_for_this_torch(monkeypatch, cuda, wheel):
-    from preresnet import training
+    from preresnet import runtime
 
     monkeypatch.setattr(torch.version, "cuda", cuda)
-    for module in (loaders, training):
+    for module in (loaders, runtime):
         monkeypatch.setattr(module, "dali_available", lambda: False)
     assert loaders.dali_wheel() == wheel
     with pytest.raises(UserError, match=f"--loader dali needs NVIDIA DALI: pip install {wheel} "):
-        training.resolve_runtime("cpu", "off", loader="dali")
+        runtime.resolve_runtime("cpu", "off", loader="dali")
     with pytest.raises(UserError, match=f"pip install {wheel} "):
         loaders.build_loader(random_images(np.random.default_rng(0), 4), np.arange(4), batch_size=2, train=True,
                              backend="dali")

@@ -72,6 +72,11 @@ def test_a_resumed_run_keeps_its_layout_and_compilation_under_auto():
     assert (runtime.amp, runtime.channels_last, runtime.compile) == ("bf16", False, True)
     assert {runtime.amp_reason, runtime.channels_last_reason, runtime.compile_reason} == {
         "as the run was started (its config.json)"}
+    # the reasons a run's config.json gives are kept: a resumed run writes the same config.json
+    reasons = {"amp_reason": "auto: this CPU has no native bf16", "channels_last_reason": "--no-channels-last",
+               "compile_reason": "--compile"}
+    again = rt.resolve_runtime("cpu", "auto", loader="torch", saved={**saved, **reasons})
+    assert {key: value for key, value in again.reasons().items() if key != "loader_reason"} == reasons
     flagged = rt.resolve_runtime("cpu", "off", channels_last=True, compile=False, loader="torch", saved=saved)
     assert (flagged.amp, flagged.channels_last, flagged.compile) == ("off", True, False)
 

@@ -145,6 +145,10 @@ def test_export_writes_a_plain_state_dict_and_the_facts(exported):
         assert (meta["device"], meta["commit"], meta["torch"], meta["source"]) == \
             ("CPU (test)", "abc1234", torch.__version__, f"runs/{name}")
         assert meta["test_images"] == 24 and len(meta["per_class_accuracy"]) == 4
+        # the command that trained it, from the run's commands.jsonl, and the card's table of it
+        [command] = meta["trained_by"]
+        assert command["epochs"] == [1, 2] and command["amp"] == "off" and command["argv"][0].endswith("train.py")
+        assert "## How it was trained" in (registry / f"{name}.md").read_text()
         assert meta["training_test_error"] == 0.625 and meta["measured"] == {"device": "cpu", "precision": "fp32"}
         assert meta["commands"]["evaluate"] == f"python eval.py --weights {name} --data-dir {data_dir}"
 
@@ -429,7 +433,7 @@ def test_the_card_holds_the_facts_and_regenerates(registry):
 
 
 def test_the_train_command_trains_the_same_run(registry):
-    import train
+    from preresnet import train_cli as train
 
     meta = get_weights(P8).meta
     words = shlex.split(meta["commands"]["train"])
