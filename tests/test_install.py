@@ -73,8 +73,7 @@ def test_a_regular_install_holds_no_top_level_kernels(tmp_path, other_kernels):
     assert seen["other"] == "another project"
     assert Path(seen["layers"]).is_relative_to(target / "preresnet" / "kernels")
     assert {"conv_paths.json", "launch_configs.json"} <= set(seen["tables"])
-    # the console scripts setup.py declares; preresnet-eval runs from the install (preresnet-train's
-    # module, preresnet/train_cli.py, is train.py's code once it moves into the package)
+    # the console scripts setup.py declares, both run from the install
     (dist_info,) = target.glob("preresnet-*.dist-info")
     assert (dist_info / "entry_points.txt").read_text().split() == [
         "[console_scripts]", "preresnet-eval", "=", "preresnet.evaluate_cli:cli", "preresnet-train", "=",
@@ -84,6 +83,10 @@ def test_a_regular_install_holds_no_top_level_kernels(tmp_path, other_kernels):
                            capture_output=True, text=True, timeout=300)
     assert usage.returncode == 2 and usage.stderr.startswith("preresnet-eval: error: --weights DEFAULT is the entry"), \
         usage.stderr[-3000:]
+    refused = subprocess.run([str(target / "bin" / "preresnet-train"), "--model", "preresnet20", "--depth", "9"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.startswith("preresnet-train: error: --model preresnet20 is "
+                                                                 "PreResNet-20 (--depth 3), not --depth 9"), refused.stderr[-3000:]
 
 
 def test_a_checkout_serves_its_kernels_folder_as_preresnet_kernels(tmp_path, other_kernels):
