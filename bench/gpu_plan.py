@@ -61,7 +61,7 @@ NETWORKS = {"preresnet110": ("normal", 18, 1, "paper"), "preresnet164": ("bottle
 PAPER_ERROR = {"preresnet110": 0.0637, "preresnet164": 0.0546, "wrn16_4": 0.0502}
 USER_DATA_DIR = "data/cifar10-jpeg"  # where README.md has the archive extracted: the folder weights entries name
 DEFAULT_SEEDS = (0, 1, 2)
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "curves.png")  # what a run folder holds
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "config.json", "curves.png", "commands.jsonl")  # what a run folder holds
 # reproduce --device cpu: fp32 as on a GPU's reference path; channels-last is 25% faster on a CPU
 CPU_FLAGS = ("--device", "cpu", "--amp=off", "--channels-last", "--no-compile", "--no-fused", "--no-cuda-graphs")
 
