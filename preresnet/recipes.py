@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import UserError
-from .sweeps import counted
+from .wording import counted
 
 
 @dataclass(frozen=True)

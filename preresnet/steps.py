@@ -212,14 +212,8 @@ class GraphStep(PlainStep):
 
 
 
-class TimedEval:
-    """The evaluation forward of an uncaptured compiled model, timing its first batch in this
-    process: torch.compile compiles evaluation (eval mode, no grad) as a graph of its own, and
-    --time-limit must count that one-off as it counts the first step's (eval_compile_seconds)."""
-
-    def __init__(self, forward, model, runtime):
-        self.forward, self.model, self.runtime = forward, model, runtime
-        self.timed, self.first_batch_seconds = False, None
+class EvalForward:
+    """An evaluation forward that train()/eval() switch like the model it wraps."""
 
     def eval(self):
         self.model.eval()
@@ -228,6 +222,16 @@ class TimedEval:
     def train(self, mode: bool = True):
         self.model.train(mode)
         return self
+
+
+class TimedEval(EvalForward):
+    """The evaluation forward of an uncaptured compiled model, timing its first batch in this
+    process: torch.compile compiles evaluation (eval mode, no grad) as a graph of its own, and
+    --time-limit must count that one-off as it counts the first step's (eval_compile_seconds)."""
+
+    def __init__(self, forward, model, runtime):
+        self.forward, self.model, self.runtime = forward, model, runtime
+        self.timed, self.first_batch_seconds = False, None
 
     def __call__(self, x):
         if self.timed:
@@ -245,7 +249,7 @@ class TimedEval:
         return timings
 
 
-class GraphedEval:
+class GraphedEval(EvalForward):
     """The evaluation forward for the fixed evaluation batch, captured in a CUDA graph on a GPU
     (after one eager warm-up call on a side stream); any other batch shape (the last partial batch)
     runs the forward directly. The graph reads the weights and running statistics in place, so it
@@ -260,14 +264,6 @@ class GraphedEval:
         self.calls = 0
         self.capture_seconds = 0.0
         self.first_batch_seconds = None
-
-    def eval(self):
-        self.model.eval()
-        return self
-
-    def train(self, mode: bool = True):
-        self.model.train(mode)
-        return self
 
     def _forward(self, x):
         if self.runtime.amp == "off":

@@ -16,6 +16,8 @@ import statistics
 from pathlib import Path
 from typing import NamedTuple
 
+from .wording import counted
+
 SUMMARY_NAME = "summary.json"
 DIVERGED_NAME = "diverged.json"  # in the folder of a packed run whose loss stopped being finite
 
@@ -108,11 +110,6 @@ def write_summary(folder: Path, runs: list[GridRun]) -> dict:
     summary = summarise(folder, runs)
     atomic_write(Path(folder) / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
     return summary
-
-
-def counted(count: int, noun: str) -> str:
-    """'1 run', '2 runs'."""
-    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 def percent(value: float | None) -> str:
