@@ -8,10 +8,11 @@ state_dict) and list_weights.
     weights = torch.hub.load("path/to/preresnet", "get_weight", "DEFAULT", model_name="preresnet20", source="local")
     logits = model(weights.transforms()(images))
 
-Importing this file imports only torch and the package's model code (models.py, pretrained.py).
+Importing this file imports only torch and the package's model code (models.py, registry.py, pretrained.py).
 """
 
 import preresnet as _preresnet
+import preresnet.models as _models
 
 dependencies = ["torch"]
 
@@ -23,7 +24,7 @@ def _entry_point(name: str):
         return _preresnet.get_model(name, weights=weights, **kwargs)
 
     entry_point.__name__ = entry_point.__qualname__ = name
-    entry_point.__doc__ = (f"{getattr(_preresnet.models, name).__doc__}\n\n"
+    entry_point.__doc__ = (f"{getattr(_models, name).__doc__}\n\n"
                            f"weights: None (random initialisation), \"DEFAULT\" (the entry with the lowest test error "
                            f"for this network) or an entry name of preresnet.list_weights({name!r}); with weights the "
                            f"network is returned in eval mode. Other keyword arguments go to preresnet.get_model "

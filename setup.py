@@ -16,10 +16,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    # the repository's kernels/ folder installs as preresnet.kernels: no generic top-level name (the
+    # the Triton kernels are the subpackage preresnet.kernels: no generic top-level name (the
     # Hugging Face `kernels` package on PyPI imports as `kernels`)
-    packages=find_packages(include=["preresnet", "preresnet.*"]) + ["preresnet.kernels"],
-    package_dir={"preresnet.kernels": "kernels"},
+    packages=find_packages(include=["preresnet", "preresnet.*"]),
     # measured per GPU: which layers leave the Triton kernel, and each kernel's launch configuration
     package_data={"preresnet.kernels": ["conv_paths.json", "launch_configs.json"],
                   # per GPU: the loader --loader auto takes; the pretrained weights registry (preresnet/pretrained.py)

@@ -21,6 +21,10 @@ Exit status 1 on a compile error, on shared memory beyond the arch's per-block l
 would fail), on any spill in bf16/fp16, or on a bf16/fp16 kernel that has a tl.dot (a conv kernel)
 without tensor-core instructions. fp32 spills are reported, not failed (fp32
 dots are exact IEEE FMAs, no tensor cores, and fp32 is not the training setting).
+
+Triton, torch and the kernels are imported inside the functions each process runs, not here: the
+recording child must import them with TRITON_INTERPRET=1 already set, the compiling processes
+without it, and the parent imports neither.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Launch configurations per layer, measured on a GPU: the table kernels/launch_configs.json.
+"""Launch configurations per layer, measured on a GPU: the table preresnet/kernels/launch_configs.json.
 
     python -m bench.config_search --out DIR [--budget-seconds 300] [--dtype bfloat16]
 
 For every distinct fused layer of the paper networks (kernels.paths.ConvSignature; the layers that
-cost most first, skipping those that kernels/conv_paths.json moves to PyTorch's ops), and for each
+cost most first, skipping those that preresnet/kernels/conv_paths.json moves to PyTorch's ops), and for each
 kernel kind in turn (conv forward, data gradient, weight gradient, elementwise), every config of
 the kind's search space (kernels.launch_configs.SEARCH_SPACE; configs that clamp to the same blocks
 at this layer's dimensions are timed once) is timed on forward + backward of the fused layer with
@@ -11,7 +11,7 @@ the others at their best so far (coordinate descent: the sum, not the product, o
 candidate replaces the default only when it is at least MARGIN faster. Every config in the space
 passed the compile audit (no spills in bf16/fp16 on sm_90 and sm_80), so none is compiled here to
 be thrown away. The GPU report runs this once per GPU as one budgeted part; `bench.render_results`
-installs the result as kernels/launch_configs.json. Training only reads the table.
+installs the result as preresnet/kernels/launch_configs.json. Training only reads the table.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.workloads import MODELS, conv_path_step, time_step
+from preresnet import get_model
+from preresnet.kernels.paths import conv_signatures, load_table
 from preresnet.kernels.launch_configs import (CONV_DGRAD, CONV_FWD, CONV_WGRAD, DEFAULTS, ELEMENTWISE, SEARCH_SPACE, Config,
                                     dtype_name, override, table_json)
 
@@ -57,9 +60,6 @@ def candidates(kind: str, sizes: dict[str, int]) -> list[Config]:
 def layer_order(models=None) -> list:
     """The distinct fused layers of the paper networks, the ones that cost most first
     (multiply-adds per image x how often the layer occurs in the networks)."""
-    from bench.workloads import MODELS
-    from preresnet.kernels.paths import conv_signatures
-    from preresnet import get_model
 
     weight: dict[str, float] = {}
     found = {}
@@ -147,7 +147,6 @@ def table_from(result: dict) -> dict:
 
 def gpu_timer(batch: int, dtype, iterations: int = 10, warmup: int = 2):
     """time_layer for a CUDA GPU: median ms of forward + backward of the fused layer, CUDA events."""
-    from bench.workloads import conv_path_step, time_step
 
     def time_layer(signature) -> float:  # the warm-up compiles the candidate's kernels
         return time_step(conv_path_step(signature, "triton", "cuda", batch, dtype), warmup, iterations)
@@ -156,8 +155,7 @@ def gpu_timer(batch: int, dtype, iterations: int = 10, warmup: int = 2):
 
 
 def torch_path_skip(gpu: str, dtype):
-    """skip(signature) for layers that kernels/conv_paths.json runs on PyTorch's ops on this GPU."""
-    from preresnet.kernels.paths import load_table
+    """skip(signature) for layers that preresnet/kernels/conv_paths.json runs on PyTorch's ops on this GPU."""
 
     entries = load_table().get(gpu, {}).get(dtype_name(dtype), {})
     return lambda signature: ("runs on PyTorch's ops (conv_paths.json)"

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.workloads import CPU_BASELINE, CPU_PROVIDERS
+from preresnet.registry import MODEL_ARCHS, paper_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -30,7 +31,6 @@ WHAT_RUNS = {"eager-fp32": "fp32, NCHW", "eager-fp32-cl": "fp32, channels-last",
 
 
 def network_name(model: str) -> str:
-    from preresnet.models import MODEL_ARCHS, paper_name
 
     return paper_name(*MODEL_ARCHS[model]) if model in MODEL_ARCHS else model
 

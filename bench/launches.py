@@ -41,6 +41,9 @@ import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+from bench.workloads import MODELS, training_step
+from preresnet.registry import MODEL_ARCHS, paper_name
+
 COUNTED_PROVIDERS = ("eager-fp32", "eager-amp-cl", "fused")
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "set_", "as_strided_"}
 # CUDA's multi_tensor_apply: tensors one launch takes, by the number of tensor lists (depth)
@@ -141,7 +144,6 @@ def count_step(step) -> LaunchCounter:
 
 def step_launches(name: str, provider: str, batch: int = 128) -> LaunchCounter:
     """Launches of one training step (forward, loss, backward, SGD) of a registry network."""
-    from bench.workloads import training_step
 
     with _disable_current_modes():
         step = training_step(name, provider, "cpu", batch)
@@ -167,7 +169,6 @@ def table_lines() -> list[str]:
 
 def table_row(name: str, provider: str, counter: LaunchCounter) -> str:
     """One row of the table: the network by its paper name (PreResNet-110), the counts."""
-    from preresnet.models import MODEL_ARCHS, paper_name
 
     network = paper_name(*MODEL_ARCHS[name]) if name in MODEL_ARCHS else name
     cells = (network, provider, counter.total, sum(counter.aten.values()), sum(counter.triton.values()),
@@ -179,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     # the launchers accept CPU tensors only under the interpreter (read when triton is first imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
-    from bench.workloads import MODELS
 
     if not args.json:
         print("\n".join(table_lines()), flush=True)

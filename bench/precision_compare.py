@@ -21,7 +21,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from preresnet.training import read_metrics
+from preresnet.runfiles import read_metrics
 
 MAX_GAP = 0.005  # half a percentage point of test error
 

@@ -1,6 +1,6 @@
 """Regenerate what is derived from the GPU reports under bench/results/: the README's performance
 table, its table of finished reproduction runs (bench/results/reproduce/*/run.json, written by
-`python -m bench.gpu_plan reproduce`) and the fused layers' path table kernels/conv_paths.json; from
+`python -m tools.gpu_plan reproduce`) and the fused layers' path table preresnet/kernels/conv_paths.json; from
 the GPU plan's `dali` reports, the loader line (between the loader-line markers, in README.md and the
 pages of docs/ that have them) and preresnet/loader_choice.json, the loader `--loader auto` takes per GPU.
 
@@ -18,9 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+from preresnet.provenance import read_commands
+from preresnet.runfiles import read_metrics
+from preresnet.wording import counted, percent
+
 ROOT = Path(__file__).resolve().parents[1]
-CONV_PATHS = ROOT / "kernels" / "conv_paths.json"
-LAUNCH_CONFIGS = ROOT / "kernels" / "launch_configs.json"
+CONV_PATHS = ROOT / "preresnet" / "kernels" / "conv_paths.json"
+LAUNCH_CONFIGS = ROOT / "preresnet" / "kernels" / "launch_configs.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
 RUNS_START, RUNS_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 LOADER_CHOICE = ROOT / "preresnet" / "loader_choice.json"
@@ -115,8 +119,8 @@ def loader_line(reports: list[dict]) -> str:
     """The loader line: per GPU, the loaders' epoch and the training step each feeds."""
     measured = loader_reports(reports)
     if not measured:
-        return ("**Loaders on a GPU**: not measured yet. `python -m bench.gpu_plan dali` (bench/README.md, \"DALI on "
-                "the GPU\") measures them; this line is generated from its report.")
+        return ("**Loaders on a GPU**: not measured yet. `python -m tools.gpu_plan dali` (tools/gpu_plan/README.md, "
+                "\"DALI on the GPU\") measures them; this line is generated from its report.")
     paragraphs = []
     for gpu, report in measured.items():
         env, step = report["environment"], report["step"]
@@ -180,12 +184,9 @@ def training_record(folder: Path, seeds: dict) -> dict:
     slowest seed's sum of its epochs' step times (the seeds train packed, side by side);
     images_per_second, a seed's images over its step time, averaged over the seeds; commits, those
     of the seeds' commands.jsonl, with None for a command whose commit is unknown."""
-    from preresnet.provenance import read_commands
-    from preresnet.training import read_metrics
-
     sums, rates, commits = [], [], []
     for name in seeds:
-        metrics = read_metrics(folder / name / "metrics.jsonl") if (folder / name / "metrics.jsonl").is_file() else []
+        metrics = read_metrics(folder / name)
         seconds = sum(m.get("train_seconds", 0.0) for m in metrics)
         if seconds:
             sums.append(seconds)
@@ -212,10 +213,6 @@ def duration(seconds: float | None) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
-def percent(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
 def error_cell(run: dict) -> str:
     """Mean +- std over the seeds (last epoch, no selection), then each seed's error."""
     stats = run["test_error"]
@@ -228,13 +225,11 @@ def error_cell(run: dict) -> str:
 def runs_table(runs: list[dict]) -> str:
     """One row per finished reproduction: the last epoch's test error of every seed (no selection on
     the test set), its mean and sample standard deviation, and how many seeds."""
-    from preresnet.sweeps import counted
-
     runs = [run for run in runs if not run.get("dry_run")]
     finished = [run for run in runs if run.get("finished")]
     lines = []
     if not finished:
-        lines.append("No finished reproduction run yet: `python -m bench.gpu_plan reproduce` (bench/README.md) writes "
+        lines.append("No finished reproduction run yet: `python -m tools.gpu_plan reproduce` (tools/gpu_plan/README.md) writes "
                      "them under `bench/results/reproduce/`; this table is generated from them.")
     else:
         lines += ["| network | recipe | data | test error, mean ± std (each seed) | seeds | paper | training time | "

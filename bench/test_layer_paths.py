@@ -1,6 +1,6 @@
 """Layer paths: every distinct fused layer of PreResNet-110, PreResNet-164 and WRN-16-4 on the Triton
 kernel and on PyTorch's ops (cuDNN on a GPU), forward + backward in bf16 as in training: the
-measurement behind kernels/conv_paths.json (`bench.gpu_report` writes the table from the same
+measurement behind preresnet/kernels/conv_paths.json (`bench.gpu_report` writes the table from the same
 workload).
 
     pytest bench/test_layer_paths.py --benchmark-only

@@ -10,7 +10,7 @@ import torch
 
 from bench.conftest import record
 from bench.workloads import MODELS, PACKED_PROVIDERS, PACKED_RUNS, packed_training_steps, skip_reason
-from preresnet.training import Runtime
+from preresnet.runtime import Runtime
 
 
 @pytest.mark.parametrize("runs", PACKED_RUNS)

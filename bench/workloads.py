@@ -1,6 +1,9 @@
 """What the benchmarks time, shared by the pytest-benchmark suite and `bench.gpu_report`.
 
-Providers, each a way to run the same network:
+Speed variants, each a way to run the same network, by name: VARIANT_FLAGS says what each name
+means (the execution settings of preresnet.runtime.Runtime, as train.py's flags set them), for the
+suite's providers here and for the GPU plan's speed matrix (tools/gpu_plan), which lists its own
+names from the table. The suite's providers:
   eager-fp32     the reference model, fp32, NCHW: the unfused baseline
   eager-fp32-cl  the reference model, fp32, channels-last (the CPU rows' baseline: bench/test_cpu_steps.py)
   eager-amp-cl   the reference model, bf16 autocast, channels-last
@@ -24,10 +27,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preresnet import get_model
+from preresnet import build_model, get_model
+from preresnet.kernels.paths import assign_paths, conv_signatures
 from preresnet.models import PreActBasicBlock, PreActBottleneck
 from preresnet.provenance import git_commit
+from preresnet.recipes import resolve_recipe
+from preresnet.runtime import cpu_name, native_cpu_support
+from preresnet.steps import build_step, make_optimizer
 
+# What each variant name means. graph_mode, where given, is preresnet.steps.GRAPH_MODE_ENV's value:
+# "reduce-overhead", torch.compile's own CUDA graphs in place of the step's manual capture. The names
+# are those the results files record (bench/results, the GPU plan's reports): keep them.
+VARIANT_FLAGS = {
+    "eager-fp32": {"amp": "off", "channels_last": False, "compile": False, "fused": False, "cuda_graphs": False},
+    "eager-fp32-cl": {"amp": "off", "channels_last": True, "compile": False, "fused": False, "cuda_graphs": False},
+    "eager-amp-cl": {"amp": "bf16", "channels_last": True, "compile": False, "fused": False, "cuda_graphs": False},
+    "eager-amp-cl-graphs": {"amp": "bf16", "channels_last": True, "compile": False, "fused": False, "cuda_graphs": True},
+    "fused": {"amp": "bf16", "channels_last": True, "compile": False, "fused": True, "cuda_graphs": False},
+    "fused-graphs": {"amp": "bf16", "channels_last": True, "compile": False, "fused": True, "cuda_graphs": True},
+    "compile": {"amp": "bf16", "channels_last": True, "compile": True, "fused": False, "cuda_graphs": False},
+    "compile-graphs": {"amp": "bf16", "channels_last": True, "compile": True, "fused": False, "cuda_graphs": True},
+    "fused-compile": {"amp": "bf16", "channels_last": True, "compile": True, "fused": True, "cuda_graphs": False},
+    "fused-compile-graphs": {"amp": "bf16", "channels_last": True, "compile": True, "fused": True, "cuda_graphs": True},
+    "compile-reduce-overhead": {"amp": "bf16", "channels_last": True, "compile": True, "fused": False,
+                                "cuda_graphs": True, "graph_mode": "reduce-overhead"},
+}
+# the suite's own name for compile-reduce-overhead (its reports record it)
+VARIANT_FLAGS["cuda-graph"] = VARIANT_FLAGS["compile-reduce-overhead"]
 PROVIDERS = ("eager-fp32", "eager-amp-cl", "compile", "fused", "fused-compile", "cuda-graph")
 UNIT_PROVIDERS = ("eager-fp32", "eager-amp-cl", "fused")  # compiling each unit shape would not fit the time budget
 MODELS = ("preresnet110", "preresnet164", "wrn16_4")
@@ -40,17 +66,25 @@ CPU_BASELINE = "eager-fp32-cl"
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def flags_of(variant: str) -> dict:
+    """The execution settings of a variant name (a copy: VARIANT_FLAGS stays as it is)."""
+    if variant not in VARIANT_FLAGS:
+        raise KeyError(f"unknown speed variant {variant!r}: one of {', '.join(VARIANT_FLAGS)}")
+    return dict(VARIANT_FLAGS[variant])
+
+
 def skip_reason(provider: str, device: str) -> str | None:
     """Why a provider is not meaningful on this device, or None."""
-    if provider == "cuda-graph" and device != "cuda":
+    flags = flags_of(provider)
+    if flags["cuda_graphs"] and device != "cuda":
         return "CUDA graphs need a CUDA GPU"
     if device == "cpu":
-        if provider.startswith("fused"):
+        if flags["fused"]:
             return "the Triton kernels run on a CPU only under the interpreter: its timings mean nothing"
-        if provider == "compile":
+        if flags["compile"]:
             return ("compiling these networks takes minutes on a CPU, past the suite's 5-minute budget "
                     "(bench/test_cpu_steps.py times the compiled step of PreResNet-20 and PreResNet-110 there)")
-    if provider.startswith("fused") and os.environ.get("TRITON_INTERPRET") == "1":
+    if flags["fused"] and os.environ.get("TRITON_INTERPRET") == "1":
         return "TRITON_INTERPRET=1 is set: the kernels would be interpreted, not compiled"
     return None
 
@@ -122,22 +156,27 @@ def make_unit(shape: UnitShape, fused: bool, layer_only: bool = False) -> nn.Mod
 
 
 def is_fused(provider: str) -> bool:
-    return provider.startswith("fused")
+    return flags_of(provider)["fused"]
 
 
 def provider_dtype(provider: str) -> str:
     """The autocast type a provider computes in."""
-    return "float32" if provider in ("eager-fp32", "eager-fp32-cl") else "bfloat16"
+    return "float32" if flags_of(provider)["amp"] == "off" else "bfloat16"
 
 
 def prepare(module: nn.Module, provider: str, device: str):
     """Module placed and wrapped for the provider, the input memory format, and the autocast context."""
-    channels_last = provider != "eager-fp32"
+    flags = flags_of(provider)
+    reduce_overhead = flags.get("graph_mode") == "reduce-overhead"
+    if flags["cuda_graphs"] and not reduce_overhead:
+        raise ValueError(f"{provider}: the suite's module steps capture no CUDA graph of their own (train.py's "
+                         f"step does: packed_training_steps)")
+    channels_last = flags["channels_last"]
     module = module.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
-    if provider in ("compile", "fused-compile"):
-        module = torch.compile(module)
-    elif provider == "cuda-graph":
+    if flags["compile"] and reduce_overhead:
         module = torch.compile(module, mode="reduce-overhead")
+    elif flags["compile"]:
+        module = torch.compile(module)
     bf16 = provider_dtype(provider) == "bfloat16"
     amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     return module, torch.channels_last if channels_last else torch.contiguous_format, amp
@@ -196,7 +235,6 @@ def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.d
 
 def layer_signatures(models=MODELS) -> list:
     """The distinct fused layers (kernels.paths.ConvSignature) of the networks, in order of appearance."""
-    from preresnet.kernels.paths import conv_signatures
 
     found = {}
     for name in models:
@@ -206,8 +244,7 @@ def layer_signatures(models=MODELS) -> list:
 
 
 def torch_path_layers(name: str, device: str) -> dict[str, str]:
-    """The layers of a paper network that kernels/conv_paths.json moves to PyTorch's ops (bf16)."""
-    from preresnet.kernels.paths import assign_paths
+    """The layers of a paper network that preresnet/kernels/conv_paths.json moves to PyTorch's ops (bf16)."""
 
     return assign_paths(get_model(name, fused=True), torch.device(device), torch.bfloat16)
 
@@ -216,16 +253,13 @@ def training_step(name: str, provider: str, device: str, batch: int):
     """One SGD step of a paper network (forward, loss, backward, optimizer), synchronised; it
     returns the step's loss, and leaves the gradients of its parameters (step.model) in place until
     the next call. The fused providers run what train.py --fused runs: each layer on the path
-    kernels/conv_paths.json names for this GPU (the Triton kernel where it names none). name "tiny":
+    preresnet/kernels/conv_paths.json names for this GPU (the Triton kernel where it names none). name "tiny":
     PreResNet-8 (tests)."""
-    from preresnet import build_model
 
     torch.manual_seed(0)
     model = build_model("normal", 1, num_classes=10, fused=is_fused(provider)) if name == "tiny" \
         else get_model(name, fused=is_fused(provider))
     if is_fused(provider):
-        from preresnet.kernels.paths import assign_paths
-
         assign_paths(model, torch.device(device), torch.bfloat16)
     # fused SGD, as train.py runs it (preresnet.steps.make_optimizer), on every device: bench.launches
     # counts this step's ops on the CPU
@@ -247,25 +281,19 @@ def training_step(name: str, provider: str, device: str, batch: int):
     return step
 
 
-# the packed-step workload's providers: train.py's own step with these execution settings
-PACKED_PROVIDERS = {
-    "eager-fp32": dict(amp="off", channels_last=False, fused=False, cuda_graphs=False),
-    "eager-amp-cl-graphs": dict(amp="bf16", channels_last=True, fused=False, cuda_graphs=True),
-    "fused-graphs": dict(amp="bf16", channels_last=True, fused=True, cuda_graphs=True),
-}
+# the packed-step workload's providers: train.py's own step, eager, with these variants' settings
+# (the table's less `compile`, which bench/test_packing.py sets off itself)
+PACKED_PROVIDERS = {name: {key: value for key, value in VARIANT_FLAGS[name].items() if key != "compile"}
+                    for name in ("eager-fp32", "eager-amp-cl-graphs", "fused-graphs")}
 PACKED_RUNS = (1, 2, 4)
 
 
 def packed_training_steps(name: str, runtime, runs: int, batch: int, size: int = 32):
     """A function running one training step of each of `runs` packed copies of a network, as
     train.py --seeds trains them: each copy with its own model, optimizer and step
-    (preresnet.training.make_step_fn: captured in a CUDA graph where the runtime says so) and, on a
+    (preresnet.steps.build_step: captured in a CUDA graph where the runtime says so) and, on a
     GPU, its own CUDA stream; a call queues one step of every copy in turn, then waits for all.
     name "tiny": PreResNet-8 (the GPU plan's dry runs)."""
-    from preresnet import build_model
-    from preresnet.recipes import resolve_recipe
-    from preresnet.steps import make_optimizer
-    from preresnet.training import make_step_fn
 
     device = runtime.device
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
@@ -275,13 +303,11 @@ def packed_training_steps(name: str, runtime, runs: int, batch: int, size: int =
         model = build_model("normal", 1, num_classes=10, fused=runtime.fused) if name == "tiny" \
             else get_model(name, fused=runtime.fused)
         if runtime.fused:
-            from preresnet.kernels.paths import assign_paths
-
             assign_paths(model, device, runtime.amp_dtype or torch.float32)
         model.to(device, memory_format=memory_format).train()
         recipe = resolve_recipe("wrn" if name.startswith("wrn") else "paper")
-        step, _ = make_step_fn(model, make_optimizer(model, recipe, device),
-                               torch.amp.GradScaler(device.type, enabled=False), runtime)
+        step, _ = build_step(model, make_optimizer(model, recipe, device),
+                             torch.amp.GradScaler(device.type, enabled=False), runtime)
         step.set_lr(recipe.lr)
         generator = torch.Generator(device=device).manual_seed(k)
         x = torch.randn(batch, 3, size, size, device=device, generator=generator).contiguous(memory_format=memory_format)
@@ -324,7 +350,6 @@ def synchronize(device: str) -> None:
 def cpu_environment() -> dict:
     """What a CPU row names besides environment(): the processor's model name, the instruction sets
     it computes bf16 with natively (empty: oneDNN emulates bf16), and the threads PyTorch uses."""
-    from preresnet.runtime import cpu_name, native_cpu_support
 
     return {"cpu_name": cpu_name(), "native_bf16": native_cpu_support("bf16"), "threads": torch.get_num_threads()}
 

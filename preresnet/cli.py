@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Callable
 
+from .errors import UserError
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (and exit status 2, as before)."""
@@ -16,8 +18,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def run_main(main: Callable[[argparse.Namespace], object], args: argparse.Namespace, prog: str) -> int:
     """Run main(args); a UserError becomes one line on stderr and exit status 2."""
-    from .errors import UserError
-
     try:
         main(args)
     except UserError as exc:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
 from .errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "folder")
@@ -91,8 +94,6 @@ def file_md5(path: Path) -> str:
 
 def download(url: str, path: Path) -> None:
     """Fetch url into path through a temporary file, so an interrupted download leaves nothing."""
-    from tqdm import tqdm
-
     tmp = path.with_name(path.name + ".part")
     print(f"downloading {url} to {path}", file=sys.stderr)
     try:
@@ -208,8 +209,6 @@ def list_class_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]
 
 
 def decode_images(files: list[tuple[Path, int]]) -> Split:
-    from PIL import Image, UnidentifiedImageError
-
     images = np.empty((len(files), *IMAGE_SHAPE), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
     for i, (path, label) in enumerate(files):

@@ -26,10 +26,14 @@ import torch
 from .cli import OneLineParser, run_main
 from .data import data_label
 from .errors import UserError
-from .models import build_model, list_models
-from .pretrained import WeightsEntry, evaluate_test_split, get_weights
-from .sweeps import GridRun, counted, percent, saved_grid, seed_statistics
-from .training import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint, resolve_runtime
+from .evaluation import evaluate_test_split
+from .models import build_model, model_from_checkpoint
+from .pretrained import WeightsEntry, get_weights
+from .registry import list_models
+from .runfiles import CHECKPOINT_NAME, load_checkpoint
+from .runtime import resolve_runtime
+from .sweeps import GridRun, saved_grid, seed_statistics
+from .wording import counted, percent
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -4,14 +4,16 @@ finished train.py run, and generate each entry's model card from its NAME.json.
     python -m preresnet.export RUN --name NAME --data TEXT --data-dir DIR --device TEXT [--commit SHA]
     python -m preresnet.export --cards                # regenerate every card from its NAME.json
 
-bench/gpu_plan.py's reproduce stage runs the first for every finished seed; docs/pretrained.md has
+tools/gpu_plan's reproduce stage runs the first for every finished seed; docs/pretrained.md has
 the naming and the storage.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import re
@@ -24,33 +26,27 @@ from pathlib import Path
 
 import torch
 
+from .cli import OneLineParser, run_main
 from .errors import UserError
+from .evaluation import evaluate_test_split
+from .models import model_from_checkpoint
+from .pretrained import ENV_VAR, NAME_PATTERN, WeightsEntry, load_weights, read_entry, registry_dir, weights_file_name
 from .provenance import read_commands
-from .models import paper_depths, paper_name
-from .pretrained import (ENV_VAR, NAME_PATTERN, WeightsEntry, evaluate_test_split, file_sha256, load_weights,
-                         read_entry, registry_dir, registry_name, weights_file_name)
+from .recipes import RECIPES, resolve_recipe
+from .registry import paper_depths, paper_name, registry_name
+from .runfiles import CONFIG_NAME, CURVES_NAME, atomic_write, checkpoint_path, load_checkpoint, strip_wrappers, write_text
+from .runtime import resolve_runtime
+from .wording import percent
 
 # bf16 parameters halve what git and the wheel carry; the BatchNorm running statistics, which set the
 # eval-mode normalisation and are a small part of the size, stay fp32. The error an entry reports is
 # measured on this rounded file.
 STORAGE = "bf16 parameters, fp32 BatchNorm statistics"
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel's, torch.compile's
-
-
-def strip_wrappers(key: str) -> str:
-    """A state_dict key without the prefixes of the wrappers that held the model when it was saved."""
-    while key.startswith(WRAPPER_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
-
-
 def train_command(config: dict, data_dir: str) -> str:
     """The train.py command that trains a run of config (a run folder's config.json) again: network,
     data, the weights it started from, the recipe preset and every field that differs from what the
     preset gives for the run's epochs (train.py scales the milestones and the warm-up with them),
     seed and execution flags."""
-    from .recipes import RECIPES, resolve_recipe
-
     # --depth refuses a papers' total depth (--depth 110 would build PreResNet-662): such a run had --units
     depth_flag = "--units" if config["depth"] in paper_depths(config["type"]) else "--depth"
     words = ["python", "train.py", "--type", config["type"], depth_flag, str(config["depth"])]
@@ -95,8 +91,6 @@ def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, da
     data: what the data is, for people; data_dir: the folder a user passes (the commands name it;
     the measurement reads the run's own); device, commit: where and from what it was trained;
     reproduce: the command that trains it again; source: where the run's history lives."""
-    from .training import checkpoint_path, load_checkpoint, model_from_checkpoint, resolve_runtime
-
     if not NAME_PATTERN.fullmatch(name):
         raise UserError(f"entry name {name!r}: use lower-case letters, digits, '-', '_' and '.'")
     checkpoint = load_checkpoint(run)
@@ -109,19 +103,17 @@ def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, da
              for key, value in checkpoint["model"].items()}
     model = model_from_checkpoint({**checkpoint, "model": state}, checkpoint_path(run))
     config = {**config, "recipe": recipe}  # as in the run's config.json, whose copy also holds the execution flags
-    if (folder / "config.json").is_file():
-        config["runtime"] = json.loads((folder / "config.json").read_text()).get("runtime")
+    if (folder / CONFIG_NAME).is_file():
+        config["runtime"] = json.loads((folder / CONFIG_NAME).read_text()).get("runtime")
 
     registry = Path(registry)
     registry.mkdir(parents=True, exist_ok=True)
-    tmp = registry / f".{name}.pt.{os.getpid()}.tmp"
-    try:
-        torch.save(state, tmp)
-        sha256 = file_sha256(tmp)
-        file = registry / weights_file_name(name, sha256)
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()  # the file's name holds its sha256: the bytes first, then the file
+    torch.save(state, buffer)
+    file_bytes = buffer.getvalue()
+    sha256 = hashlib.sha256(file_bytes).hexdigest()
+    file = registry / weights_file_name(name, sha256)
+    atomic_write(file, lambda tmp: tmp.write_bytes(file_bytes))
     arch = (config["type"], config["depth"], config["width"])
     try:
         triton = importlib.metadata.version("triton")
@@ -147,10 +139,10 @@ def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, da
                 per_class_accuracy=results["per_class_accuracy"], test_images=results["test_images"],
                 measured={"device": runtime.device.type, "precision": "fp32"},
                 training_test_error=(checkpoint.get("metrics") or {}).get("test_error"),
-                curves=f"{name}-curves.png" if (folder / "curves.png").is_file() else None,
+                curves=f"{name}-curves.png" if (folder / CURVES_NAME).is_file() else None,
                 date=time.strftime("%Y-%m-%d"))
     if meta["curves"]:
-        shutil.copyfile(folder / "curves.png", registry / meta["curves"])
+        shutil.copyfile(folder / CURVES_NAME, registry / meta["curves"])
     text = json.dumps(meta, indent=1) + "\n"
     write_text(registry / f"{name}.json", text)
     write_text(registry / f"{name}.md", card(json.loads(text)))  # as write_cards makes it from the file
@@ -160,17 +152,7 @@ def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, da
     return WeightsEntry(name, meta, registry)
 
 
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --- cards ----------------------------------------------------------------------------------------------
-
-
-def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
 def init_text(init: dict) -> str:
@@ -312,8 +294,6 @@ def write_cards(folder: Path) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
-
     parser = OneLineParser(prog="python -m preresnet.export", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
@@ -346,6 +326,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run_main
-
     sys.exit(run_main(main, build_parser().parse_args(), "python -m preresnet.export"))

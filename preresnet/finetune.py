@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .export import strip_wrappers
 from .models import build_model, paper_name
-from .pretrained import (NAME_PATTERN, describe_registry, file_sha256, first_line, registry_dir, registry_entries,
-                         resolve_weights)
-from .training import CHECKPOINT_FORMAT, checkpoint_path
+from .pretrained import NAME_PATTERN, describe_registry, file_sha256, registry_dir, registry_entries, resolve_weights
+from .runfiles import CHECKPOINT_FORMAT, checkpoint_path, strip_wrappers
+from .wording import first_line
 
 HEAD = ("fc.weight", "fc.bias")
 

@@ -233,7 +233,7 @@ def auto_backend(device: torch.device | str, table: dict | None = None) -> tuple
     gpu = torch.cuda.get_device_name(device)
     entry = (load_choice_table() if table is None else table).get(gpu)
     if entry is None:
-        return "torch", f"the loaders have not been measured on {gpu} (python -m bench.gpu_plan dali)"
+        return "torch", f"the loaders have not been measured on {gpu} (python -m tools.gpu_plan dali)"
     return entry["backend"], f"measured on {gpu}: {entry['reason']}"
 
 

@@ -8,14 +8,15 @@ head and the two projection shortcuts, as the WRN paper names its networks).
 
 from __future__ import annotations
 
-from typing import Callable
+import os
 
 import torch
 from torch import nn
 
 from .errors import UserError
-
-MODEL_TYPES = ("normal", "bottleneck", "wide")
+from .pretrained import load_weights, resolve_weights
+from .registry import (MODEL_ARCHS, MODEL_TYPES, PRETRAINED_REFUSED, check_model_args, get_model,  # noqa: F401
+                       list_models, paper_name, register)
 STAGE_PLANES = (16, 32, 64)
 STEM_CHANNELS = 16
 
@@ -62,8 +63,7 @@ class PreActBasicBlock(nn.Module):
     def forward_fused(self, x: torch.Tensor, stats):
         """The same unit in fused kernels; stats are x's batch mean and variance when known.
         Returns the output and its statistics."""
-        from .kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
-
+        batchnorm_moments, fused_conv, fused_conv_carrying = fused_layers()
         if self.activate_before_split:
             # both paths read the activation, so it is materialised once, by the module itself, and
             # conv1 is a plain conv of it
@@ -108,8 +108,7 @@ class PreActBottleneck(nn.Module):
         return out + residual
 
     def forward_fused(self, x: torch.Tensor, stats):
-        from .kernels.layers import batchnorm_moments, fused_conv, fused_conv_carrying
-
+        batchnorm_moments, fused_conv, fused_conv_carrying = fused_layers()
         bn1 = batchnorm_moments(self.bn1, x, stats)
         if self.shortcut is None:  # the identity reads x, carried through conv1's layer
             out, out_stats, residual = fused_conv_carrying(x, bn1, self.conv1, emit_stats=self.training)
@@ -175,8 +174,7 @@ class PreActResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            from .kernels.layers import fused_conv
-
+            fused_conv = fused_layers()[1]
             # the stem's kernel measures its output for the first unit's BatchNorm, unless that unit
             # activates before its split (it normalises through its module)
             out, stats = fused_conv(x, None, self.conv1,
@@ -190,39 +188,13 @@ class PreActResNet(nn.Module):
         return self.fc(out)
 
 
-def paper_name(type: str, depth: int, width: int = 1) -> str:
-    """The name the papers give the network: PreResNet-110, PreResNet-164, WRN-16-4."""
-    if type == "normal":
-        return f"PreResNet-{6 * depth + 2}"
-    if type == "bottleneck":
-        return f"PreResNet-{9 * depth + 2}"
-    return f"WRN-{6 * depth + 4}-{width}"
+def fused_layers():
+    """(batchnorm_moments, fused_conv, fused_conv_carrying) of preresnet/kernels/layers.py, imported
+    on first use: Triton is an optional dependency (Linux only), and must find TRITON_INTERPRET set
+    before it is imported."""
+    from .kernels import layers
 
-
-# torchvision's old pretrained=True, answered with its current spelling
-PRETRAINED_REFUSED = ('there is no pretrained= argument: use weights="DEFAULT" (the entry with the lowest test '
-                      'error for the network) or an entry name of preresnet.list_weights(), as torchvision spells it '
-                      '(weights=None for a random initialisation)')
-# what get_model passes on to build_model: its name fixes the network itself
-GET_MODEL_ARGUMENTS = ("num_classes", "fused", "dropout", "weights")
-
-
-def check_model_args(type: str, depth: int, width: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
-    """Raise UserError for combinations that do not describe a network of the papers."""
-    if type not in MODEL_TYPES:
-        raise UserError(f"unknown model type {type!r}: choose one of {', '.join(MODEL_TYPES)}")
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise UserError(f"depth must be a positive number of residual units per stage, got {depth!r}")
-    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-        raise UserError(f"width must be a positive integer, got {width!r}")
-    if type != "wide" and width != 1:
-        raise UserError(f"width {width} is only for --type wide; {type} networks have width 1")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise UserError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
-    if dropout > 0 and type != "wide":
-        raise UserError("dropout is defined for wide networks only (--type wide)")
+    return layers.batchnorm_moments, layers.fused_conv, layers.fused_conv_carrying
 
 
 def build_model(
@@ -250,136 +222,62 @@ def build_model(
     check_model_args(type, depth, width, 10 if num_classes is None else num_classes, dropout)
     entry = None
     if weights is not None:
-        from .pretrained import resolve_weights
-
         entry = resolve_weights(weights, type, depth, width, num_classes)
         num_classes = entry.meta["num_classes"]
     if fused:
         if dropout > 0:
             raise UserError("the fused kernels do not apply dropout: use fused=False (--no-fused) with --dropout")
         try:
-            from .kernels import layers  # noqa: F401
+            fused_layers()
         except ImportError as exc:
             raise UserError(f"fused=True needs Triton and the kernels package ({exc}); use fused=False") from None
     block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock
     model = PreActResNet(block, depth, width, 10 if num_classes is None else num_classes, dropout,
                          paper_name(type, depth, width), fused, activate_before_first_split=type != "wide")
     if entry is not None:
-        from .pretrained import load_weights
-
         load_weights(model, entry)
         model.eval()
     return model
 
 
-# --- registry -----------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, Callable[..., PreActResNet]] = {}
-MODEL_ARCHS: dict[str, tuple[str, int, int]] = {}
+# --- the papers' networks by name (preresnet/registry.py) -------------------------------------------
 
 
-def register(type: str, depth: int, width: int = 1):
-    def wrap(factory: Callable[..., PreActResNet]) -> Callable[..., PreActResNet]:
-        _REGISTRY[factory.__name__] = factory
-        MODEL_ARCHS[factory.__name__] = (type, depth, width)
-        return factory
+def _builder(name: str, doc: str):
+    """get_model's builder of a MODEL_ARCHS name, registered, with the docstring torch.hub shows."""
+    type, depth, width = MODEL_ARCHS[name]
 
-    return wrap
+    def build(**kwargs) -> PreActResNet:
+        return build_model(type, depth, width, **kwargs)
 
-
-@register("normal", 3)
-def preresnet20(**kwargs) -> PreActResNet:
-    """PreResNet-20: 3 basic units per stage (He et al. 2016, "Identity Mappings in Deep Residual Networks")."""
-    return build_model("normal", 3, **kwargs)
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    return register(name)(build)
 
 
-@register("normal", 9)
-def preresnet56(**kwargs) -> PreActResNet:
-    """PreResNet-56: 9 basic units per stage (He et al. 2016)."""
-    return build_model("normal", 9, **kwargs)
+preresnet20 = _builder("preresnet20", 'PreResNet-20: 3 basic units per stage (He et al. 2016, "Identity Mappings in '
+                                      'Deep Residual Networks").')
+preresnet56 = _builder("preresnet56", "PreResNet-56: 9 basic units per stage (He et al. 2016).")
+preresnet110 = _builder("preresnet110", "PreResNet-110: 18 basic units per stage, 1.7M parameters, 6.37% CIFAR-10 "
+                                        "error (He et al. 2016).")
+preresnet164 = _builder("preresnet164", "PreResNet-164: 18 bottleneck units per stage, 1.7M parameters, 5.46% "
+                                        "CIFAR-10 error (He et al. 2016).")
+preresnet1001 = _builder("preresnet1001", "PreResNet-1001: 111 bottleneck units per stage, 10.2M parameters, 4.62% "
+                                          "CIFAR-10 error (He et al. 2016).")
+wrn16_4 = _builder("wrn16_4", "WRN-16-4: 2 units per stage, width 4, 2.7M parameters, 5.02% CIFAR-10 error "
+                              "(Zagoruyko & Komodakis 2016).")
+wrn28_10 = _builder("wrn28_10", "WRN-28-10: 4 units per stage, width 10, 36.5M parameters (Zagoruyko & Komodakis "
+                                "2016).")
 
 
-@register("normal", 18)
-def preresnet110(**kwargs) -> PreActResNet:
-    """PreResNet-110: 18 basic units per stage, 1.7M parameters, 6.37% CIFAR-10 error (He et al. 2016)."""
-    return build_model("normal", 18, **kwargs)
-
-
-@register("bottleneck", 18)
-def preresnet164(**kwargs) -> PreActResNet:
-    """PreResNet-164: 18 bottleneck units per stage, 1.7M parameters, 5.46% CIFAR-10 error (He et al. 2016)."""
-    return build_model("bottleneck", 18, **kwargs)
-
-
-@register("bottleneck", 111)
-def preresnet1001(**kwargs) -> PreActResNet:
-    """PreResNet-1001: 111 bottleneck units per stage, 10.2M parameters, 4.62% CIFAR-10 error (He et al. 2016)."""
-    return build_model("bottleneck", 111, **kwargs)
-
-
-@register("wide", 2, 4)
-def wrn16_4(**kwargs) -> PreActResNet:
-    """WRN-16-4: 2 units per stage, width 4, 2.7M parameters, 5.02% CIFAR-10 error (Zagoruyko & Komodakis 2016)."""
-    return build_model("wide", 2, 4, **kwargs)
-
-
-@register("wide", 4, 10)
-def wrn28_10(**kwargs) -> PreActResNet:
-    """WRN-28-10: 4 units per stage, width 10, 36.5M parameters (Zagoruyko & Komodakis 2016)."""
-    return build_model("wide", 4, 10, **kwargs)
-
-
-def list_models() -> list[str]:
-    """Names accepted by `get_model`, in registration order."""
-    return list(_REGISTRY)
-
-
-def get_model(name: str, **kwargs) -> PreActResNet:
-    """Build a registered network by name; kwargs go to `build_model` (num_classes, fused, dropout,
-    weights: get_model("preresnet110", weights="DEFAULT") is in eval mode with the best weights loaded)."""
-    if name not in _REGISTRY:
-        raise UserError(f"unknown model {name!r}: choose one of {', '.join(_REGISTRY)}")
-    if "pretrained" in kwargs:
-        raise UserError(PRETRAINED_REFUSED)
-    unknown = [key for key in kwargs if key not in GET_MODEL_ARGUMENTS]
-    if unknown:
-        raise UserError(f"get_model({name!r}) takes {', '.join(GET_MODEL_ARGUMENTS)}, not {', '.join(unknown)} (its "
-                        f"name fixes the network; build_model(type, depth, width) builds others)")
-    return _REGISTRY[name](**kwargs)
-
-
-# --- names a command line gives a network -----------------------------------------------------------
-
-# Units per stage of the networks the papers name, by type (He et al. 2016 "Deep Residual Learning"
-# and "Identity Mappings": ResNet-20 to -1202, PreResNet-110, -164, -1001; Zagoruyko & Komodakis
-# 2016: WRN-16, -22, -28, -40 of any width): their total depths are what a reader may take --depth for.
-PAPER_UNITS = {"normal": (3, 5, 7, 9, 18, 200), "bottleneck": (18, 111), "wide": (2, 3, 4, 6)}
-
-
-def model_arch(name: str) -> tuple[str, int, int]:
-    """(type, units per stage, width) of a list_models() name."""
-    if name not in MODEL_ARCHS:
-        raise UserError(f"unknown model {name!r}: choose one of {', '.join(MODEL_ARCHS)}")
-    return MODEL_ARCHS[name]
-
-
-def paper_depths(type: str) -> dict[int, int]:
-    """Total depth -> units per stage, of the papers' networks of type: {20: 3, 32: 5, ...} for normal."""
-    layers = {"normal": (6, 2), "bottleneck": (9, 2), "wide": (6, 4)}[type]  # per unit, outside the units
-    return {layers[0] * units + layers[1]: units for units in PAPER_UNITS[type]}
-
-
-def check_depth_meant(type: str, depth: int, width: int = 1) -> None:
-    """Refuse a --depth (units per stage) that is the total depth of one of the papers' networks of
-    this type: --depth 110 would build PreResNet-662, not PreResNet-110. train.py's --units gives
-    that many units per stage on purpose."""
-    units = paper_depths(type).get(depth) if type in MODEL_TYPES else None
-    if units is None:
-        return
-    meant = paper_name(type, units, width)
-    flags = f"--type {type} --depth {units}" + (f" --width {width}" if type == "wide" else "")
-    name = next((name for name, arch in MODEL_ARCHS.items() if arch == (type, units, width)), None)
-    instead = f"--model {name} (or {flags})" if name else flags
-    built = paper_name(type, depth, width)
-    raise UserError(f"--depth {depth} counts residual units per stage and would build {built}; for {meant} use "
-                    f"{instead}; to build {built} on purpose give --units {depth} instead of --depth")
+def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> PreActResNet:
+    """Rebuild the network a train.py checkpoint's config describes and load its weights into it."""
+    config = checkpoint["config"]
+    model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
+                        dropout=config["dropout"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise UserError(f"checkpoint {path} does not hold a {model.paper_name} as its config says: {detail[:300]}") from None
+    return model

@@ -12,9 +12,9 @@ the environment variable PRERESNET_WEIGHTS_DIR names another folder instead):
     NAME-curves.png        the training curves
 
 The registry is the set of NAME.json files, with no hand-edited list: entries copied in from
-several machines never conflict. preresnet/export.py makes entries (bench/gpu_plan.py's reproduce
+several machines never conflict. preresnet/export.py makes entries (tools/gpu_plan's reproduce
 stage exports every finished seed); this module reads them, and imports only torch, numpy and the
-models. `python -m preresnet.pretrained` lists them.
+registry of names (preresnet/registry.py). `python -m preresnet.pretrained` lists them.
 
     model = preresnet.get_model("preresnet20", weights="DEFAULT")   # eval mode, weights loaded
     preresnet.list_weights("preresnet20"), preresnet.get_weights(NAME).transforms()
@@ -36,7 +36,8 @@ import torch
 
 from .cli import run_main
 from .errors import UserError
-from .models import MODEL_ARCHS, paper_name
+from .registry import MODEL_ARCHS, paper_name
+from .wording import first_line
 
 ENV_VAR = "PRERESNET_WEIGHTS_DIR"
 PACKAGE_REGISTRY = Path(__file__).resolve().with_name("weights")
@@ -64,16 +65,6 @@ def file_sha256(path: Path) -> str:
 
 def weights_file_name(name: str, sha256: str) -> str:
     return f"{name}-{sha256[:8]}.pt"
-
-
-def registry_name(type: str, depth: int, width: int) -> str | None:
-    """The list_models() name of a network, None for one outside the registry."""
-    return next((name for name, arch in MODEL_ARCHS.items() if arch == (type, depth, width)), None)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def image_tensor(images) -> torch.Tensor:
@@ -267,74 +258,6 @@ def load_weights(model: torch.nn.Module, entry: WeightsEntry) -> None:
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise UserError(f"weights file {entry.file} does not fit {model.paper_name}: {detail[:300]}") from None
-
-
-@dataclass
-class EvaluatedSplit:
-    """What evaluate_test_split evaluated: the model's classes, the labels of the test images in the
-    data's order as the model numbers the classes, and the model's logits where they were kept."""
-
-    classes: list[str]
-    labels: np.ndarray  # N, int64
-    logits: torch.Tensor | None  # N x classes, float32, on the CPU
-    reordered: bool  # the data holds the model's classes in another order; its labels were mapped
-
-
-def model_labels(data_classes: list[str], labels: np.ndarray, classes: list[str], data: str,
-                 network: str) -> np.ndarray:
-    """labels of data_classes as numbers of the model's classes: the same names in another order are
-    mapped; another set of names is a UserError (a figure over mismatched classes means nothing)."""
-    if data_classes == classes:
-        return labels
-    if sorted(data_classes) != sorted(classes):
-        unknown = [name for name in data_classes if name not in classes]
-        missing = [name for name in classes if name not in data_classes]
-        detail = " and ".join(([f"it has {shown_names(unknown)}"] if unknown else []) +
-                              ([f"it lacks {shown_names(missing)}"] if missing else []))
-        raise UserError(f"the classes of {data} are not the ones {network} was trained on: {detail} (evaluate it on "
-                        f"data with its classes: {shown_names(classes)})")
-    return np.array([classes.index(name) for name in data_classes], dtype=np.int64)[labels]
-
-
-def shown_names(names: list[str], shown: int = 6) -> str:
-    """'a', 'b', 'c' and 7 more."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(map(repr, names[:shown])) + more
-
-
-def evaluate_test_split(model: torch.nn.Module, dataset_name: str, data_dir: str | os.PathLike, mean, std, runtime,
-                        batch_size: int = 500, classes: list[str] | None = None,
-                        keep_logits: bool = False) -> tuple[dict, EvaluatedSplit]:
-    """model's test loss, error and per-class accuracy over the test split of dataset_name in
-    data_dir (only that split is read), normalised with mean and std (eval.py and export share it).
-    classes: the model's (its config's or entry's); the data's classes are checked against them, and
-    labels mapped where the data holds them in another order. Returns the figures and an EvaluatedSplit."""
-    from .data import data_label, load_split
-    from .loaders import build_loader
-    from .training import evaluate
-
-    split, data_classes = load_split(dataset_name, data_dir, "test")
-    num_classes = model.fc.out_features
-    if classes is None:
-        if len(data_classes) != num_classes:
-            raise UserError(f"{dataset_name} in {data_dir} has {len(data_classes)} classes; this {model.paper_name} "
-                            f"classifies {num_classes}")
-        classes = data_classes
-    labels = model_labels(data_classes, split.labels, list(classes), data_label(dataset_name, data_dir),
-                          model.paper_name)
-    loader = build_loader(split.images, labels, batch_size=batch_size, train=False, backend=runtime.loader, mean=mean,
-                          std=std, device=runtime.device)
-    chunks = []
-    # evaluate() sees every test image once, in order: its forward passes' outputs are the logits
-    hook = model.register_forward_hook(lambda module, inputs, output: chunks.append(output.float().cpu())) \
-        if keep_logits else None
-    try:
-        results = evaluate(model.to(runtime.device), loader, runtime, num_classes)
-    finally:
-        if hook is not None:
-            hook.remove()
-    logits = torch.cat(chunks) if keep_logits else None
-    return results, EvaluatedSplit(list(classes), labels, logits, data_classes != list(classes))
 
 
 def entry_table(entries: list[WeightsEntry]) -> str:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from .runfiles import COMMANDS_NAME
 from .runtime import Runtime, cpu_name
 
-COMMANDS_NAME = "commands.jsonl"
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, where the package is run from one
 # what the benchmark and reproduction tools write into the checkout: no change to the code that ran
 OUTPUT_PATHS = ("bench/results", "preresnet/weights")

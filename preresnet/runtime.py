@@ -61,7 +61,7 @@ class Runtime:
     channels_last: bool
     compile: bool | None  # None only until settle_compile has seen the run's schedule (a CPU's auto)
     loader: str  # "torch" | "dali"
-    fused: bool = False  # the Triton kernels of kernels/
+    fused: bool = False  # the Triton kernels of preresnet/kernels/
     sync_bn: bool = False  # BatchNorm statistics over all ranks (multi-process runs)
     dist: distributed.Dist = distributed.Dist()
     cuda_graphs: bool = False  # the whole step (and evaluation) captured in CUDA graphs: preresnet/steps.py

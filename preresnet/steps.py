@@ -33,7 +33,7 @@ on their own streams at once.
 
 `PRERESNET_GRAPH_MODE=reduce-overhead` replaces the manual capture with
 `torch.compile(mode="reduce-overhead")` (forward and backward graphed by Inductor, the fused SGD
-update eager); the GPU plan (`bench/gpu_plan.py`) measures both.
+update eager); the GPU plan (`tools/gpu_plan/`) measures both.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -327,6 +328,22 @@ def graph_fallback_reason(runtime, own_random_state: bool = False) -> str | None
     return None
 
 
+def random_state(device: torch.device) -> dict:
+    """The generator dropout draws from on device (the only torch randomness of a training step)."""
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    return {"device": device.type, "state": state}
+
+
+def restore_random_state(saved: dict, device: torch.device) -> None:
+    """Set the generator random_state() read (one saved on another kind of device draws anew)."""
+    if saved["device"] != device.type:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved["state"], device)
+    else:
+        torch.set_rng_state(saved["state"])
+
+
 def build_step(model, optimizer, scaler, runtime, own_random_state: bool = False):
     """The step function and the evaluation forward for these settings (own_random_state: a packed
     run whose steps draw random numbers from a generator state of its own).
@@ -334,6 +351,10 @@ def build_step(model, optimizer, scaler, runtime, own_random_state: bool = False
     Returns (step, eval_forward): step(x, y) -> (loss, logits) with step.set_lr(lr),
     step.take_timings() and step.describe(); eval_forward(x) -> logits, with .eval() and, when
     graphed, take_timings()."""
+    if runtime.compile and runtime.dist.enabled:
+        # DDP broadcasts BatchNorm buffers before each forward, which Dynamo cannot trace: one graph
+        # break there, announced once per rank (pytorch/pytorch#141827); the model itself compiles.
+        warnings.filterwarnings("ignore", message=".*_broadcast_coalesced")
     mode = graph_mode() if runtime.cuda_graphs else None
     if runtime.compile:
         compile_mode = "reduce-overhead" if mode == "reduce-overhead" and runtime.device.type == "cuda" else None

@@ -1,5 +1,5 @@
 """Several runs of one command (train.py --seeds, and lists for --lr and --weight-decay): their grid,
-their folders and the summary over seeds.
+their folders, the summary over seeds, and the command that trains them packed in one process.
 
 Each run has an ordinary run folder inside the command's folder, named by what varies:
 `seed-0`, or `lr-0.05-wd-0.0005-seed-0` for a grid. `summary.json` there lists every run with its
@@ -16,10 +16,18 @@ import statistics
 from pathlib import Path
 from typing import NamedTuple
 
-from .wording import counted
+import sys
+
+from . import faults
+from .data import load_dataset
+from .errors import UserError
+from .run_setup import check_network, make_folder, new_run, resumed_run, say_start, schedule_steps, write_config
+from .runfiles import CHECKPOINT_NAME, CONFIG_NAME, DIVERGED_NAME, METRICS_NAME, read_metrics, write_json
+from .runtime import settle_compile
+from .training import NonFiniteLoss, RunSpec, train_runs
+from .wording import counted, percent
 
 SUMMARY_NAME = "summary.json"
-DIVERGED_NAME = "diverged.json"  # in the folder of a packed run whose loss stopped being finite
 
 
 class GridRun(NamedTuple):
@@ -73,10 +81,8 @@ def seed_statistics(errors: list[float]) -> dict | None:
 def run_state(folder: Path) -> dict:
     """One run's state from its folder: epochs done (of its metrics.jsonl, written with each
     checkpoint), whether it finished, diverged or is in progress, and its last test error."""
-    metrics = folder / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] \
-        if metrics.is_file() else []
-    config = folder / "config.json"
+    history = read_metrics(folder / METRICS_NAME)
+    config = folder / CONFIG_NAME
     recipe = json.loads(config.read_text())["recipe"] if config.is_file() else {}
     epochs = recipe.get("epochs")
     done = history[-1]["epoch"] if history else 0
@@ -105,15 +111,9 @@ def summarise(folder: Path, runs: list[GridRun]) -> dict:
 
 
 def write_summary(folder: Path, runs: list[GridRun]) -> dict:
-    from .training import atomic_write
-
     summary = summarise(folder, runs)
-    atomic_write(Path(folder) / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+    write_json(Path(folder) / SUMMARY_NAME, summary)
     return summary
-
-
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
 
 def summary_table(summary: dict) -> str:
@@ -137,3 +137,78 @@ def summary_table(summary: dict) -> str:
                      f"min {percent(stats['min'])}  max {percent(stats['max'])}  "
                      f"({stats['runs']} of {counted(len(group['runs']), 'run')} finished)")
     return "\n".join(lines)
+
+
+# --- the command that trains them -------------------------------------------------------------------
+
+
+def command_grid(args: argparse.Namespace, folder: str | None) -> list[GridRun] | None:
+    """The runs of a command with --seeds or lists for --lr / --weight-decay, or of the command
+    whose folder is resumed (folder: --resume's, or --out under --resume auto); None: a single run."""
+    lrs, weight_decays = args.lr or [None], args.weight_decay or [None]
+    listed = args.seeds is not None or len(lrs) > 1 or len(weight_decays) > 1
+    if args.seeds is not None and args.seed is not None:
+        raise UserError("--seed and --seeds: give one (--seeds 0,1,2 trains one run per seed)")
+    if listed and args.resume not in (None, "auto"):
+        raise UserError("--resume continues the runs saved in its folder: drop --seeds and the lists (or repeat the "
+                        "command with --resume auto --out FOLDER)")
+    if listed:
+        return grid(args.seeds if args.seeds is not None else [args.seed or 0], lrs, weight_decays)
+    return saved_grid(Path(folder)) if folder and Path(folder).is_dir() else None
+
+
+def run_flags(args: argparse.Namespace, run: GridRun) -> argparse.Namespace:
+    """One run's own flags: its seed, lr and weight decay in place of the command's lists."""
+    return argparse.Namespace(**{**vars(args), "seed": run.seed, "lr": run.lr, "weight_decay": run.weight_decay,
+                                 "seeds": None})
+
+
+def train_packed(args: argparse.Namespace, runtime, runs: list[GridRun], folder: Path, deadline: float | None) -> dict:
+    """The runs of --seeds (and lists) in one process, each in its own run folder of the command's
+    folder (resumed where it holds a checkpoint, else started); summary.json after every epoch, and
+    the table over seeds at the end."""
+
+    specs, dataset, skipped = [], None, []
+    for run in runs:
+        flags = run_flags(args, run)
+        if (folder / run.name / CHECKPOINT_NAME).is_file():
+            if (folder / run.name / DIVERGED_NAME).is_file():  # it would diverge again, at the same step
+                skipped.append(run.name)
+                continue
+            config, recipe, out, checkpoint = resumed_run(flags, str(folder / run.name))
+        else:
+            config, recipe, out, dataset = new_run(flags, folder / run.name, dataset)
+            checkpoint = None
+        if specs and (config["dataset"], config["data_dir"]) != (specs[0].config["dataset"], specs[0].config["data_dir"]):
+            raise UserError(f"{out} trained on other data than {specs[0].out}: the runs of one command share their data")
+        specs.append(RunSpec(config, recipe, out, checkpoint))
+    for name in skipped:
+        print(f"{name}: its loss stopped being finite in an earlier command ({folder / name / DIVERGED_NAME}): "
+              f"not resumed; --resume {folder / name} continues it alone", file=sys.stderr)
+    for spec in specs:
+        check_network(spec.config, runtime)
+    for out in [folder] + [spec.out for spec in specs]:
+        make_folder(out)
+    if specs:
+        dataset = dataset or load_dataset(specs[0].config["dataset"], specs[0].config["data_dir"])
+        runtime = settle_compile(runtime, schedule_steps([spec.recipe for spec in specs], dataset))
+    for spec in specs:
+        write_config(spec.out, spec.config, spec.recipe, runtime)
+    trained = []
+    try:
+        if specs:
+            say_start(specs, dataset)
+            trained = train_runs(specs, runtime, dataset, progress=args.progress, deadline=deadline, packed=True,
+                                 after_epoch=lambda _: write_summary(folder, runs))
+            faults.finished()
+    finally:
+        if specs or skipped:  # nothing written for a command refused before its first run was set up
+            summary = write_summary(folder, runs)
+            print(summary_table(summary))
+    if any(run.status == "paused" for run in trained):
+        print(f"stopped by --time-limit; continue with: python train.py --resume {folder}")
+    diverged = [entry["name"] for entry in summary["runs"] if entry["status"] == "diverged"]
+    if diverged:
+        raise NonFiniteLoss(f"the training loss of {', '.join(diverged)} stopped being finite (the other runs went "
+                            f"on; {folder / SUMMARY_NAME})")
+    return summary

@@ -1,45 +1,44 @@
-"""The training loop behind train.py, and the pieces eval.py shares with it (runtime, checkpoints).
+"""The training loop: a run's network, optimizer, step, data order, metrics and files
+(TrainingRun), and the rounds in which one command trains its runs, one or several packed
+(train_runs).
 
-A run's folder holds config.json, metrics.jsonl (one line per epoch), curves.png and checkpoint.pt,
-the last three rewritten atomically after every epoch. Everything random in epoch e follows from
-(seed, e), and the checkpoint holds model, optimizer and grad-scaler state at the epoch's end, so a
-run resumed from it continues exactly as if it had never stopped.
+Everything random in epoch e follows from (seed, e), and the checkpoint (preresnet/runfiles.py)
+holds model, optimizer and grad-scaler state at the epoch's end, or the position inside an epoch
+where a stop signal came, so a run resumed from it continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
 import sys
 import time
-import warnings
-import zipfile
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+from tqdm import tqdm
 
 from . import distributed, faults
-from .data import Dataset, channel_mean_std, data_label
+from .curves import save_curves
+from .data import Dataset, data_label
 from .errors import UserError
+from .evaluation import EVAL_BATCH_SIZE, evaluate
+from .finetune import load_init_weights
 from .loaders import MODEL_STREAM, BaseLoader, build_loader, epoch_seed
 from .models import build_model
-from .provenance import COMMANDS_NAME, command_record, commands_text, read_commands, this_command
-from .recipes import Recipe, learning_rate, steps_per_epoch
-from .runtime import Runtime, resolve_runtime, settle_compile  # noqa: F401  (train.py, eval.py and export import them here)
-from .steps import make_optimizer
-from .sweeps import DIVERGED_NAME, counted
+from .provenance import command_record, commands_text, read_commands, this_command
+from .kernels.paths import assign_paths
+from .recipes import Recipe, learning_rate
+from .reporting import command_folder, epoch_line, interrupted, packed_epoch_line, start_lines, step_timings
+from .runfiles import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, COMMANDS_NAME, CURVES_NAME, DIVERGED_NAME, METRICS_NAME,
+                       PREVIOUS_NAME, link_or_copy, metrics_text, read_metrics, remove_stale_temporaries, write_files,
+                       write_json, write_lines)
+from .runtime import Runtime
+from .steps import build_step, make_optimizer, random_state, restore_random_state
 
-CHECKPOINT_FORMAT = "preresnet-checkpoint-1"
-CHECKPOINT_NAME = "checkpoint.pt"
-PREVIOUS_NAME = "checkpoint-prev.pt"  # the checkpoint before the last one, kept in case the last is unreadable
-EVAL_BATCH_SIZE = 500
 PROGRESS_EVERY = 20  # steps between progress-bar refreshes; each one waits for the device
 
 
@@ -57,223 +56,7 @@ class StoppedInEpoch(Exception):
         self.position = position
 
 
-def random_state(device: torch.device) -> dict:
-    """The generator dropout draws from on device (the only torch randomness of a training step)."""
-    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-    return {"device": device.type, "state": state}
-
-
-def restore_random_state(saved: dict, device: torch.device) -> None:
-    """Set the generator random_state() read (one saved on another kind of device draws anew)."""
-    if saved["device"] != device.type:
-        return
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(saved["state"], device)
-    else:
-        torch.set_rng_state(saved["state"])
-
-
-# --- checkpoints ------------------------------------------------------------------------------------
-
-
-class WriteFailed(UserError):
-    """A file of the run could not be written (a full disk, a read-only folder); none was changed."""
-
-
-def temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def write_files(writes: dict[Path, Callable[[Path], None]]) -> None:
-    """Call each write(tmp_path), then rename every temporary file over its path. Readers never see
-    a half-written file, and a write that fails (the step that needs space) raises WriteFailed
-    before any of the files has changed."""
-    tmps = {}
-    try:
-        for path, write in writes.items():
-            tmps[path] = tmp = temporary_path(path)
-            try:
-                write(tmp)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-            except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-                    (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise WriteFailed(f"cannot write {path}: {detail}; the run stopped with its files as they were "
-                                  f"before this save (free space or fix the folder, then continue with --resume "
-                                  f"{path.parent})") from None
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over path: readers never see a half-written file."""
-    write_files({path: write})
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    """target becomes the file source is now: a hard link (no copy, no space) where the filesystem has them."""
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Temporary files of a process killed while writing (SIGKILL leaves them); each can be as big as a checkpoint."""
-    for name in (CHECKPOINT_NAME, PREVIOUS_NAME, "metrics.jsonl", "curves.png", "config.json", COMMANDS_NAME):
-        for tmp in out.glob(f".{name}.*.tmp"):
-            if tmp != temporary_path(out / name):  # another process's
-                tmp.unlink(missing_ok=True)
-
-
-def checkpoint_path(path: str | os.PathLike) -> Path:
-    """A run folder or a checkpoint file -> the checkpoint file."""
-    path = Path(path)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by train.py; any problem is a one-line UserError."""
-    path = checkpoint_path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    previous = path.with_name(PREVIOUS_NAME)
-    hint = (f"; the checkpoint before it is kept: continue from it with --resume {previous}"
-            if path.name == CHECKPOINT_NAME and previous.is_file() else "")
-    try:
-        with zipfile.ZipFile(path) as archive:  # torch.load does not check the CRC-32s: damaged tensors would load
-            damaged = archive.testzip()
-        if damaged:
-            raise ValueError(f"damaged bytes in {damaged.split('/', 1)[-1]} (CRC-32 mismatch)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zipfile and torch.load raise many types for truncated or foreign files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {first_line}{hint}") from None
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise UserError(f"{path} is not a checkpoint written by this project's train.py: it holds bare weights (a "
-                        f"state_dict, as preresnet/weights/ ships them), nothing to resume; eval.py --weights NAME "
-                        f"evaluates a registry entry{hint}")
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is not a checkpoint written by this project's train.py{hint}")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> torch.nn.Module:
-    """Rebuild the network a checkpoint's config describes and load its weights into it."""
-    config = checkpoint["config"]
-    model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
-                        dropout=config["dropout"])
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise UserError(f"checkpoint {path} does not hold a {model.paper_name} as its config says: {detail[:300]}") from None
-    return model
-
-
-# --- evaluation and the step ---------------------------------------------------------------------------
-
-
-def evaluate(model: torch.nn.Module, loader: BaseLoader, runtime: Runtime, num_classes: int) -> dict:
-    """Test loss and error over every sample of loader once, with per-class accuracy."""
-    model.eval()
-    device = runtime.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    count = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    with torch.no_grad(), runtime.autocast():
-        for x, y in loader:
-            logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            hits = (logits.argmax(1) == y).long()
-            correct.index_add_(0, y, hits)
-            count.index_add_(0, y, torch.ones_like(y))
-    for tensor in (loss_sum, correct, count):  # every rank evaluated its own share of the test set
-        distributed.all_reduce_sum(tensor)
-    total = int(count.sum())
-    return {
-        "test_loss": float(loss_sum) / total,
-        "test_error": 1.0 - int(correct.sum()) / total,
-        "per_class_accuracy": [(int(c) / int(n)) if n else None for c, n in zip(correct, count)],
-        "test_images": total,
-    }
-
-
-def step_timings(step_fn, eval_forward) -> dict:
-    """Time to the first step in this process (compile_seconds: compilation, autotuning and warm-up
-    included), graph capture (capture_seconds), and the same for evaluation; only in the epoch where
-    they happened, so a resumed run reports its own."""
-    timings = {}
-    for part in (step_fn, eval_forward):
-        if hasattr(part, "take_timings"):
-            timings.update(part.take_timings())
-    return timings
-
-
-def describe_timings(metrics: dict) -> str:
-    parts = [f"{label} {metrics[key]:.1f} s" for key, label in (
-        ("compile_seconds", "first step"), ("capture_seconds", "capture"), ("eval_compile_seconds", "first eval batch"),
-        ("eval_capture_seconds", "eval capture")) if key in metrics]
-    return f"  ({', '.join(parts)})" if parts else ""
-
-
-def make_step_fn(model, optimizer, scaler, runtime: Runtime, own_random_state: bool = False):
-    """forward, loss, backward and optimizer step for one batch, and the evaluation forward
-    (preresnet/steps.py): with --compile the model's forward (and so its backward) is compiled; with
-    --cuda-graphs on a GPU the whole step, optimizer included, is captured once and replayed, and so
-    is the evaluation forward. The step has set_lr(lr), take_timings() and describe()."""
-    from .steps import build_step
-
-    if runtime.compile and runtime.dist.enabled:
-        # DDP broadcasts BatchNorm buffers before each forward, which Dynamo cannot trace: one graph
-        # break there, announced once per rank (pytorch/pytorch#141827); the model itself compiles.
-        warnings.filterwarnings("ignore", message=".*_broadcast_coalesced")
-    return build_step(model, optimizer, scaler, runtime, own_random_state)
-
-
 # --- the runs of a command --------------------------------------------------------------------------
-
-
-def save_curves(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [m["epoch"] for m in history]
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [m["train_loss"] for m in history], label="train loss")
-    ax_loss.plot(epochs, [m["test_loss"] for m in history], label="test loss")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
-    ax_err.plot(epochs, [100 * m["train_error"] for m in history], label="train error")
-    ax_err.plot(epochs, [100 * m["test_error"] for m in history], label="test error")
-    ax_err.set_xlabel("epoch")
-    ax_err.set_ylabel("error (%)")
-    ax_err.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-
-
-def metrics_text(rows: list[dict]) -> str:
-    return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def write_lines(path: Path, rows: list[dict]) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(metrics_text(rows)))
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class RunSpec(NamedTuple):
@@ -319,8 +102,6 @@ class TrainingRun:
             model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
                                 fused=runtime.fused, dropout=config["dropout"])
             if spec.checkpoint is None and config.get("init"):  # a fine-tuning run starts from its weights
-                from .finetune import load_init_weights
-
                 load_init_weights(model, config["init"])
             if runtime.sync_bn:
                 distributed.convert_sync_batchnorm(model)
@@ -329,8 +110,6 @@ class TrainingRun:
             # layers where measurements found PyTorch's ops faster than the Triton kernel; with --sync-bn
             # every layer stays on the kernel, which reduces across processes in its backward
             if runtime.fused and not runtime.sync_bn:
-                from .kernels.paths import assign_paths
-
                 self.on_torch_ops = assign_paths(model, device, runtime.amp_dtype or torch.float32)
             # fused SGD: the plain and the captured step share it
             self.optimizer = optimizer = make_optimizer(model, recipe, device)
@@ -338,7 +117,7 @@ class TrainingRun:
             self.epoch, self.iteration, self.history, self.position = 0, 0, [], None
             resume_from = spec.checkpoint
             if resume_from is not None:
-                history = read_metrics(out / "metrics.jsonl")
+                history = read_metrics(out / METRICS_NAME)
                 model.load_state_dict(resume_from["model"])
                 optimizer.load_state_dict(resume_from["optimizer"])
                 if resume_from.get("scaler"):
@@ -350,7 +129,7 @@ class TrainingRun:
                     history.append(resume_from["metrics"])
                 self.history = history
                 if dist.is_main:
-                    write_lines(out / "metrics.jsonl", history)
+                    write_lines(out / METRICS_NAME, history)
             if dist.is_main:
                 remove_stale_temporaries(out)
             self.first_epoch = self.epoch  # of this command: its first epoch compiles
@@ -361,7 +140,7 @@ class TrainingRun:
             if dist.enabled:  # gradients averaged over ranks; rank 0's initial weights broadcast
                 self.wrapped = torch.nn.parallel.DistributedDataParallel(
                     model, device_ids=[device.index] if device.type == "cuda" else None)
-            self.step_fn, self.forward = make_step_fn(self.wrapped, optimizer, self.scaler, runtime,
+            self.step_fn, self.forward = build_step(self.wrapped, optimizer, self.scaler, runtime,
                                                       own_random_state=self.own_random)
 
     @contextlib.contextmanager
@@ -487,7 +266,7 @@ class TrainingRun:
         if runtime.dist.is_main:  # only rank 0 writes the run folder
             self.save(None)
             data = data_label(config["dataset"], config["data_dir"])
-            save_curves(self.history, self.out / "curves.png", f"{self.model.paper_name} on {data}")
+            save_curves(self.history, self.out / CURVES_NAME, f"{self.model.paper_name} on {data}")
         return metrics
 
     def stop_in_epoch(self, position: dict) -> None:
@@ -507,7 +286,7 @@ class TrainingRun:
         self.status = "diverged"
         record = {"reason": "non-finite training loss", "message": str(exc), "epochs_done": self.epoch,
                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        atomic_write(self.out / DIVERGED_NAME, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+        write_json(self.out / DIVERGED_NAME, record)
 
     def save(self, position: dict | None) -> None:
         """Rank 0 writes the checkpoint and metrics.jsonl together, keeping the checkpoint before it."""
@@ -528,50 +307,12 @@ class TrainingRun:
         if self.keep_previous and (out / CHECKPOINT_NAME).is_file():
             writes[out / PREVIOUS_NAME] = lambda tmp: link_or_copy(out / CHECKPOINT_NAME, tmp)
         writes[out / CHECKPOINT_NAME] = lambda tmp: torch.save(checkpoint, tmp)
-        writes[out / "metrics.jsonl"] = lambda tmp: tmp.write_text(metrics_text(self.history))
+        writes[out / METRICS_NAME] = lambda tmp: tmp.write_text(metrics_text(self.history))
         stopped_in = {"epoch": self.epoch + 1, "step": position["step"]} if position else None
         commands = self.earlier_commands + [this_command(self.command, self.history, self.first_epoch, stopped_in)]
         writes[out / COMMANDS_NAME] = lambda tmp: tmp.write_text(commands_text(commands))
         write_files(writes)
         self.keep_previous = True
-
-
-def epoch_line(epoch: int, epochs: int, metrics: dict) -> str:
-    return (f"epoch {epoch}/{epochs}  lr {metrics['lr']:g}  train loss {metrics['train_loss']:.4f}  "
-            f"train error {100 * metrics['train_error']:.2f}%  test loss {metrics['test_loss']:.4f}  "
-            f"test error {100 * metrics['test_error']:.2f}%  {metrics['images_per_second']:.0f} img/s  "
-            f"{metrics['epoch_seconds']:.1f} s{describe_timings(metrics)}")
-
-
-def packed_epoch_line(done: list[TrainingRun], seconds: float) -> str:
-    """One line for the packed runs that ended an epoch together: each run's training loss and test
-    error, and the images/s of all of them together."""
-    epochs = sorted({run.epoch for run in done})
-    parts = [f"{run.name}: train loss {run.metrics['train_loss']:.4f} test error {100 * run.metrics['test_error']:.2f}%"
-             for run in done]
-    images = sum(run.metrics["images_per_second"] * run.metrics["train_seconds"] for run in done)
-    train_seconds = max(run.metrics["train_seconds"] for run in done)
-    return (f"epoch {'/'.join(map(str, epochs))}/{done[0].recipe.epochs}  lr {done[0].metrics['lr']:g}  "
-            + "  ".join(parts) + f"  {images / train_seconds:.0f} img/s in all  {seconds:.1f} s")
-
-
-def command_folder(runs: list[TrainingRun], packed: bool) -> Path:
-    """What --resume continues: the run's folder, or the folder of a packed command's runs."""
-    return runs[0].out.parent if packed else runs[0].out
-
-
-def interrupted(runs: list[TrainingRun], packed: bool) -> faults.Interrupted:
-    """The stop signal's exception, saying where each run stopped and how to continue."""
-    saved = any((run.out / CHECKPOINT_NAME).is_file() for run in runs)
-    if packed:
-        where = f": {counted(len(runs), 'run')} stopped (" + "; ".join(f"{run.name} {run.describe_position()}" for run in runs) + ")"
-    else:
-        where = f" {runs[0].describe_position()}"
-    if not saved:
-        return faults.Interrupted(faults.stop_requested(), f"{where}, nothing trained yet and nothing to resume")
-    written = "checkpoints written" if packed else "checkpoint written"
-    return faults.Interrupted(faults.stop_requested(), f"{where}, {written}; continue with --resume "
-                              f"{command_folder(runs, packed)} (or the same command with --resume auto)")
 
 
 def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progress: bool | None = None,
@@ -585,8 +326,6 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
     starts an epoch that would not end before it, judged by its longest epoch so far. A
     non-finite loss raises NonFiniteLoss, or with packed=True stops that run alone (its folder
     records it) while the others go on. after_epoch(runs) is called after each round."""
-    from tqdm import tqdm
-
     config = specs[0].config
     if dataset.num_classes != config["num_classes"]:
         raise UserError(f"the data has {dataset.num_classes} classes but the run was set up for {config['num_classes']}")
@@ -608,23 +347,8 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
                                **common)
     runs = [TrainingRun(spec, runtime, train_loader.reseeded(spec.config["seed"]), test_loader, packed)
             for spec in specs]
-    first = runs[0]
-    say(f"{first.model.paper_name}: {sum(p.numel() for p in first.model.parameters()) / 1e6:.2f}M parameters, "
-        f"{len(dataset.train.labels)} training / {len(dataset.test.labels)} test images, {runtime.describe()}; "
-        f"writing to {first.out if len(runs) == 1 else first.out.parent}"
-        + (f" ({len(runs)} runs packed: {', '.join(run.name for run in runs)})" if len(runs) > 1
-           else f" (run {runs[0].name})" if packed else ""), file=sys.stderr)
-    say(f"step: {first.step_fn.describe()}", file=sys.stderr)
-    if first.on_torch_ops:
-        say(f"fused: {len(first.on_torch_ops)} layers run PyTorch's ops, measured faster there than the Triton kernel "
-            f"(kernels/conv_paths.json): {', '.join(first.on_torch_ops)}", file=sys.stderr)
-    for run in runs:
-        prefix = f"{run.name}: " if packed else ""
-        if run.position:
-            say(f"{prefix}resuming in epoch {run.epoch + 1} after step {run.position['step']} (iteration {run.iteration})",
-                file=sys.stderr)
-        elif run.epoch:
-            say(f"{prefix}resuming after epoch {run.epoch} (iteration {run.iteration})", file=sys.stderr)
+    for line in start_lines(runs, dataset, runtime, packed):
+        say(line, file=sys.stderr)
 
     def stop_agreed() -> bool:
         """Whether a stop signal reached any process (one small all-reduce, at start-up and after each epoch)."""
@@ -713,21 +437,10 @@ def epoch_will_pass(deadline: float | None, history: list[dict], epoch: int, fir
     """Whether another epoch would end after the deadline: expected to take as long as the longest
     epoch of this process less its one-off compilation and capture. The first epoch of a process
     always starts (a command that trains nothing makes no progress; one that overruns is stopped at
-    a step boundary by SIGTERM, as bench/gpu_plan.py does)."""
+    a step boundary by SIGTERM, as tools/gpu_plan does)."""
     if deadline is None:
         return False
     one_off = ("compile_seconds", "capture_seconds", "eval_compile_seconds", "eval_capture_seconds")
     mine = [m.get("epoch_seconds", 0.0) - sum(m.get(key) or 0.0 for key in one_off)  # compiled once per process
             for m in history if m.get("epoch", 0) > first_epoch]
     return bool(mine) and time.monotonic() + max(mine) > deadline
-
-
-def schedule_steps(recipes: list[Recipe], dataset: Dataset) -> int:
-    """Optimizer steps of the longest of these runs' whole schedules (what a CPU's auto compile weighs)."""
-    return max(recipe.epochs * steps_per_epoch(len(dataset.train.labels), recipe.batch_size) for recipe in recipes)
-
-
-def prepare_config(data: Dataset, **fields) -> dict:
-    """The run's config: what the user chose plus what follows from the data (classes, mean, std)."""
-    mean, std = channel_mean_std(data.train.images)
-    return {**fields, "num_classes": data.num_classes, "classes": data.classes, "mean": mean, "std": std}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from preresnet import run_setup
 from preresnet import train_cli as train
 from preresnet import UserError
 from preresnet.loaders import auto_backend, dali_available
@@ -232,10 +233,10 @@ def test_packed_runs_print_each_schedule_once(capsys):
     dataset = SimpleNamespace(train=SimpleNamespace(labels=np.zeros(48)))
     specs = [RunSpec({}, resolve_recipe("paper", epochs=2, batch_size=16, lr=lr), Path(f"lr-{lr}-seed-{seed}"))
              for lr in (0.1, 0.05) for seed in (0, 1)]
-    train.say_start(specs[:2], dataset)
+    run_setup.say_start(specs[:2], dataset)
     assert capsys.readouterr().err == ("lr schedule: 0.01 for 5 steps (warm-up), 0.01 to epoch 2 (1 step); 3 steps an "
                                        "epoch, 6 in all\n")
-    train.say_start(specs, dataset)
+    run_setup.say_start(specs, dataset)
     assert capsys.readouterr().err.splitlines()[1] == \
         "lr-0.05-seed-0, lr-0.05-seed-1: lr schedule: 0.01 for 5 steps (warm-up), 0.005 to epoch 2 (1 step); 3 steps " \
         "an epoch, 6 in all"
@@ -277,7 +278,7 @@ def test_dali_and_torch_loaders_train_to_identical_weights(data_dir, tmp_path):
 
 def test_fused_training_tracks_unfused_training(tmp_path, monkeypatch):
     """The Triton kernels (under the interpreter here: tiny data) train to the same weights, also
-    with layers moved to PyTorch's ops by a path table (kernels/conv_paths.json's format)."""
+    with layers moved to PyTorch's ops by a path table (preresnet/kernels/conv_paths.json's format)."""
     tiny = make_dataset(tmp_path / "tiny", train_per_class=1, test_per_class=1)
     table = tmp_path / "conv_paths.json"
     table.write_text(json.dumps({"cpu": {"float32": {"16x32x32->16 k3 s1 +residual": {"path": "torch"},
@@ -429,11 +430,11 @@ def test_model_names_a_registry_network_and_units_build_any(data_dir, tmp_path):
     assert (config["model"], config["type"], config["depth"], config["width"]) == ("PreResNet-20", "normal", 3, 1)
     assert "final test error" in result.stdout
     parser = train.build_parser()
-    assert train.network(parser.parse_args(["--model", "wrn16_4", "--type", "wide", "--width", "4"])) == ("wide", 2, 4)
-    assert train.network(parser.parse_args(["--type", "normal", "--units", "110"])) == ("normal", 110, 1)
-    assert train.network(parser.parse_args(["--type", "normal", "--depth", "18"])) == ("normal", 18, 1)
+    assert run_setup.network(parser.parse_args(["--model", "wrn16_4", "--type", "wide", "--width", "4"])) == ("wide", 2, 4)
+    assert run_setup.network(parser.parse_args(["--type", "normal", "--units", "110"])) == ("normal", 110, 1)
+    assert run_setup.network(parser.parse_args(["--type", "normal", "--depth", "18"])) == ("normal", 18, 1)
     with pytest.raises(UserError, match="--depth 20 counts residual units"):
-        train.network(parser.parse_args(["--type", "normal", "--depth", "20"]))
+        run_setup.network(parser.parse_args(["--type", "normal", "--depth", "20"]))
 
 
 def test_help_documents_every_flag():

@@ -27,7 +27,7 @@ SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 PLACEHOLDERS = {"NAME": "preresnet20-example", "RUN": "runs/example", "OWNER": "example", "HOST": "localhost",
                 "DIR": "/tmp/example", "OUT": "runs/example"}
 SCRIPTS = ("train.py", "eval.py")
-OWN_PACKAGES = ("bench", "preresnet")
+OWN_PACKAGES = ("bench", "preresnet", "tools")
 
 
 def documents() -> list[Path]:

@@ -20,6 +20,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_README = ROOT / "bench" / "README.md"
+PLAN_README = ROOT / "tools" / "gpu_plan" / "README.md"
 LAUNCHES_RESULTS = ROOT / "bench" / "results" / "2026-12-03-cpu-launches" / "README.md"
 CPU_RUN = ROOT / "bench" / "results" / "reproduce" / "preresnet20-paper-cifar10-jpeg-cpu"
 
@@ -122,10 +123,10 @@ def epoch_seconds_by_threads() -> dict[int | None, list[tuple[int, float]]]:
 
 
 def test_the_cpu_reproductions_epoch_times_are_its_metrics():
-    text = " ".join(BENCH_README.read_text().split())
+    text = " ".join(PLAN_README.read_text().split())
     claim = re.search(r"with 2 threads (\d+)-(\d+) s an epoch \(epochs (\d+)-(\d+), median (\d+) s: about (\d+) "
                       r"hours for 164 epochs, at most (\d+)\)", text)
-    assert claim, "bench/README.md's epoch times of the CPU reproduction with 2 threads"
+    assert claim, "tools/gpu_plan/README.md's epoch times of the CPU reproduction with 2 threads"
     low, high, first, last, median, hours, most = map(int, claim.groups())
     two = epoch_seconds_by_threads()[2]
     assert [epoch for epoch, _ in two] == list(range(first, last + 1))
@@ -136,7 +137,7 @@ def test_the_cpu_reproductions_epoch_times_are_its_metrics():
 
     claim = re.search(r"with the default 1 thread, .*? (\d+)-(\d+) s an epoch \(epochs (\d+)-(\d+) but a stalled one, "
                       r"median (\d+) s: 164 epochs take about (\d+) hours, more than that budget", text)
-    assert claim, "bench/README.md's epoch times of the CPU reproduction with 1 thread"
+    assert claim, "tools/gpu_plan/README.md's epoch times of the CPU reproduction with 1 thread"
     low, high, first, last, median, hours = map(int, claim.groups())
     one = epoch_seconds_by_threads()[1]
     assert [epoch for epoch, _ in one] == list(range(first, last + 1))
@@ -160,23 +161,23 @@ def test_the_cpu_reproductions_epoch_times_are_its_metrics():
 
 
 def test_the_cpu_reproduction_command_runs_with_the_threads_it_was_timed_with():
-    from bench.gpu_plan import build_parser
+    from tools.gpu_plan.plan import build_parser
 
-    text = " ".join(BENCH_README.read_text().split())
-    command = re.search(r"`python -m bench\.gpu_plan (reproduce --model preresnet20 --device cpu [^`]*)`", text)
-    assert command, "bench/README.md's CPU reproduction command"
+    text = " ".join(PLAN_README.read_text().split())
+    command = re.search(r"`python -m tools\.gpu_plan (reproduce --model preresnet20 --device cpu [^`]*)`", text)
+    assert command, "tools/gpu_plan/README.md's CPU reproduction command"
     args = build_parser().parse_args(shlex.split(command.group(1)))
     assert args.threads == 2 and args.budget_seconds == 36000
     assert build_parser().parse_args(["reproduce"]).threads == 1  # "--threads defaults to 1"
 
 
 def test_the_checkpoint_sizes_quoted_are_the_plans_estimate():
-    from bench.gpu_plan import checkpoint_bytes
+    from tools.gpu_plan.reproduce import checkpoint_bytes
 
-    text = " ".join(BENCH_README.read_text().split())
+    text = " ".join(PLAN_README.read_text().split())
     quoted = re.search(r"`checkpoint_bytes`, weights and momentum in fp32: (\d+\.\d) MiB for PreResNet-110, "
                        r"(\d+\.\d) for PreResNet-164, (\d+\.\d) for WRN-16-4", text)
-    assert quoted, "bench/README.md's checkpoint sizes"
+    assert quoted, "tools/gpu_plan/README.md's checkpoint sizes"
     assert list(quoted.groups()) == [f"{checkpoint_bytes(name) / 2**20:.1f}"
                                      for name in ("preresnet110", "preresnet164", "wrn16_4")]
 

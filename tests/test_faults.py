@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import train
-from preresnet import faults, training
+from preresnet import faults, runfiles, training
 from preresnet.training import PROGRESS_EVERY
 from tests.test_cli import ROOT, TINY, assert_one_line_error, load_weights, make_dataset, run
 
@@ -202,7 +202,7 @@ def test_a_failed_write_stops_the_run_and_changes_no_file(reference, tmp_path, m
     assert "No space left on device" in error or "PytorchStreamWriter failed" in error, error
     assert "files as they were" in error and f"--resume {out}" in error
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before  # no temporary file left either
-    training.load_checkpoint(out)
+    runfiles.load_checkpoint(out)
 
 
 def test_an_unreadable_checkpoint_names_the_file_and_the_previous_one(data_dir, reference, tmp_path):
@@ -236,7 +236,7 @@ def test_an_unreadable_checkpoint_names_the_file_and_the_previous_one(data_dir, 
 
 
 def kill_during_checkpoint_write(process: subprocess.Popen, out: Path) -> None:
-    """SIGKILL while the run writes its next checkpoint: its temporary file (training.temporary_path)
+    """SIGKILL while the run writes its next checkpoint: its temporary file (runfiles.temporary_path)
     is made a FIFO beforehand, so the write blocks once the pipe is full, with part of it written."""
     out.mkdir(parents=True, exist_ok=True)
     fifo = out / f".checkpoint.pt.{process.pid}.tmp"

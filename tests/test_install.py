@@ -1,6 +1,6 @@
-"""The installed package owns no generic top-level name: the repository's kernels/ folder installs
-as `preresnet.kernels`, so the project lives beside the Hugging Face `kernels` package (imported as
-`kernels`), from a regular install and from a source checkout."""
+"""The installed package owns no generic top-level name: the Triton kernels are the subpackage
+`preresnet.kernels` (preresnet/kernels/), so the project lives beside the Hugging Face `kernels`
+package (imported as `kernels`), from a regular install and from a source checkout."""
 
 import os
 import shutil
@@ -52,8 +52,7 @@ def install_copy(tmp_path: Path, add=None) -> Path:
     source.mkdir()
     for name in ("setup.py", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    for name in ("preresnet", "kernels"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "preresnet", source / "preresnet", ignore=shutil.ignore_patterns("__pycache__"))
     if add is not None:
         add(source)
     target = tmp_path / "site"
@@ -91,12 +90,12 @@ def test_a_regular_install_holds_no_top_level_kernels(tmp_path, other_kernels):
 
 def test_a_checkout_serves_its_kernels_folder_as_preresnet_kernels(tmp_path, other_kernels):
     """Run from the repository without installing (as the GPU plan runs on a machine that only has
-    the checkout): preresnet.kernels is the repository's kernels/ folder, and a `kernels` package
-    found first on the path is someone else's, untouched."""
+    the checkout): preresnet.kernels is the checkout's preresnet/kernels/ folder, and a `kernels`
+    package found first on the path is someone else's, untouched."""
     code = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in str(f)]\n" + IMPORTS
     seen = run_python(code, cwd=tmp_path, pythonpath=[other_kernels, ROOT])
     assert seen["other"] == "another project"
-    assert Path(seen["layers"]) == ROOT / "kernels" / "layers.py"
+    assert Path(seen["layers"]) == ROOT / "preresnet" / "kernels" / "layers.py"
 
 
 def test_no_module_imports_the_top_level_name():

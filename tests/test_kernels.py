@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preresnet.kernels import INTERPRETED, bn_relu_conv, bn_relu_conv_ref
+from preresnet.kernels import INTERPRETED, BnState, bn_relu_conv, bn_relu_conv_ref
 from preresnet.kernels.layers import batchnorm_moments
 from preresnet.kernels.paths import assign_paths, conv_signatures, device_name, load_table
 from preresnet import build_model
@@ -90,7 +90,7 @@ def test_bn_relu_conv_matches_reference(n, h, w, c_in, c_out, kernel, stride, tr
     residual = not stem and stride == 1 and kernel == 3
     x, gamma, beta, weight, res, running_mean, running_var, padding = make_case(n, c_in, h, w, c_out, kernel, stride, residual)
     if stem:
-        y, y_mean, y_var = bn_relu_conv(x.detach(), None, None, None, None, weight, None, stride, padding, False, True)
+        y, y_mean, y_var = bn_relu_conv(x.detach(), None, weight, None, stride, padding, emit_stats=True)
         expected = F.conv2d(x.detach(), weight, stride=stride, padding=padding)
         inputs, ref_inputs = [weight], [weight]
     else:
@@ -100,8 +100,8 @@ def test_bn_relu_conv_matches_reference(n, h, w, c_in, c_out, kernel, stride, tr
         else:
             mean, var = running_mean, running_var
             normalised = F.batch_norm(x, running_mean, running_var, gamma, beta, training=False, eps=EPS)
-        y, y_mean, y_var = bn_relu_conv(x, mean, var, gamma, beta, weight, res, stride, padding,
-                                        training, True)
+        y, y_mean, y_var = bn_relu_conv(x, BnState(mean, var, gamma, beta, training, EPS), weight, res, stride,
+                                        padding, emit_stats=True)
         expected = F.conv2d(torch.relu(normalised), weight, stride=stride, padding=padding)
         if res is not None:
             expected = expected + res
@@ -133,7 +133,7 @@ def test_plain_conv_input_gradient(c_in, c_out, kernel, stride):
     input is the activation materialised before the split), the kernels compute conv(x) [+ residual]
     and, when x needs it, x's gradient."""
     x, _, _, weight, res, _, _, padding = make_case(3, c_in, 5, 9, c_out, kernel, stride, stride == 1)
-    y, y_mean, y_var = bn_relu_conv(x, None, None, None, None, weight, res, stride, padding, False, True)
+    y, y_mean, y_var = bn_relu_conv(x, None, weight, res, stride, padding, emit_stats=True)
     expected = F.conv2d(x, weight, stride=stride, padding=padding) + (0 if res is None else res)
     assert_close(y, expected, name="y")
     expected_var, expected_mean = torch.var_mean(expected.detach(), dim=(0, 2, 3), unbiased=False)
@@ -155,7 +155,8 @@ def test_padding_stays_zero_when_relu_of_the_shift_is_positive():
     with torch.no_grad():
         beta.fill_(2.0)
         mean, var = torch.zeros(16), torch.ones(16) - EPS  # the identity normalisation
-        y, _, _ = bn_relu_conv(x, mean, var, gamma, beta, weight, None, 1, padding, False, False)
+        bn = BnState(mean, var, gamma, beta, False, EPS)
+        y, _, _ = bn_relu_conv(x, bn, weight, None, 1, padding, emit_stats=False)
         expected = F.conv2d(torch.relu(x * gamma[:, None, None] + 2.0), weight, padding=1)
     assert_close(y, expected, name="y")
 
@@ -169,7 +170,7 @@ def test_statistics_are_stable_for_a_large_offset():
     weight = torch.zeros(16, 16, 1, 1)
     weight[:, :, 0, 0] = torch.eye(16)
     residual = channels_last(torch.full((2, 16, 16, 16), 1000.0))
-    y, mean, var = bn_relu_conv(x, None, None, None, None, weight, residual, 1, 0, False, True)
+    y, mean, var = bn_relu_conv(x, None, weight, residual, 1, 0, emit_stats=True)
     expected_var, expected_mean = torch.var_mean(y.double(), dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(mean.double(), expected_mean, rtol=1e-6, atol=0)
     # a naive fp32 E[y^2] - E[y]^2 is off by ~0.1 here (y^2 ~ 1e6); Chan's merge keeps 1e-4
@@ -221,7 +222,7 @@ def test_ticket_counters_are_left_zero():
 
     x, gamma, beta, weight, res, _, _, padding = make_case(2, 16, 9, 9, 24, 3, 1, False)
     var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), unbiased=False)
-    y, _, _ = bn_relu_conv(x, mean, var, gamma, beta, weight, None, 1, padding, True, True)
+    y, _, _ = bn_relu_conv(x, BnState(mean, var, gamma, beta, True, EPS), weight, None, 1, padding, emit_stats=True)
     y.square().sum().backward()
     workspace = preact_conv.counters(x.device, 1)
     assert workspace.numel() == preact_conv.COUNTER_SLOTS and not workspace.any()
@@ -398,7 +399,7 @@ def test_fused_model_refuses_dropout():
 def test_cpu_without_interpreter_is_a_clear_error():
     code = ("import torch; from preresnet.kernels import bn_relu_conv\n"
             "x = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last)\n"
-            "bn_relu_conv(x, None, None, None, None, torch.randn(16, 16, 3, 3), None, 1, 1, False, False)\n")
+            "bn_relu_conv(x, None, torch.randn(16, 16, 3, 3), None, 1, 1, emit_stats=False)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
     assert result.returncode != 0
@@ -420,7 +421,7 @@ def test_unsupported_inputs_fail_loudly(case):
     else:
         weight = torch.randn(16, 8, 3, 3)
     with pytest.raises(error):
-        bn_relu_conv(x, None, None, None, None, weight, residual, 1, 1, False, False)
+        bn_relu_conv(x, None, weight, residual, 1, 1, emit_stats=False)
 
 
 # --- on a CUDA GPU, compiled -------------------------------------------------------------------------------
@@ -449,8 +450,8 @@ def test_bn_relu_conv_on_gpu(c_in, c_out, kernel, stride, dtype):
     wd = weight.detach().to(dtype=dtype, **to)
     rd = None if res is None else res.detach().to(dtype=dtype, **to).contiguous(memory_format=torch.channels_last)
     var32, mean32 = torch.var_mean(xd.float(), dim=(0, 2, 3), unbiased=False)
-    y, _, _ = bn_relu_conv(xd, mean32, var32, gamma.detach().to(**to), beta.detach().to(**to), wd, rd, stride, padding,
-                           True, True)
+    bn = BnState(mean32, var32, gamma.detach().to(**to), beta.detach().to(**to), True, EPS)
+    y, _, _ = bn_relu_conv(xd, bn, wd, rd, stride, padding, emit_stats=True)
     torch_y = F.conv2d(torch.relu(F.batch_norm(xd, None, None, gamma.detach().to(dtype=dtype, **to),
                                                beta.detach().to(dtype=dtype, **to), training=True, eps=EPS)),
                        wd, stride=stride, padding=padding)

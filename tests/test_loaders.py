@@ -389,7 +389,7 @@ def test_auto_takes_dali_on_a_gpu_only_where_it_was_measured_not_slower(on_a_gpu
     assert backend == "torch" and reason.startswith("measured on NVIDIA H200")
     # another GPU's measurement says nothing about this one
     backend, reason = loaders.auto_backend(cuda, {"NVIDIA H100 80GB HBM3": {"backend": "dali", **MEASURED}})
-    assert (backend, reason) == ("torch", "the loaders have not been measured on NVIDIA H200 (python -m bench.gpu_plan dali)")
+    assert (backend, reason) == ("torch", "the loaders have not been measured on NVIDIA H200 (python -m tools.gpu_plan dali)")
 
 
 def test_auto_without_dali_or_on_the_cpu_is_the_torch_loader(on_a_gpu, monkeypatch):
@@ -414,14 +414,14 @@ def test_auto_reads_the_packaged_table_and_refuses_a_broken_one(on_a_gpu, tmp_pa
 
 
 def test_runtime_records_why_it_took_its_loader(tmp_path):
-    from preresnet import train_cli as train
+    from preresnet import run_setup
     from preresnet.recipes import resolve_recipe
-    from preresnet.training import resolve_runtime
+    from preresnet.runtime import resolve_runtime
 
     runtime = resolve_runtime("cpu", "off", loader="auto")
     assert runtime.loader == "torch" and "on the CPU" in runtime.loader_reason
     assert resolve_runtime("cpu", "off", loader="torch").loader_reason == "--loader torch"
-    train.write_config(tmp_path, {"model": "x"}, resolve_recipe("paper"), runtime)
+    run_setup.write_config(tmp_path, {"model": "x"}, resolve_recipe("paper"), runtime)
     saved = json.loads((tmp_path / "config.json").read_text())["runtime"]
     assert saved["loader"] == "torch" and saved["loader_reason"] == runtime.loader_reason
 

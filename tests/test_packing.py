@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import train
-from preresnet.sweeps import DIVERGED_NAME, SUMMARY_NAME, seed_statistics, summary_table
+from preresnet.runfiles import DIVERGED_NAME
+from preresnet.sweeps import SUMMARY_NAME, seed_statistics, summary_table
 from tests.test_cli import ROOT, TINY, assert_one_line_error, load_weights, make_dataset, run
 
 TIMINGS = {"epoch_seconds", "train_seconds", "images_per_second", "compile_seconds", "capture_seconds",

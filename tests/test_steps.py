@@ -14,8 +14,9 @@ import torch
 
 from preresnet import build_model, distributed
 from preresnet.recipes import resolve_recipe
-from preresnet.steps import GraphedEval, GraphStep, PlainStep, make_optimizer
-from preresnet.training import Runtime, evaluate, make_step_fn
+from preresnet.evaluation import evaluate
+from preresnet.runtime import Runtime
+from preresnet.steps import GraphedEval, GraphStep, PlainStep, build_step, make_optimizer
 
 LRS = (0.1, 0.02, 0.02, 0.004)  # the warm-up/decay pattern: two changes, no recapture
 NETWORKS = {"normal": ("normal", 1, 1, "paper"), "bottleneck": ("bottleneck", 1, 1, "paper"),
@@ -37,7 +38,7 @@ def train(model, rt: Runtime, recipe, data):
     model = copy.deepcopy(model)
     optimizer = make_optimizer(model, recipe, rt.device)
     scaler = torch.amp.GradScaler("cpu", enabled=rt.amp == "fp16")
-    step, _ = make_step_fn(model, optimizer, scaler, rt)
+    step, _ = build_step(model, optimizer, scaler, rt)
     losses = []
     model.train()
     for lr, (x, y) in zip(LRS, data):
@@ -96,7 +97,7 @@ def test_lr_changes_take_effect_in_the_capturable_step():
 def train_with(model, rt, recipe, data, lrs):
     model = copy.deepcopy(model)
     optimizer = make_optimizer(model, recipe, rt.device)
-    step, _ = make_step_fn(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), rt)
+    step, _ = build_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), rt)
     losses = []
     for lr, (x, y) in zip(lrs, data):
         step.set_lr(lr)
@@ -142,12 +143,12 @@ def test_tensor_lr_and_float_lr_give_the_same_update():
 def test_fallbacks_say_why():
     model = build_model("normal", 1, num_classes=4)
     optimizer = make_optimizer(model, resolve_recipe("paper"), torch.device("cpu"))
-    fp16 = make_step_fn(model, optimizer, torch.amp.GradScaler("cpu"), runtime(True, amp="fp16"))[0]
+    fp16 = build_step(model, optimizer, torch.amp.GradScaler("cpu"), runtime(True, amp="fp16"))[0]
     assert type(fp16) is PlainStep and "GradScaler" in fp16.describe()
-    ddp = make_step_fn(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+    ddp = build_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
                        runtime(True, dist=distributed.Dist(rank=0, world_size=2)))[0]
     assert type(ddp) is PlainStep and "DDP" in ddp.describe()
-    graphed = make_step_fn(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), runtime(True))[0]
+    graphed = build_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), runtime(True))[0]
     assert "without capture" in graphed.describe()
 
 
@@ -163,7 +164,7 @@ def test_graphed_evaluation_matches_plain_evaluation_and_reports_timings():
     loader = build_loader(images, labels, batch_size=10, train=False, backend="torch", device="cpu")
     rt = runtime(True)
     optimizer = make_optimizer(model, resolve_recipe("paper"), rt.device)
-    step, eval_forward = make_step_fn(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), rt)
+    step, eval_forward = build_step(model, optimizer, torch.amp.GradScaler("cpu", enabled=False), rt)
     assert isinstance(eval_forward, GraphedEval)
     graphed = evaluate(eval_forward, loader, rt, 4)
     plain = evaluate(model, loader, runtime(False), 4)
@@ -196,7 +197,7 @@ def test_cuda_graph_replays_the_step(fused):
                      fused=fused, cuda_graphs=graphs)
         m = copy.deepcopy(model)
         optimizer = make_optimizer(m, recipe, rt.device)
-        step, _ = make_step_fn(m, optimizer, torch.amp.GradScaler("cuda", enabled=False), rt)
+        step, _ = build_step(m, optimizer, torch.amp.GradScaler("cuda", enabled=False), rt)
         losses = []
         for i, (x, y) in enumerate(data):
             step.set_lr(0.1 if i < 5 else 0.01)
@@ -233,7 +234,7 @@ def test_packed_captured_steps_on_their_streams_match_each_run_alone(fused):
         for seed in range(3):
             torch.manual_seed(seed)
             model = build_model("normal", 1, num_classes=4, fused=fused).cuda().to(memory_format=torch.channels_last)
-            step, _ = make_step_fn(model, make_optimizer(model, recipe, rt.device),
+            step, _ = build_step(model, make_optimizer(model, recipe, rt.device),
                                    torch.amp.GradScaler("cuda", enabled=False), rt)
             data = [(x.cuda().contiguous(memory_format=torch.channels_last), y.cuda())
                     for x, y in batches(8, 32, batch=16 + seed)]

@@ -22,7 +22,8 @@ from preresnet import UserError, build_model, export, get_model, get_weights, li
 from preresnet.data import load_dataset
 from preresnet.loaders import build_loader
 from preresnet.recipes import Recipe, resolve_recipe
-from preresnet.training import CHECKPOINT_FORMAT, load_checkpoint, prepare_config
+from preresnet.run_setup import prepare_config
+from preresnet.runfiles import CHECKPOINT_FORMAT, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c", "d")
@@ -95,7 +96,7 @@ def exported(tmp_path_factory):
         run = root / "runs" / name
         models[name] = rounded(finished_run(run, data_dir, type, depth, width, seed, prefix))
         export.export(run, registry, name, data=DATA, data_dir=str(data_dir), device="CPU (test)", commit="abc1234",
-                          reproduce=f"python -m bench.gpu_plan reproduce --seeds {seed}", source=f"runs/{name}")
+                          reproduce=f"python -m tools.gpu_plan reproduce --seeds {seed}", source=f"runs/{name}")
     return registry, data_dir, models
 
 
@@ -389,8 +390,10 @@ def test_hubconf_imports_only_the_model_code():
             "('preresnet', 'PIL', 'matplotlib', 'triton', 'nvidia'))))")
     result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, cwd="/", timeout=120)
     assert result.returncode == 0, result.stderr
-    # the weights code loads when an entry point is called with weights (preresnet's names are lazy)
-    assert json.loads(result.stdout) == ["preresnet", "preresnet.errors", "preresnet.models"]
+    # the model code: the networks, the registry of their names and the weights registry that
+    # get_model(weights=) reads; no image, plotting, kernel or DALI library
+    assert json.loads(result.stdout) == ["preresnet", "preresnet.cli", "preresnet.errors", "preresnet.models",
+                                         "preresnet.pretrained", "preresnet.registry", "preresnet.wording"]
 
 
 def test_eval_py_evaluates_an_entry_against_its_recorded_error(registry, capsys):
@@ -437,13 +440,14 @@ def test_the_card_holds_the_facts_and_regenerates(registry):
 
 
 def test_the_train_command_trains_the_same_run(registry):
+    from preresnet import run_setup
     from preresnet import train_cli as train
 
     meta = get_weights(P8).meta
     words = shlex.split(meta["commands"]["train"])
     assert words[:2] == ["python", "train.py"]
     args = train.build_parser().parse_args(words[2:])
-    recipe = resolve_recipe(args.recipe, **{name: getattr(args, name) for name in train.RECIPE_FLAGS})
+    recipe = resolve_recipe(args.recipe, **{name: getattr(args, name) for name in run_setup.RECIPE_FLAGS})
     settings = meta["recipe_settings"]
     assert recipe == Recipe(**{**settings, "milestones": tuple(settings["milestones"])})
     assert (args.type, args.depth, args.seed, args.dataset, args.data_dir) == \

@@ -15,7 +15,7 @@ spills. The block sizes of a config are upper bounds: `Config.block(name, size)`
 power of two covering the dimension it tiles (at least 16, as tl.dot needs), so a 16-channel layer
 runs BLOCK_N=16 whatever the config says.
 
-The table, kernels/launch_configs.json (or the file named by PRERESNET_LAUNCH_CONFIGS):
+The table, preresnet/kernels/launch_configs.json (or the file named by PRERESNET_LAUNCH_CONFIGS):
 
     {gpu name: {dtype name: {signature key (kernels.paths.ConvSignature.key): {kind: config}}}}
     config: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, ...}
@@ -45,6 +45,9 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import tables
+from .paths import ConvSignature
 
 TABLE = Path(__file__).with_name("launch_configs.json")
 TABLE_ENV = "PRERESNET_LAUNCH_CONFIGS"  # another table file, for measuring runs
@@ -211,7 +214,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def table_path(path: str | os.PathLike | None = None) -> Path:
-    return Path(path or os.environ.get(TABLE_ENV) or TABLE)
+    return tables.table_path(path, TABLE_ENV, TABLE)
 
 
 def validate_table(table, where: str = "launch_configs.json") -> dict:
@@ -244,16 +247,11 @@ def validate_table(table, where: str = "launch_configs.json") -> dict:
 
 
 def load_table(path: str | os.PathLike | None = None) -> dict:
-    """The parsed table of `path` (default: $PRERESNET_LAUNCH_CONFIGS, else kernels/launch_configs.json);
+    """The parsed table of `path` (default: $PRERESNET_LAUNCH_CONFIGS, else launch_configs.json here);
     {} when the file does not exist. Raises LaunchConfigError for a bad file."""
     path = table_path(path)
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LaunchConfigError(f"{path}: not a readable JSON file: {exc}") from None
-    return validate_table(raw, str(path))
+    raw = tables.read_json(path, LaunchConfigError)
+    return {} if raw is None else validate_table(raw, str(path))
 
 
 _lock = threading.Lock()
@@ -321,23 +319,15 @@ def auditing() -> bool:
 
 
 def device_name(device) -> str:
-    """The table's name of a device (a torch.device, "cuda:0" or a GPU name): the GPU's name, or "cpu"."""
-    if _emulated_device is not None:
-        return _emulated_device
-    import torch
-
-    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
-        return device
-    device = torch.device(device)
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    """The table's name of a device (a torch.device, "cuda:0" or a GPU name): the GPU's name, or
+    "cpu"; the emulated GPU's name while `emulate_device` is active."""
+    return _emulated_device if _emulated_device is not None else tables.device_name(device)
 
 
 def layer_key(in_channels: int, height: int, width: int, out_channels: int, kernel: int, stride: int,
               prologue: bool, residual: bool) -> str:
     """The table's layer key for a fused conv (kernels.paths.ConvSignature.key) from the launch's
     shapes: x is N x in_channels x height x width, the weight out_channels x in_channels x kernel x kernel."""
-    from .paths import ConvSignature
-
     return ConvSignature(in_channels, out_channels, kernel, stride, height, width, prologue, residual).key
 
 

@@ -1,4 +1,4 @@
-"""bench/dali_transfer.py with a small stand-in wheel that installs `nvidia.dali`: split into parts,
+"""tools/gpu_plan/dali_transfer.py with a small stand-in wheel that installs `nvidia.dali`: split into parts,
 received in any order (one twice) under a landing folder, joined, checked and installed so that a
 python with the folder on PYTHONPATH imports that nvidia.dali; damaged and missing parts are named.
 The real download (nvidia-dali-cuda130, 199 MB) is not repeated here."""
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import dali_transfer, gpu_plan
+from tools.gpu_plan import dali_transfer
+from tools.gpu_plan import plan as gpu_plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 METADATA = """Metadata-Version: 2.1
 Name: {name}
 Version: {version}
@@ -69,7 +70,7 @@ def parts(wheels, tmp_path, size=70_000) -> Path:
 
 
 def transfer(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.dali_transfer", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tools.gpu_plan.dali_transfer", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -163,10 +164,11 @@ def test_commands_carry_one_part_each_and_refuse_parts_that_no_longer_fit(wheels
     assert [c[0] for c in carries] == [f"{out}/part-{i}" for i in range(1, 6)]
     assert [int(c[1]) for c in carries] == [dali_transfer.PART_TIMEOUT] * 4 + [600]
     last = text.strip().splitlines()[-1].strip()
-    assert last.startswith(f"python3 -m bench.dali_transfer receive {out}/part-5 && python3 -m bench.dali_transfer install")
+    assert last.startswith(f"python3 -m tools.gpu_plan.dali_transfer receive {out}/part-5 && "
+                           f"python3 -m tools.gpu_plan.dali_transfer install")
     stage = last.split(" && ")[-1]
-    assert stage.startswith("PYTHONPATH=/tmp/preresnet-dali/site python3 -m bench.gpu_plan dali ")
-    gpu_plan.build_parser().parse_args(shlex.split(stage.split(" -m bench.gpu_plan ")[1]))
+    assert stage.startswith("PYTHONPATH=/tmp/preresnet-dali/site python3 -m tools.gpu_plan dali ")
+    gpu_plan.build_parser().parse_args(shlex.split(stage.split(" -m tools.gpu_plan ")[1]))
     monkeypatch.setattr(dali_transfer, "checkout_bytes", lambda root=ROOT: 64 * 2**20 - 100_000)
     assert dali_transfer.main(["commands", "--dir", str(out)]) == 2
     assert "no longer fits one command" in capsys.readouterr().err
@@ -188,9 +190,9 @@ def test_the_checkout_size_counts_what_travels(tmp_path):
 
 
 def test_documented_transfer_commands_parse():
-    """Every `python[3] -m bench.dali_transfer ...` in bench/README.md is one the tool accepts."""
-    text = (ROOT / "bench" / "README.md").read_text()
-    commands = re.findall(r"python3? -m bench\.dali_transfer ([^`&\n]+)", text)
+    """Every `python[3] -m tools.gpu_plan.dali_transfer ...` in tools/gpu_plan/README.md is one the tool accepts."""
+    text = (ROOT / "tools" / "gpu_plan" / "README.md").read_text()
+    commands = re.findall(r"python3? -m tools\.gpu_plan\.dali_transfer ([^`&\n]+)", text)
     assert {c.split()[0] for c in commands} >= {"prepare", "commands", "receive", "install"}
     for command in commands:
         dali_transfer.build_parser().parse_args(shlex.split(command.split("#")[0]))

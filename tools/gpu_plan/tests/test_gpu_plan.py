@@ -1,4 +1,4 @@
-"""The staged GPU plan (bench/gpu_plan.py), dry-run on the CPU: every stage end to end with a tiny
+"""The staged GPU plan (tools/gpu_plan), dry-run on the CPU: every stage end to end with a tiny
 network and stand-ins for the GPU-only parts, so a GPU window never finds a crash the CPU could
 have shown; the results table and eval.py on a finished run's exported weights."""
 
@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -14,19 +15,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_plan, render_results
+from bench import render_results
+from bench.workloads import VARIANT_FLAGS
 from preresnet import sweeps
+from preresnet import train_cli as train
+from tools.gpu_plan import plan as gpu_plan
+from tools.gpu_plan.common import kernels_digest
+from tools.gpu_plan.first_contact import newest_choice
+from tools.gpu_plan.matrix import MATRIX_VARIANTS
+from tools.gpu_plan.reproduce import DATA_DESCRIPTION, copying_progress
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def plan(*args, timeout=300, out=None) -> subprocess.CompletedProcess:
-    """python -m bench.gpu_plan ARGS; out: as on the GPU machine, with $OUT the folder that comes back."""
+    """python -m tools.gpu_plan ARGS; out: as on the GPU machine, with $OUT the folder that comes back."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("OUT", None)
     if out is not None:
         env["OUT"] = str(out)
-    return subprocess.run([sys.executable, "-m", "bench.gpu_plan", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.gpu_plan", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
 
 
@@ -40,12 +48,12 @@ def test_first_contact_dry_run(tmp_path):
     assert report["dry_run"] and not report["passed"]  # a dry run never counts as passed
     assert [p["name"] for p in report["parts"]] == ["kernel-tests", "kernel-errors", "layer-paths", "config-search",
                                                     "speed-matrix", "packing"]
-    assert report["kernels_digest"] == gpu_plan.kernels_digest()
+    assert report["kernels_digest"] == kernels_digest()
     rows = report["matrix"]["models"]
-    assert [row["variant"] for row in rows] == list(gpu_plan.VARIANTS)
+    assert [row["variant"] for row in rows] == list(MATRIX_VARIANTS)
     assert all(row["images_per_second"] > 0 and row.get("correct") for row in rows), rows
     # the graph variants ran the capturable step (no capture on a CPU), the others the plain one
-    assert all(("without capture" in row["step"]) == gpu_plan.VARIANTS[row["variant"]]["cuda_graphs"]
+    assert all(("without capture" in row["step"]) == VARIANT_FLAGS[row["variant"]]["cuda_graphs"]
                for row in rows if row["variant"] != "compile-reduce-overhead")
     assert "## Training step of train.py" in (folder / "report.md").read_text()
     # packing: 1 and 2 packed copies of the tiny network in its fastest correct variant, and the choice
@@ -54,8 +62,6 @@ def test_first_contact_dry_run(tmp_path):
     assert all(row["images_per_second"] > 0 for row in packing["rows"]) and packing["choice"] in (1, 2)
     assert "## Packed runs (train.py --seeds)" in (folder / "report.md").read_text()
     # the choice is a set of train.py flags train.py accepts
-    from preresnet import train_cli as train
-
     args = train.build_parser().parse_args(["--type", "normal", "--depth", "1", *report["choice"]["flags"]])
     assert args.cuda_graphs is not None and args.compile is not None
     # the README's performance table reads the report as it reads bench.gpu_report's
@@ -68,7 +74,7 @@ def test_first_contact_dry_run(tmp_path):
     assert "matrix tiny" not in again.stdout and "packing tiny" not in again.stdout  # nothing left to measure
     [folder] = (tmp_path / "again").iterdir()
     assert [row["variant"] for row in json.loads((folder / "report.json").read_text())["matrix"]["models"]] == \
-        list(gpu_plan.VARIANTS)
+        list(MATRIX_VARIANTS)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,6 @@ def reproduced(tmp_path_factory):
     time limit after one epoch, returns its results bundled in $OUT, unpacked here into a
     checkout; the second, on a 'fresh machine' (the work folder deleted), resumes every seed from
     the returned checkpoints to the end."""
-    import shutil
-
     root = tmp_path_factory.mktemp("plan")
     checkout, work, out = root / "checkout", root / "work", root / "out"
     out.mkdir()
@@ -131,7 +135,7 @@ def test_eval_reads_the_exported_weights_and_train_refuses_to_resume_them(reprod
     meta = json.loads((registry / f"{entry}.json").read_text())
     assert meta["data"]["description"] == "synthetic (dry run)" and meta["test_error"] == run["weights"]["test_error"]
     assert meta["training_test_error"] == run["final_test_error"]
-    assert meta["commands"]["reproduce"] == "python -m bench.gpu_plan reproduce --dry-run --seeds 0"
+    assert meta["commands"]["reproduce"] == "python -m tools.gpu_plan reproduce --dry-run --seeds 0"
     assert not (ROOT / "preresnet" / "weights" / f"{entry}.json").exists()  # never in the package's registry
     weights = registry / meta["file"]
     state = torch.load(weights, map_location="cpu", weights_only=True)  # a plain state_dict
@@ -158,7 +162,7 @@ def fake_run(folder: Path, finished: bool) -> None:
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({
         "name": folder.name, "model": "preresnet110", "network": "PreResNet-110", "recipe": "paper",
-        "data": gpu_plan.DATA_DESCRIPTION, "epochs": 164, "seeds": [0, 1, 2], "epochs_done": 164 if finished else 80,
+        "data": DATA_DESCRIPTION, "epochs": 164, "seeds": [0, 1, 2], "epochs_done": 164 if finished else 80,
         "finished": finished, "runs": runs,
         "test_error": sweeps.seed_statistics(list(errors.values())) if finished else None,
         "paper_test_error": 0.0637, "wall_seconds": 1500.0, "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
@@ -196,7 +200,7 @@ def test_next_follows_the_documented_order(tmp_path):
     report.parent.mkdir()
     report.write_text(json.dumps({"stage": "first-contact", "passed": True, "kernels_digest": "old"}))
     assert gpu_plan.next_stage([tmp_path])[0] == "first-contact"  # passed on other kernels
-    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "kernels_digest": gpu_plan.kernels_digest()}))
+    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "kernels_digest": kernels_digest()}))
     assert gpu_plan.next_stage([tmp_path])[0] == "reproduce --model preresnet110"
     fake_run(tmp_path / "reproduce" / "preresnet110-paper-cifar10-jpeg", finished=True)
     assert gpu_plan.next_stage([tmp_path])[0] == "reproduce --model preresnet164"
@@ -206,10 +210,10 @@ def test_next_follows_the_documented_order(tmp_path):
 
 
 def test_documented_stage_commands_parse():
-    """Every `python[3] -m bench.gpu_plan ...` command in bench/README.md is one the plan accepts."""
-    text = (ROOT / "bench" / "README.md").read_text()
-    commands = re.findall(r"^python3? -m bench\.gpu_plan (.+)$", text, flags=re.MULTILINE)
-    commands += re.findall(r"`python3? -m bench\.gpu_plan ([^`]+)`", text)
+    """Every `python[3] -m tools.gpu_plan ...` command in tools/gpu_plan/README.md is one the plan accepts."""
+    text = (ROOT / "tools" / "gpu_plan" / "README.md").read_text()
+    commands = re.findall(r"^python3? -m tools\.gpu_plan (.+)$", text, flags=re.MULTILINE)
+    commands += re.findall(r"`python3? -m tools\.gpu_plan ([^`]+)`", text)
     assert any(c.startswith("first-contact") for c in commands) and any(c.startswith("reproduce") for c in commands)
     parser = gpu_plan.build_parser()
     for command in commands:
@@ -222,7 +226,7 @@ def test_reproduce_copies_each_new_checkpoint_back_while_training(tmp_path):
     run, results = tmp_path / "run", tmp_path / "results"
     run.mkdir()
     results.mkdir()
-    with gpu_plan.copying_progress(run, results, every=0.02):
+    with copying_progress(run, results, every=0.02):
         time.sleep(0.1)
         assert not (results / "checkpoint.pt").exists()  # nothing saved yet
         (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
@@ -242,7 +246,7 @@ def test_a_speed_choice_counts_only_on_the_current_kernels(tmp_path):
     choice = {"variant": "fused-graphs", "flags": ["--fused"]}
     report.write_text(json.dumps({"stage": "first-contact", "passed": True, "choice": choice, "date": "2026-12-01",
                                   "kernels_digest": "other kernels"}))
-    assert gpu_plan.newest_choice([tmp_path]) is None
+    assert newest_choice([tmp_path]) is None
     report.write_text(json.dumps({"stage": "first-contact", "passed": True, "choice": choice, "date": "2026-12-01",
-                                  "kernels_digest": gpu_plan.kernels_digest()}))
-    assert gpu_plan.newest_choice([tmp_path]) == choice
+                                  "kernels_digest": kernels_digest()}))
+    assert newest_choice([tmp_path]) == choice

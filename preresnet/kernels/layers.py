@@ -8,43 +8,29 @@ only change how those parameters are applied.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .batchnorm import is_synchronising, merge_across_ranks, update_running_stats
 from .paths import record
-from .preact_conv import bn_relu_conv
+from .preact_conv import BnState, bn_relu_conv
 
 Stats = tuple[torch.Tensor, torch.Tensor] | None  # batch mean and biased variance, fp32, per channel
 
-
-class BatchNormApplied(NamedTuple):
-    mean: torch.Tensor  # the statistics the BatchNorm normalises with (fp32)
-    var: torch.Tensor
-    gamma: torch.Tensor
-    beta: torch.Tensor
-    batch_stats: bool  # mean/var are the input's own batch statistics (training mode)
-    eps: float
-    sync_count: int = 0  # > 0: statistics over all ranks' batches, this many values per channel
-    # the module whose running statistics the next layer that reads this BatchNorm updates from
-    # mean/var (in its kernel); None once done, or in eval mode
-    update: nn.BatchNorm2d | None = None
-
-    def read_only(self) -> "BatchNormApplied":
-        """The same normalisation for a second layer reading it: the running statistics are updated once."""
-        return self._replace(update=None)
+# how a BatchNorm normalises in one forward pass (mean, var, gamma, beta, batch_stats, eps,
+# sync_count, update: the module whose running statistics the first reader updates), as
+# `bn_relu_conv` takes it; the name this module has always given it
+BatchNormApplied = BnState
 
 
-def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> BatchNormApplied:
+def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> BnState:
     """How bn normalises x in this forward pass. In training, the first fused_conv that reads the
     result updates bn's running statistics exactly as nn.BatchNorm2d does (momentum or cumulative
     average, unbiased running variance); a second reader takes `.read_only()`. Call it once per
     BatchNorm and forward. No kernel runs here when stats come from the layer before."""
     if not (bn.training or not bn.track_running_stats):
-        return BatchNormApplied(bn.running_mean, bn.running_var, bn.weight, bn.bias, False, bn.eps)
+        return BnState(bn.running_mean, bn.running_var, bn.weight, bn.bias, False, bn.eps)
     count = x.numel() // x.shape[1]
     if count < 2 and bn.training:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
@@ -56,7 +42,7 @@ def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> Batc
     if getattr(bn, "sync", False) and is_synchronising():  # SyncBatchNorm2d: statistics over all ranks
         mean, var, sync_count = merge_across_ranks(mean, var, count)
     update = bn if bn.training and bn.track_running_stats else None
-    return BatchNormApplied(mean, var, bn.weight, bn.bias, True, bn.eps, sync_count, update)
+    return BnState(mean, var, bn.weight, bn.bias, True, bn.eps, sync_count, update)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -67,7 +53,7 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def fused_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, residual: torch.Tensor | None = None,
+def fused_conv(x: torch.Tensor, bn: BnState | None, conv: nn.Conv2d, residual: torch.Tensor | None = None,
                emit_stats: bool = True) -> tuple[torch.Tensor, Stats]:
     """conv(relu(bn(x))) [+ residual] in one kernel (bn None: conv(x)); with emit_stats, also the
     batch mean and variance of the result for the BatchNorm that reads it next. A conv whose
@@ -76,7 +62,7 @@ def fused_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, re
     return y, stats
 
 
-def fused_conv_carrying(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d,
+def fused_conv_carrying(x: torch.Tensor, bn: BnState | None, conv: nn.Conv2d,
                         emit_stats: bool = True) -> tuple[torch.Tensor, Stats, torch.Tensor]:
     """fused_conv, also returning x (in the operand dtype) for an identity shortcut to add: the
     shortcut's gradient then joins x's gradient inside this layer's backward kernels."""
@@ -96,22 +82,13 @@ def _fused_conv(x, bn, conv, residual, emit_stats, carry):
     if residual is not None:
         residual = residual.to(dtype).contiguous(memory_format=torch.channels_last)
     # the conv's fp32 weight as it is: the kernel casts it to the operand dtype
-    if bn is None:
-        outputs = bn_relu_conv(x, None, None, None, None, conv.weight, residual, conv.stride[0], conv.padding[0],
-                               False, emit_stats, carry=carry)
-    else:
-        module = bn.update
-        running = {} if module is None else dict(running_mean=module.running_mean, running_var=module.running_var,
-                                                 num_batches_tracked=module.num_batches_tracked,
-                                                 momentum=module.momentum)
-        outputs = bn_relu_conv(x, bn.mean, bn.var, bn.gamma, bn.beta, conv.weight, residual, conv.stride[0],
-                               conv.padding[0], bn.batch_stats, emit_stats, bn.eps, bn.sync_count, carry=carry,
-                               **running)
+    outputs = bn_relu_conv(x, bn, conv.weight, residual, conv.stride[0], conv.padding[0], emit_stats=emit_stats,
+                           carry=carry)
     y, y_mean, y_var = outputs[:3]
     return y, (y_mean, y_var) if emit_stats else None, outputs[3] if carry else None
 
 
-def torch_conv(x: torch.Tensor, bn: BatchNormApplied | None, conv: nn.Conv2d, residual: torch.Tensor | None,
+def torch_conv(x: torch.Tensor, bn: BnState | None, conv: nn.Conv2d, residual: torch.Tensor | None,
                emit_stats: bool, dtype: torch.dtype) -> tuple[torch.Tensor, Stats]:
     """fused_conv's layer in PyTorch ops (cuDNN on a GPU), for shapes where that is faster: what the
     unfused model runs, in the operand dtype. In training the BatchNorm recomputes the batch

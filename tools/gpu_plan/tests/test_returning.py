@@ -1,4 +1,4 @@
-"""bench/returning.py: a GPU-plan command's results, bundled into the few top-level files a command
+"""tools/gpu_plan/returning.py: a GPU-plan command's results, bundled into the few top-level files a command
 brings back (at most 8, 16 MiB each, 64 MiB together), and unpacked over a checkout here."""
 
 import hashlib
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bench import returning
+from tools.gpu_plan import returning
 
 
 @pytest.fixture

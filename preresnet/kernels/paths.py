@@ -15,7 +15,6 @@ not name run the Triton kernel.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .tables import device_name, read_json, table_path
 
 PATHS = ("triton", "torch")
 TABLE = Path(__file__).with_name("conv_paths.json")
@@ -82,21 +83,16 @@ def conv_signatures(model: nn.Module, image_shape=(3, 32, 32)) -> dict[str, Conv
 
 def load_table(path: str | os.PathLike | None = None) -> dict:
     """{gpu name: {dtype name: {signature key: {"path": ..., "triton_ms": ..., "torch_ms": ...}}}}."""
-    path = Path(path or os.environ.get(TABLE_ENV) or TABLE)
-    if not path.is_file():
+    path = table_path(path, TABLE_ENV, TABLE)
+    table = read_json(path)
+    if table is None:
         return {}
-    table = json.loads(path.read_text())
     for gpu, dtypes in table.items():
         for dtype, entries in dtypes.items():
             for key, entry in entries.items():
                 if entry.get("path") not in PATHS:
                     raise ValueError(f"{path}: {gpu} {dtype} {key}: path must be one of {PATHS}, got {entry.get('path')!r}")
     return table
-
-
-def device_name(device: torch.device) -> str:
-    """The table's name for a device: the GPU's name, or "cpu" (the interpreter, for tests)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def assign_paths(model: nn.Module, device: torch.device, dtype: torch.dtype, table: dict | None = None) -> dict[str, str]:

@@ -1,10 +1,11 @@
 """The GPU plan's stage `dali`: NVIDIA DALI's GPU pipeline against the torch loader, on the GPU.
 
-    PYTHONPATH=/tmp/preresnet-dali/site python3 -m bench.gpu_plan dali   # after the transfer
-    python -m bench.gpu_plan dali --dry-run --results DIR --work DIR                       # on the CPU
+    PYTHONPATH=/tmp/preresnet-dali/site python3 -m tools.gpu_plan dali   # after the transfer
+    python -m tools.gpu_plan dali --dry-run --results DIR --work DIR                       # on the CPU
 
-The GPU machines have no DALI and no network: bench/dali_transfer.py brings the wheel in parts, and
-the last of its device commands installs it and runs this stage (bench/README.md, "DALI on the GPU").
+The GPU machines have no DALI and no network: dali_transfer.py brings the wheel in parts, and the
+last of its device commands installs it and runs this stage (tools/gpu_plan/README.md, "DALI on the
+GPU").
 Each part starts only while it fits the budget (`--budget-seconds`), and the report is written after
 each part, under RESULTS/DATE-GPU-dali/ (report.json, report.md, pytest-gpu.log):
 
@@ -39,8 +40,27 @@ import sys
 import time
 from pathlib import Path
 
-from bench import returning
-from bench.gpu_plan import Clock, cache_env, gpu_slug, run_logged, say, stand_in, write_json
+import numpy as np
+import torch
+
+from bench.workloads import environment, flags_of
+from preresnet import build_model, get_model, loaders
+from preresnet.recipes import resolve_recipe
+from preresnet.runfiles import write_json, write_text
+from preresnet.runtime import Runtime
+from preresnet.steps import build_step, make_optimizer
+from preresnet.training import PROGRESS_EVERY
+from tools.gpu_plan import returning
+from tools.gpu_plan.common import (
+    COMMAND,
+    Clock,
+    cache_env,
+    gpu_slug,
+    run_logged,
+    say,
+    stand_in,
+    sync,
+)
 
 EPOCH_IMAGES, BATCH = 50_000, 128
 DRY_IMAGES, DRY_BATCH = 256, 32
@@ -50,8 +70,9 @@ WARM_STEPS = 8  # before timing: cuDNN's algorithm choice, the eager steps and t
 TOLERANCE = 0.02  # DALI is "not slower" when its fed step reaches 98% of the torch loader's images/s
 TEST_SECONDS = 150.0
 MODEL = "preresnet110"
-STEP_SETTINGS = dict(amp="bf16", channels_last=True, compile=False, fused=False, cuda_graphs=True)
-DRY_STEP_SETTINGS = dict(amp="off", channels_last=True, compile=False, fused=False, cuda_graphs=False)
+# train.py's default step when no faster variant is chosen (bench.workloads.VARIANT_FLAGS), in a dry run fp32 uncaptured
+STEP_SETTINGS = flags_of("eager-amp-cl-graphs")
+DRY_STEP_SETTINGS = flags_of("eager-fp32-cl")
 
 
 def pytest_counts(log: str) -> dict:
@@ -104,10 +125,6 @@ class FixedBatch:
 def fed_steps(step, batches, device) -> dict:
     """Training steps over batches as train.py's loop runs them: the loss and error summed on the
     device, a wait for the device every PROGRESS_EVERY steps (where the loop checks the loss)."""
-    import torch
-
-    from preresnet.training import PROGRESS_EVERY
-
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     errors = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
@@ -125,20 +142,7 @@ def fed_steps(step, batches, device) -> dict:
     return {"seconds": seconds, "images": seen, "mean_loss": float(loss_sum) / seen}
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def dali_stage(args) -> int:
-    import numpy as np
-    import torch
-
-    from bench.workloads import environment
-    from preresnet import loaders
-
     dry = args.dry_run
     clock = Clock(args.budget_seconds)
     on_gpu = torch.cuda.is_available() and not dry
@@ -146,14 +150,14 @@ def dali_stage(args) -> int:
         print("gpu_plan: error: dali needs a CUDA GPU (or --dry-run on the CPU)", file=sys.stderr)
         return 2
     if not dry and not loaders.dali_available():
-        print("gpu_plan: error: NVIDIA DALI is not importable: bring it with bench/dali_transfer.py and put its folder "
-              "on PYTHONPATH (bench/README.md, 'DALI on the GPU')", file=sys.stderr)
+        print("gpu_plan: error: NVIDIA DALI is not importable: bring it with tools/gpu_plan/dali_transfer.py and put its "
+              "folder on PYTHONPATH (tools/gpu_plan/README.md, 'DALI on the GPU')", file=sys.stderr)
         return 2
     device = torch.device("cuda" if on_gpu else "cpu")
     info = environment(device.type)
     backends = ["torch"]
     if loaders.dali_available():
-        import nvidia.dali
+        import nvidia.dali  # deferred: optional (the GPU machines have it only once dali_transfer installed it)
 
         info["dali"], info["dali_path"] = nvidia.dali.__version__, str(Path(nvidia.dali.__file__).parent)
         backends.append("dali")
@@ -161,14 +165,14 @@ def dali_stage(args) -> int:
     folder = Path(args.results) / f"{time.strftime('%Y-%m-%d')}-{gpu_slug(info.get('gpu')) if on_gpu else 'cpu-dry-run'}-dali"
     settings = DRY_STEP_SETTINGS if dry else STEP_SETTINGS
     report = {"stage": "dali", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "command": "python -m bench.gpu_plan " + " ".join(sys.argv[1:]), "dry_run": dry, "environment": info,
+              "command": f"{COMMAND} " + " ".join(sys.argv[1:]), "dry_run": dry, "environment": info,
               "parts": [], "tests": {}, "loaders": [], "images": count, "batch": batch,
               "step": {"model": "PreResNet-8" if dry else "PreResNet-110", **settings, "rows": []},
               "choice": None, "finished": False}
 
     def save() -> None:
         write_json(folder / "report.json", report)
-        (folder / "report.md").write_text(markdown(report))
+        write_text(folder / "report.md", markdown(report))
         returning.publish()
 
     def part(name: str, status: str, seconds: float, note: str = "") -> None:
@@ -248,20 +252,13 @@ def dali_stage(args) -> int:
 
 def step_rows(report: dict, built: dict, device, dry: bool, clock: Clock) -> list[dict]:
     """The step's images/s per feed, each timed STEP_ROUNDS times (in turn), the fastest kept."""
-    import torch
-
-    from preresnet import build_model, get_model
-    from preresnet.recipes import resolve_recipe
-    from preresnet.steps import make_optimizer
-    from preresnet.training import Runtime, make_step_fn
-
     settings = DRY_STEP_SETTINGS if dry else STEP_SETTINGS
     torch.manual_seed(0)
     model = build_model("normal", 1, num_classes=10) if dry else get_model(MODEL)
     model.to(device, memory_format=torch.channels_last)
     runtime = Runtime(device=device, loader="torch", **settings)
     optimizer = make_optimizer(model, resolve_recipe("paper"), device)
-    step, _ = make_step_fn(model, optimizer, torch.amp.GradScaler(device.type, enabled=False), runtime)
+    step, _ = build_step(model, optimizer, torch.amp.GradScaler(device.type, enabled=False), runtime)
     step.set_lr(0.1)
     model.train()
     torch_loader = built["torch"]

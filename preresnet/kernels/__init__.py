@@ -5,7 +5,7 @@ before triton is imported. Importing this package imports nothing heavy: `kernel
 plain PyTorch, and the kernels' names below load Triton on first use.
 """
 
-__all__ = ["INTERPRETED", "bn_relu_conv", "bn_relu_conv_ref"]
+__all__ = ["INTERPRETED", "BnState", "bn_relu_conv", "bn_relu_conv_ref"]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""The GPU plan's stage `dali` (bench/dali_stage.py): its CPU dry run end to end, the choice
+"""The GPU plan's stage `dali` (tools/gpu_plan/dali_stage.py): its CPU dry run end to end, the choice
 `--loader auto` follows, what bench.render_results makes of a GPU's report (the README's loader line,
 preresnet/loader_choice.json), and `gpu_plan next` naming the stage once first-contact has passed."""
 
@@ -11,17 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import dali_stage, gpu_plan, render_results
+from bench import render_results
 from preresnet import loaders
+from tools.gpu_plan import dali_stage
+from tools.gpu_plan import plan as gpu_plan
+from tools.gpu_plan.common import kernels_digest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_dry_run_measures_each_backend_and_the_step_each_feeds(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("OUT", None)
     results = tmp_path / "results"
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_plan", "dali", "--dry-run", "--results", str(results),
+    result = subprocess.run([sys.executable, "-m", "tools.gpu_plan", "dali", "--dry-run", "--results", str(results),
                              "--work", str(tmp_path / "work")], capture_output=True, text=True, cwd=ROOT, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -123,7 +126,7 @@ def test_next_names_the_stage_once_first_contact_has_passed(tmp_path):
     assert "dali" not in gpu_plan.next_stage([tmp_path])[1]
     report = tmp_path / "2026-12-01-h100" / "report.json"
     report.parent.mkdir()
-    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "kernels_digest": gpu_plan.kernels_digest()}))
+    report.write_text(json.dumps({"stage": "first-contact", "passed": True, "kernels_digest": kernels_digest()}))
     stage, why = gpu_plan.next_stage([tmp_path])
     assert stage == "reproduce --model preresnet110" and "the stage dali" in why
     write_report(tmp_path, "2026-12-02-h100-dali", "NVIDIA H100 80GB HBM3", dry_run=True)

@@ -8,7 +8,10 @@ into parts of 15 MiB (PART_BYTES) and a manifest with each part's size and sha25
 of $OUT, replacing the previous bundle part by part (a command killed between two saves returns the
 last whole bundle; a part left over from a longer bundle is removed). Here, after the command:
 
-    python -m bench.gpu_plan unpack FILES_AT    # checks the parts, extracts the tree over the checkout
+    python -m tools.gpu_plan unpack FILES_AT    # checks the parts, extracts the tree over the checkout
+
+Every file of the bundle is written atomically (preresnet.runfiles: a temporary `.NAME.PID.tmp`
+beside it, renamed over it), so $OUT never holds half a part.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import sys
 import tarfile
 import threading
 from pathlib import Path
+
+from preresnet.runfiles import atomic_write, write_json
 
 MAX_FILES, MAX_FILE_BYTES, MAX_BYTES = 8, 16 * 2**20, 64 * 2**20  # what a command may return
 PART_BYTES = 15 * 2**20
@@ -79,19 +83,16 @@ def publish() -> dict | None:
         manifest = {"parts": [], "files": names, "left_out": left_out, "bytes": len(data)}
         for index, part in enumerate(parts):
             name = f"{PART_PREFIX}{index:03d}"
-            write_atomically(out / name, part)
+            atomic_write(out / name, lambda tmp, part=part: tmp.write_bytes(part))
             manifest["parts"].append({"name": name, "bytes": len(part), "sha256": hashlib.sha256(part).hexdigest()})
-        write_atomically(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        write_json(out / MANIFEST, manifest)
         for stale in out.glob(f"{PART_PREFIX}*"):
             if stale.name not in {part["name"] for part in manifest["parts"]}:
                 stale.unlink()
+        # the temporary files of a command killed mid-write (each would come back as a file of its own)
+        for stale in [*out.glob(f".{PART_PREFIX}*.tmp"), *out.glob(f".{MANIFEST}.*.tmp")]:
+            stale.unlink(missing_ok=True)
         return manifest
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def unpack(source: Path, into: Path) -> list[str]:

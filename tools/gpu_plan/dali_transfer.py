@@ -1,10 +1,10 @@
 """NVIDIA DALI for a GPU machine without network: the wheel travels in parts, one part with each
 device command (a command takes at most 64 MiB of files along, the checkout included).
 
-    python -m bench.dali_transfer prepare     # here: download the wheel and its small dependencies, split it
-    python -m bench.dali_transfer commands    # the device commands, checked against this checkout's size
-    python3 -m bench.dali_transfer receive data/dali-wheel/part-N   # there: keep part N under /tmp/preresnet-dali
-    python3 -m bench.dali_transfer install    # there: reassemble, check the sha256, pip install --no-deps
+    python -m tools.gpu_plan.dali_transfer prepare     # here: download the wheel and its small dependencies, split it
+    python -m tools.gpu_plan.dali_transfer commands    # the device commands, checked against this checkout's size
+    python3 -m tools.gpu_plan.dali_transfer receive data/dali-wheel/part-N   # there: keep part N under /tmp/preresnet-dali
+    python3 -m tools.gpu_plan.dali_transfer install    # there: reassemble, check the sha256, pip install --no-deps
 
 `prepare` downloads nvidia-dali-cuda130 (the CUDA 13 build: the GPU machines run torch 2.11 built for
 CUDA 13) for CPython 3.12 on manylinux x86-64, and the dependencies its Python code imports. It leaves
@@ -20,7 +20,7 @@ On the GPU machine `receive` checks its part's sha256 and keeps it as a file of 
 there, joins them, checks the wheel's sha256, and installs it (pip --no-deps --no-index) with the
 dependencies the machine lacks into /tmp/preresnet-dali/site, which PYTHONPATH then names. /tmp
 survives between commands only while the machine stays warm (about 30 s after each command), so the
-part commands follow each other at once. bench/README.md ("DALI on the GPU") has the commands.
+part commands follow each other at once. tools/gpu_plan/README.md ("DALI on the GPU") has the commands.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from preresnet.runfiles import atomic_write, write_json, write_text
+
+ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENT = "nvidia-dali-cuda130==2.4.0"
 PYTHON_VERSION = "3.12"  # the GPU machines' python3
 # the wheel is manylinux_2_28; its dependencies come for older manylinux tags too
@@ -54,7 +57,7 @@ PART_LIMIT = 55 * 2**20
 PART_FILE = "wheel.part"
 MANIFEST = "manifest.json"
 NVIDIA_INIT = "__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n"
-STAGE_BUDGET = 420  # seconds for `gpu_plan dali` in the last command, after the install (600 s in all)
+STAGE_BUDGET = 420  # seconds for `tools.gpu_plan dali` in the last command, after the install (600 s in all)
 PART_TIMEOUT = 120  # timeout_s of a part command: copying and hashing 55 MiB takes seconds
 
 
@@ -174,7 +177,7 @@ def read_manifest(folder: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TransferError(f"no readable {MANIFEST} in {folder} ({exc.__class__.__name__}): "
-                            f"run python -m bench.dali_transfer prepare first") from None
+                            f"run python -m tools.gpu_plan.dali_transfer prepare first") from None
 
 
 def room(root: Path = ROOT) -> int:
@@ -212,11 +215,11 @@ def device_commands(out: Path, manifest: dict) -> str:
              "while it is warm):"]
     for index in range(1, count + 1):
         part = f"{folder}/part-{index}"
-        command = f"python3 -m bench.dali_transfer receive {part}"
+        command = f"python3 -m tools.gpu_plan.dali_transfer receive {part}"
         timeout = PART_TIMEOUT
         if index == count:
-            command += (f" && python3 -m bench.dali_transfer install && PYTHONPATH={LANDING / 'site'} "
-                        f"python3 -m bench.gpu_plan dali --budget-seconds {STAGE_BUDGET}")
+            command += (f" && python3 -m tools.gpu_plan.dali_transfer install && PYTHONPATH={LANDING / 'site'} "
+                        f"python3 -m tools.gpu_plan dali --budget-seconds {STAGE_BUDGET}")
             timeout = 600
         lines += [f"{index}. carry [\"{part}\"], timeout_s {timeout}:", f"   {command}"]
     return "\n".join(lines)
@@ -248,7 +251,7 @@ def receive(args) -> int:
             say(f"{landing} held parts of {known['wheel']['file']}: removed")
             shutil.rmtree(landing)
             landing.mkdir(parents=True)
-    (landing / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "part"}, indent=1) + "\n")
+    write_json(landing / MANIFEST, {k: v for k, v in manifest.items() if k != "part"})
     target = landing / f"part-{index}"
     if target.is_file() and target.stat().st_size == expected["bytes"] and sha256(target) == expected["sha256"]:
         say(f"part {index} was already here")
@@ -271,14 +274,10 @@ def receive(args) -> int:
 def keep(source: Path, target: Path) -> None:
     """Copy source to target through a temporary name: a command killed mid-copy leaves no part."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 def installed(name: str) -> bool:
-    from importlib import metadata
-
     try:
         metadata.distribution(name)
     except metadata.PackageNotFoundError:
@@ -290,7 +289,7 @@ def install(args) -> int:
     landing = Path(args.landing)
     site = Path(args.target) if args.target else landing / "site"
     if not (landing / MANIFEST).is_file():
-        raise TransferError(f"no part has arrived in {landing}: run the part commands first (bench/README.md)")
+        raise TransferError(f"no part has arrived in {landing}: run the part commands first (tools/gpu_plan/README.md)")
     manifest = read_manifest(landing)
     wheel = manifest["wheel"]
     stamp = landing / "installed.json"
@@ -304,19 +303,22 @@ def install(args) -> int:
         raise TransferError(f"part(s) {', '.join(map(str, missing))} of {count} are not in {landing} (a machine that "
                             f"went cold lost them with /tmp): run their commands again")
     joined = landing / wheel["file"]
-    digest = hashlib.sha256()
-    with open(joined.with_name(f".{joined.name}.tmp"), "wb") as sink:
-        for part in manifest["parts"]:
-            data = (landing / f"part-{part['index']}").read_bytes()
-            digest.update(data)
-            sink.write(data)
-    if digest.hexdigest() != wheel["sha256"]:
-        bad = [p["index"] for p in manifest["parts"] if sha256(landing / f"part-{p['index']}") != p["sha256"]]
-        for index in bad:
-            (landing / f"part-{index}").unlink()
-        raise TransferError(f"the joined wheel's sha256 is not {wheel['sha256']}: part(s) {', '.join(map(str, bad))} "
-                            f"damaged and removed: run their commands again")
-    os.replace(joined.with_name(f".{joined.name}.tmp"), joined)
+
+    def join(tmp: Path) -> None:  # the joined wheel appears under its name only once its sha256 is the manifest's
+        digest = hashlib.sha256()
+        with open(tmp, "wb") as sink:
+            for part in manifest["parts"]:
+                data = (landing / f"part-{part['index']}").read_bytes()
+                digest.update(data)
+                sink.write(data)
+        if digest.hexdigest() != wheel["sha256"]:
+            bad = [p["index"] for p in manifest["parts"] if sha256(landing / f"part-{p['index']}") != p["sha256"]]
+            for index in bad:
+                (landing / f"part-{index}").unlink()
+            raise TransferError(f"the joined wheel's sha256 is not {wheel['sha256']}: part(s) "
+                                f"{', '.join(map(str, bad))} damaged and removed: run their commands again")
+
+    atomic_write(joined, join)
     say(f"{wheel['file']}: {count} parts joined, sha256 {wheel['sha256']} as in the manifest")
     dependencies = [d for d in manifest["dependencies"] if not installed(d["name"])]
     say(f"dependencies this python lacks: {', '.join(d['name'] for d in dependencies) or 'none'}")
@@ -338,7 +340,7 @@ def install(args) -> int:
     version = check_import(site)
     if not version:
         raise TransferError(f"installed in {site}, but `import nvidia.dali` fails there: {import_error(site)}")
-    stamp.write_text(json.dumps({"sha256": wheel["sha256"], "site": str(site)}) + "\n")
+    write_text(stamp, json.dumps({"sha256": wheel["sha256"], "site": str(site)}) + "\n")
     say(f"NVIDIA DALI {version} installed in {site}: run with PYTHONPATH={site}")
     return 0
 
