@@ -11,7 +11,8 @@ The rules, with the measurements behind them (docs/training.md, "Precision, layo
   -20, bench/results/2026-12-03-cpu-steps/). Without them oneDNN emulates bf16 with fp32
   instructions and the step takes 2.56x as long as fp32 (bench/results/2026-12-03-cpu-steps-emulated-bf16/),
   so there `auto` is fp32, and an explicit `--amp bf16` or `--amp fp16` works but warns in one line.
-  bf16 becomes a native CPU's auto only once the accuracy comparison allows it (CPU_BF16_AUTO).
+  bf16 became a native CPU's auto once the accuracy comparison held (CPU_BF16_AUTO: PreResNet-20,
+  15 epochs, 3 seeds each: bf16 mean 17.24% against fp32 17.24%, bench/results/2026-12-03-cpu-precision/).
 - **Layout.** channels-last everywhere: on a GPU for the tensor cores, on a CPU because oneDNN's
   convolutions are faster in NHWC (fp32 1.12x to 1.16x; bench/results/2026-12-03-cpu-steps/).
 - **torch.compile.** On a GPU always. On a CPU it pays over a run long enough to repay its warm-up:
@@ -48,9 +49,10 @@ NATIVE_CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16", "bf16"), "fp16": ("avx51
 # 18 ms of a 188 ms step) compiling saves 180 s, more than a cold first step (65 s) and evaluation's
 # compilation; the short 15-epoch schedule (5,850 steps) stays eager, the papers' 164 epochs compile
 CPU_COMPILE_MIN_STEPS = 10_000
-# bf16 autocast as a CPU's auto waits on the accuracy comparison of docs/training.md (fp32 and bf16,
-# three seeds each): until it holds, auto is fp32 on every CPU and the rule only says why
-CPU_BF16_AUTO = False
+# bf16 autocast is a native-bf16 CPU's auto since the accuracy comparison of docs/training.md held
+# (fp32 and bf16, three seeds each, bench/results/2026-12-03-cpu-precision/comparison.json); False
+# would make auto fp32 on every CPU again, with the reason saying so
+CPU_BF16_AUTO = True
 FLAGS_ENV = "PRERESNET_CPU_FLAGS"  # feature flags to use instead of the processor's (tests; another CPU's rules)
 
 
@@ -151,7 +153,8 @@ def resolve_amp(amp: str, device: str, saved: dict | None, flags: frozenset[str]
     if amp == "auto":
         native = native_cpu_support("bf16", flags)
         if native and CPU_BF16_AUTO:
-            return "bf16", f"auto: this CPU computes bf16 natively ({', '.join(native)})"
+            return "bf16", (f"auto: this CPU computes bf16 natively ({', '.join(native)}); bf16 autocast matched fp32's "
+                            f"accuracy (docs/training.md)")
         if native:
             return "off", (f"auto: fp32; this CPU computes bf16 natively ({', '.join(native)}), but bf16 autocast "
                            f"waits on the accuracy comparison against fp32")

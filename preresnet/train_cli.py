@@ -124,8 +124,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), help="default auto: cuda when available")
     run.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
                      help="autocast precision (BatchNorm statistics, loss, optimizer and checkpoint stay fp32); auto: "
-                          "on a GPU bf16 where it has it, else fp16 with loss scaling; on a CPU fp32 for now (bf16 "
-                          "awaits its accuracy comparison; docs/training.md); bf16 or fp16 on a CPU that lacks them "
+                          "on a GPU bf16 where it has it, else fp16 with loss scaling; on a CPU bf16 where it "
+                          "computes bf16 natively (AVX512-BF16, AMX-BF16, Arm BF16; it matched fp32's accuracy, "
+                          "docs/training.md), else fp32; bf16 or fp16 on a CPU that lacks them "
                           "natively works but warns that it is slow; a resumed run keeps its own; config.json says why")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels-last memory format (default on: faster on GPUs and in oneDNN's CPU convolutions)")
