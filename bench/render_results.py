@@ -181,21 +181,55 @@ def load_runs(results: Path) -> list[dict]:
 def training_record(folder: Path, seeds: dict) -> dict:
     """How long the run trained and how fast, from each seed's metrics.jsonl (which travels with
     every checkpoint, so it survives a command whose own record was lost): training_seconds, the
-    slowest seed's sum of its epochs' step times (the seeds train packed, side by side);
+    sum over the train.py commands of the slowest seed's step time in that command (the seeds of
+    one command train packed, side by side; seeds added later trained in commands of their own);
     images_per_second, a seed's images over its step time, averaged over the seeds; commits, those
-    of the seeds' commands.jsonl, with None for a command whose commit is unknown."""
-    sums, rates, commits = [], [], []
+    of the seeds' commands.jsonl, with None for a command whose commit is unknown; precision, each
+    seed's autocast dtypes in the order its commands used them."""
+    per_command: dict[tuple, float] = {}
+    rates, commits, precision = [], [], {}
     for name in seeds:
-        metrics = read_metrics(folder / name)
-        seconds = sum(m.get("train_seconds", 0.0) for m in metrics)
+        metrics, commands = read_metrics(folder / name), read_commands(folder / name)
+        seconds = 0.0
+        for line in metrics:
+            key = command_key(line, commands)
+            per_seed = per_command.setdefault(key, {})
+            per_seed[name] = per_seed.get(name, 0.0) + line.get("train_seconds", 0.0)
+            seconds += line.get("train_seconds", 0.0)
         if seconds:
-            sums.append(seconds)
             rates.append(sum(m["images_per_second"] * m["train_seconds"] for m in metrics) / seconds)
-        for command in read_commands(folder / name):
+        for command in commands:
             if command.get("commit") not in commits:
                 commits.append(command.get("commit"))
-    return {"training_seconds": max(sums) if sums else None,
-            "images_per_second": sum(rates) / len(rates) if rates else None, "commits": commits}
+        precision[name] = seed_precision(folder / name, commands)
+    total = sum(max(per_seed.values()) for per_seed in per_command.values())
+    return {"training_seconds": total or None, "images_per_second": sum(rates) / len(rates) if rates else None,
+            "commits": commits, "precision": precision}
+
+
+def command_key(line: dict, commands: list[dict]) -> tuple:
+    """Which train.py command trained this epoch, as a key the seeds it trained packed share: its
+    start time and process (commands.jsonl), found by the line's command index or, in records
+    rebuilt from logs, by the epochs each command lists. An epoch of a command with no such record
+    counts as trained side by side with the other seeds' such epochs (how the stage trained them)."""
+    index = line.get("command")
+    if index is None:
+        index = next((i for i, c in enumerate(commands)
+                      if c.get("epochs") and c["epochs"][0] <= line["epoch"] <= c["epochs"][1]), None)
+    record = commands[index] if index is not None and index < len(commands) else {}
+    if record.get("started") and record.get("pid"):
+        return ("command", record["started"], record["pid"])
+    return ("unrecorded", index)
+
+
+def seed_precision(folder: Path, commands: list[dict]) -> str | None:
+    """'fp32', 'bf16', or 'fp32, then bf16' for a seed whose commands changed it; from its commands,
+    else its config.json; None when neither says."""
+    amps = [c["amp"] for c in commands if c.get("amp")]
+    if not amps and (folder / "config.json").is_file():
+        amps = [json.loads((folder / "config.json").read_text()).get("runtime", {}).get("amp")]
+    names = [{"off": "fp32"}.get(amp, amp) for amp in dict.fromkeys(amps) if amp]
+    return ", then ".join(names) or None
 
 
 def commits_cell(run: dict) -> str:
@@ -214,9 +248,10 @@ def duration(seconds: float | None) -> str:
 
 
 def error_cell(run: dict) -> str:
-    """Mean +- std over the seeds (last epoch, no selection), then each seed's error."""
-    stats = run["test_error"]
+    """Mean +- std over the seeds (last epoch, no selection), then each seed's error and precision."""
+    stats, precision = run["test_error"], run.get("precision", {})
     seeds = ", ".join(f"{name.replace('seed-', 's')} {percent(seed['final_test_error'])}"
+                      + (f" {precision[name]}" if precision.get(name) else "")
                       for name, seed in run["runs"].items())
     spread = f" ± {percent(stats['std'])}" if stats["std"] is not None else ""
     return f"**{percent(stats['mean'])}**{spread} ({seeds})"
@@ -232,8 +267,8 @@ def runs_table(runs: list[dict]) -> str:
         lines.append("No finished reproduction run yet: `python -m tools.gpu_plan reproduce` (tools/gpu_plan/README.md) writes "
                      "them under `bench/results/reproduce/`; this table is generated from them.")
     else:
-        lines += ["| network | recipe | data | test error, mean ± std (each seed) | seeds | paper | training time | "
-                  "images/s a run | device | torch / triton | commits | weights |",
+        lines += ["| network | recipe | data | test error, mean ± std (each seed, its precision) | seeds | paper | "
+                  "training time | images/s a run | device | torch / triton | commits | weights |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for run in finished:
             # each seed's entry with the error measured on its file (rounded to bf16: what eval.py --weights gives)

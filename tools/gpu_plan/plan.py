@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --device cpu: CPU threads of the training process (default 1: a shared machine's "
                          "other work does not stall it)")
     rp.add_argument("--seeds", type=sweeps.parse_seeds, help="comma-separated seeds, one run each (default 0,1,2, or the "
-                                                      "seeds the run was started with)")
+                    "seeds the run was started with); may add seeds to a run, its finished seeds kept")
     rp.add_argument("--data-archive", default=str(DATA_ARCHIVE), help="the JPEG CIFAR-10 archive (carried)")
     rp.add_argument("--flags", help="train.py execution flags instead of first-contact's choice, with '=': "
                                     "--flags='--no-fused --compile --cuda-graphs'")

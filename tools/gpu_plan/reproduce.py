@@ -217,18 +217,24 @@ def reproduce(args) -> int:
             candidate = json.loads(source.read_text())
             if len(candidate.get("commands", [])) >= len(summary.get("commands", [])):
                 summary = candidate
-    seeds = args.seeds or summary.get("seeds") or list(DEFAULT_SEEDS)
-    if summary.get("seeds") and args.seeds and args.seeds != summary["seeds"]:
-        print(f"gpu_plan: error: {name} trains seeds {summary['seeds']}; --seeds {args.seeds} would change the run",
-              file=sys.stderr)
+    try:
+        seeds = row_seeds(summary.get("seeds"), args.seeds)
+    except ValueError as error:
+        print(f"gpu_plan: error: {name}: {error}", file=sys.stderr)
         return 2
-    if summary.get("finished"):
+    # a finished seed stays as it is (its record, files and weights entry); added seeds train beside it
+    kept = {folder: run for folder, run in summary.get("runs", {}).items()
+            if run.get("finished") and int(folder.split("-")[1]) in seeds}
+    pending = [seed for seed in seeds if seed_folder(seed) not in kept]
+    if not pending:
         say(f"{name} is finished ({summary['epochs']} epochs, seeds {seeds}): nothing to do; "
             f"`{COMMAND} next` names the next stage")
         return 0
+    if kept:
+        say(f"{name}: seeds {[int(f.split('-')[1]) for f in kept]} finished and kept; training seeds {pending}")
 
     # where each seed's run continues from: this machine's run folder, or the committed (or returned) checkpoint
-    for seed in seeds:
+    for seed in pending:
         folder = seed_folder(seed)
         candidates = [(checkpoint_epoch(root / folder / "checkpoint.pt"), root / folder)
                       for root in (local, results, committed)]
@@ -271,7 +277,7 @@ def reproduce(args) -> int:
     results.mkdir(parents=True, exist_ok=True)
     # the seeds train packed, `pack` at a time (first-contact's measured choice), one train.py --seeds
     # command per group; each group's runs are ordinary run folders local/seed-N
-    pack = len(seeds) if dry or on_cpu else packing_choice(model, [args.results, COMMITTED_RESULTS, work], len(seeds))
+    pack = len(pending) if dry or on_cpu else packing_choice(model, [args.results, COMMITTED_RESULTS, work], len(pending))
     if not dry and not on_cpu:  # every unfinished run's checkpoint travels with the next command, and back
         room = checkpoint_room(model, committed)
         if room < 1:
@@ -283,7 +289,7 @@ def reproduce(args) -> int:
             pack = room
     outcomes = []
     train_start = time.monotonic()
-    for group in [seeds[i:i + pack] for i in range(0, len(seeds), pack)]:
+    for group in [pending[i:i + pack] for i in range(0, len(pending), pack)]:
         if all(checkpoint_epoch(local / seed_folder(seed) / "checkpoint.pt") == summary_epochs(local / seed_folder(seed))
                for seed in group):
             continue  # this group is finished
@@ -303,34 +309,63 @@ def reproduce(args) -> int:
 
     runs = {}
     for seed in seeds:
-        runs[seed_folder(seed)] = collect_seed(local / seed_folder(seed), results / seed_folder(seed), dry, env, clock)
+        folder = seed_folder(seed)
+        runs[folder] = kept.get(folder) or collect_seed(local / folder, results / folder, dry, env, clock)
     commands = summary.get("commands", []) + [{
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": info.get("gpu") or f"CPU ({info['cpu']})",
         "seconds": round(time.monotonic() - train_start, 1),
         "returncodes": [outcome["returncode"] for outcome in outcomes],
-        "epochs_after": {folder: run["epochs_done"] for folder, run in runs.items()},
+        "epochs_after": {folder: run["epochs_done"] for folder, run in runs.items() if folder not in kept},
         "commit": info["commit"], "commands": [outcome["command"] for outcome in outcomes],
         **({"threads": args.threads} if on_cpu else {})}]
-    config = next((json.loads((local / folder / "config.json").read_text()) for folder in runs
-                   if (local / folder / "config.json").is_file()), {})
+    # the row's network, recipe and runtime: those of the seeds this command trained
+    config = next((json.loads((local / seed_folder(seed) / "config.json").read_text()) for seed in pending
+                   if (local / seed_folder(seed) / "config.json").is_file()), {})
     finished = all(run["finished"] for run in runs.values())
     errors = [run["final_test_error"] for run in runs.values() if run["final_test_error"] is not None]
     summary = {
-        "name": name, "model": model, "network": config.get("model"), "recipe": config.get("recipe_name"),
-        "data": DATA_DESCRIPTION if not dry else "synthetic (dry run)", "epochs": config.get("recipe", {}).get("epochs"),
+        "name": name, "model": model, "network": config.get("model", summary.get("network")),
+        "recipe": config.get("recipe_name", summary.get("recipe")),
+        "data": DATA_DESCRIPTION if not dry else "synthetic (dry run)",
+        "epochs": config.get("recipe", {}).get("epochs", summary.get("epochs")),
         "seeds": seeds, "epochs_done": min(run["epochs_done"] for run in runs.values()), "finished": finished,
         "runs": runs, "test_error": sweeps.seed_statistics(errors) if finished else None,
         "paper_test_error": PAPER_ERROR.get(model),
-        "wall_seconds": round(sum(c["seconds"] for c in commands), 1),
+        **wall_seconds(commands),
         "flags": flags, "runtime": config.get("runtime"), "device": info.get("gpu") or f"CPU ({info['cpu']})",
         "gpu": info.get("gpu"), "torch": info["torch"], "triton": info["triton"], "cuda": info.get("cuda"),
         "commit": info["commit"], "commands": commands, "dry_run": dry,
+        # what a person wrote down about the record (a command that left none, say) stays with it
+        **({"record_notes": summary["record_notes"]} if summary.get("record_notes") else {}),
     }
     write_json(summary_path, summary)
     returning.publish()
     state = "finished" if finished else f"{summary['epochs_done']} of {summary['epochs']} epochs"
     say(f"reproduce {name}: {state} after {commands[-1]['seconds']:.0f} s of training; results in {results}")
     return 0 if ok else 1
+
+
+def row_seeds(recorded: list[int] | None, asked: list[int] | None) -> list[int]:
+    """The seeds of a reproduction: those it records, else --seeds, else DEFAULT_SEEDS. --seeds may
+    add seeds to a recorded row (a one-seed row grown to three, its finished seed kept), never drop
+    one: the row's statistics are over every seed it ever trained."""
+    if not recorded:
+        return list(asked or DEFAULT_SEEDS)
+    if not asked:
+        return list(recorded)
+    dropped = [seed for seed in recorded if seed not in asked]
+    if dropped:
+        raise ValueError(f"the row trains seeds {recorded}; --seeds {','.join(map(str, asked))} would drop "
+                         f"{dropped} (--seeds may only add seeds)")
+    return list(recorded) + [seed for seed in dict.fromkeys(asked) if seed not in recorded]
+
+
+def wall_seconds(commands: list[dict]) -> dict:
+    """wall_seconds: the stage commands' wall time, None when a command's is unknown (one that
+    left no record); then wall_seconds_known, the recorded ones' sum."""
+    known = [c["seconds"] for c in commands if c.get("seconds") is not None]
+    total = round(sum(known), 1)
+    return {"wall_seconds": total} if len(known) == len(commands) else {"wall_seconds": None, "wall_seconds_known": total}
 
 
 def execution_flags(args, work: Path, run_env: dict) -> list[str]:

@@ -23,7 +23,7 @@ from tools.gpu_plan import plan as gpu_plan
 from tools.gpu_plan.common import kernels_digest
 from tools.gpu_plan.first_contact import newest_choice
 from tools.gpu_plan.matrix import MATRIX_VARIANTS
-from tools.gpu_plan.reproduce import DATA_DESCRIPTION, copying_progress
+from tools.gpu_plan.reproduce import DATA_DESCRIPTION, copying_progress, row_seeds, wall_seconds
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -152,6 +152,56 @@ def test_eval_reads_the_exported_weights_and_train_refuses_to_resume_them(reprod
     assert refused.returncode == 2 and "holds bare weights" in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 
+def test_seeds_added_to_a_finished_row_train_alone_and_the_row_pools_them(reproduced, tmp_path):
+    """A finished 3-seed row grown by a fourth seed on a fresh machine (no run folders, no
+    checkpoints: the finished seeds live on as records and weights entries): only the new seed
+    trains, the finished seeds' records and files stay as they were, the row's statistics cover
+    all four, a note written into run.json by hand survives; --seeds may not drop a seed."""
+    *_, run_dir = reproduced
+    results = tmp_path / "results"
+    shutil.copytree(run_dir.parents[1], results)
+    row = results / "reproduce" / run_dir.name
+    before = json.loads((row / "run.json").read_text())
+    (row / "run.json").write_text(json.dumps({**before, "record_notes": ["written by hand"]}))
+    metrics_before = {seed: (row / f"seed-{seed}" / "metrics.jsonl").read_text() for seed in (0, 1, 2)}
+    synthetic = ("--data-archive", tmp_path / "no-archive.tar.gz")
+
+    dropped = plan("reproduce", "--dry-run", "--seeds", "0,1", "--results", results, "--work", tmp_path / "work", *synthetic)
+    assert dropped.returncode == 2 and "would drop [2]" in dropped.stderr, dropped.stderr
+    grown = plan("reproduce", "--dry-run", "--seeds", "0,1,2,3", "--results", results, "--work", tmp_path / "work",
+                 *synthetic)
+    assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
+    assert "seeds [0, 1, 2] finished and kept; training seeds [3]" in grown.stdout
+    assert "seed-3: starting" in grown.stdout and "seed-0: starting" not in grown.stdout
+    summary = json.loads((row / "run.json").read_text())
+    assert summary["seeds"] == [0, 1, 2, 3] and summary["finished"] and summary["epochs_done"] == 3
+    assert {name: summary["runs"][name] for name in before["runs"]} == before["runs"]  # kept as they were
+    assert all((row / f"seed-{seed}" / "metrics.jsonl").read_text() == metrics_before[seed] for seed in (0, 1, 2))
+    assert summary["runs"]["seed-3"]["weights"]["entry"] == "preresnet8-synthetic-paper-cpu-s3"
+    errors = [summary["runs"][f"seed-{seed}"]["final_test_error"] for seed in range(4)]
+    assert summary["test_error"] == sweeps.seed_statistics(errors) and summary["test_error"]["runs"] == 4
+    assert summary["record_notes"] == ["written by hand"] and len(summary["commands"]) == 3
+    assert summary["commands"][-1]["epochs_after"] == {"seed-3": 3}
+    [command] = summary["commands"][-1]["commands"]
+    assert " --seeds 3 " in command
+    again = plan("reproduce", "--dry-run", "--seeds", "3,0,1,2", "--results", results, "--work", tmp_path / "work",
+                 *synthetic)
+    assert again.returncode == 0 and "is finished" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+
+
+def test_row_seeds_may_grow_but_never_lose_a_seed():
+    assert row_seeds(None, None) == [0, 1, 2] and row_seeds(None, [4]) == [4]
+    assert row_seeds([0], None) == [0] and row_seeds([0], [0, 1, 2]) == [0, 1, 2]
+    assert row_seeds([0], [2, 1, 0, 2]) == [0, 2, 1]  # the recorded seeds first, then the added ones as given
+    with pytest.raises(ValueError, match=r"would drop \[0\]"):
+        row_seeds([0, 1], [1, 2])
+
+
+def test_wall_time_is_unknown_when_a_command_left_no_record():
+    assert wall_seconds([{"seconds": 10.0}, {"seconds": 5.25}]) == {"wall_seconds": 15.2}
+    assert wall_seconds([{"seconds": 10.0}, {"seconds": None}]) == {"wall_seconds": None, "wall_seconds_known": 10.0}
+
+
 def fake_run(folder: Path, finished: bool) -> None:
     errors = {"seed-0": 0.0712, "seed-1": 0.0701, "seed-2": 0.0690}
     runs = {name: {"epochs_done": 164 if finished else 80, "finished": finished, "images_per_second": 13_000.0,
@@ -192,6 +242,29 @@ def test_results_table_shows_the_spread_over_seeds_and_names_unfinished_runs(tmp
     readme = f"a\n{render_results.RUNS_START}\nold\n{render_results.RUNS_END}\nb\n"
     assert render_results.render_runs(readme, runs) == f"a\n{render_results.RUNS_START}\n{text}\n{render_results.RUNS_END}\nb\n"
     assert "No finished reproduction run yet" in render_results.runs_table([])
+
+
+def test_a_row_grown_by_seeds_counts_each_command_once_and_names_each_seed_precision(tmp_path):
+    """Seed 0 trained alone in fp32 (two commands, one without a record), seeds 1 and 2 packed in
+    bf16 later (one command, side by side): the row's training time is seed 0's two commands plus
+    the slower of the packed pair, and each seed's precision is shown."""
+    folder = tmp_path / "reproduce" / "preresnet20-paper-cifar10-jpeg-cpu"
+    fake_run(folder, finished=True)
+    packed = {"started": "2026-12-04 01:00:00 UTC", "pid": 42, "commit": "def5678", "amp": "bf16", "epochs": [1, 164]}
+    for seed, records in (("seed-0", [{"commit": "abc1234", "amp": "off", "epochs": [1, 80],
+                                       "started": "2026-12-01 01:00:00 UTC", "pid": 7},
+                                      {"commit": None, "amp": "off", "epochs": [81, 164]}]),
+                          ("seed-1", [packed]), ("seed-2", [packed])):
+        (folder / seed / "commands.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    [run] = render_results.load_runs(tmp_path)
+    # seed 0: 164 epochs of 8 s; seeds 1 and 2 side by side: 164 of 10 s (the slower)
+    assert run["training_seconds"] == pytest.approx(164 * 8.0 + 164 * 10.0)
+    assert run["precision"] == {"seed-0": "fp32", "seed-1": "bf16", "seed-2": "bf16"}
+    assert "(s0 7.12% fp32, s1 7.01% bf16, s2 6.90% bf16)" in render_results.runs_table([run])
+    assert run["commits"] == ["abc1234", None, "def5678"]
+    (folder / "seed-1" / "commands.jsonl").write_text(json.dumps({**packed, "amp": "off"}) + "\n" +
+                                                      json.dumps({**packed, "pid": 43}) + "\n")
+    assert render_results.load_runs(tmp_path)[0]["precision"]["seed-1"] == "fp32, then bf16"
 
 
 def test_next_follows_the_documented_order(tmp_path):
