@@ -217,6 +217,11 @@ def reproduce(args) -> int:
             candidate = json.loads(source.read_text())
             if len(candidate.get("commands", [])) >= len(summary.get("commands", [])):
                 summary = candidate
+    finished_seeds = [int(folder.split("-")[1]) for folder, run in summary.get("runs", {}).items() if run.get("finished")]
+    if args.seeds and set(args.seeds) <= set(finished_seeds):  # a weights card's command, say: one finished seed
+        say(f"{name}: seeds {args.seeds} are finished: nothing to do (to train one again from the start: the "
+            f"train.py command on its weights card)")
+        return 0
     try:
         seeds = row_seeds(summary.get("seeds"), args.seeds)
     except ValueError as error:

@@ -166,8 +166,8 @@ def test_seeds_added_to_a_finished_row_train_alone_and_the_row_pools_them(reprod
     metrics_before = {seed: (row / f"seed-{seed}" / "metrics.jsonl").read_text() for seed in (0, 1, 2)}
     synthetic = ("--data-archive", tmp_path / "no-archive.tar.gz")
 
-    dropped = plan("reproduce", "--dry-run", "--seeds", "0,1", "--results", results, "--work", tmp_path / "work", *synthetic)
-    assert dropped.returncode == 2 and "would drop [2]" in dropped.stderr, dropped.stderr
+    dropped = plan("reproduce", "--dry-run", "--seeds", "1,5", "--results", results, "--work", tmp_path / "work", *synthetic)
+    assert dropped.returncode == 2 and "would drop [0, 2]" in dropped.stderr, dropped.stderr
     grown = plan("reproduce", "--dry-run", "--seeds", "0,1,2,3", "--results", results, "--work", tmp_path / "work",
                  *synthetic)
     assert grown.returncode == 0, grown.stdout[-3000:] + grown.stderr[-3000:]
@@ -186,7 +186,11 @@ def test_seeds_added_to_a_finished_row_train_alone_and_the_row_pools_them(reprod
     assert " --seeds 3 " in command
     again = plan("reproduce", "--dry-run", "--seeds", "3,0,1,2", "--results", results, "--work", tmp_path / "work",
                  *synthetic)
-    assert again.returncode == 0 and "is finished" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert again.returncode == 0 and "finished: nothing to do" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    # a weights card's command names its own seed: finished, so nothing to do (not an error)
+    card = plan("reproduce", "--dry-run", "--seeds", "1", "--results", results, "--work", tmp_path / "work", *synthetic)
+    assert card.returncode == 0 and "seeds [1] are finished: nothing to do" in card.stdout, card.stdout + card.stderr
+    assert json.loads((row / "run.json").read_text()) == summary
 
 
 def test_row_seeds_may_grow_but_never_lose_a_seed():
