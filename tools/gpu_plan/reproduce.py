@@ -406,7 +406,7 @@ def collect_seed(local: Path, results: Path, dry: bool, env: dict, clock: Clock)
     done = checkpoint_epoch(local / "checkpoint.pt")
     epochs = summary_epochs(local)
     finished = epochs is not None and done == epochs
-    for file in ("metrics.jsonl", "config.json", "curves.png"):
+    for file in RUN_FILES[1:]:  # the checkpoint below; commands.jsonl too (its record of this command is the newest)
         if (local / file).is_file():
             shutil.copy2(local / file, results / file)
     run = {"epochs_done": done, "finished": finished,

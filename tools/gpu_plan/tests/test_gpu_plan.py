@@ -119,6 +119,9 @@ def test_reproduce_dry_run_stops_in_time_and_resumes_from_the_returned_checkpoin
         assert [m["epoch"] for m in metrics] == [1, 2, 3]
         assert "compile_seconds" in metrics[0] and "compile_seconds" in metrics[1]  # each command's first epoch
         assert run["final_test_error"] == metrics[-1]["test_error"]
+        # each command's own record, the last one as train.py finished it (not as of an earlier checkpoint)
+        records = [json.loads(line) for line in (run_dir / folder / "commands.jsonl").read_text().splitlines()]
+        assert [record["epochs"] for record in records] == [[1, 1], [2, 3]]
         for name in ("config.json", "curves.png"):
             assert (run_dir / folder / name).is_file(), name
         assert not (run_dir / folder / "checkpoint.pt").exists()  # finished: the registry entry holds the weights
