@@ -217,10 +217,12 @@ def reproduce(args) -> int:
             candidate = json.loads(source.read_text())
             if len(candidate.get("commands", [])) >= len(summary.get("commands", [])):
                 summary = candidate
-    finished_seeds = [int(folder.split("-")[1]) for folder, run in summary.get("runs", {}).items() if run.get("finished")]
-    if args.seeds and set(args.seeds) <= set(finished_seeds):  # a weights card's command, say: one finished seed
-        say(f"{name}: seeds {args.seeds} are finished: nothing to do (to train one again from the start: the "
-            f"train.py command on its weights card)")
+    recorded = summary.get("runs", {})
+    finished_seeds = [seed for seed in summary.get("seeds", []) if recorded.get(seed_folder(seed), {}).get("finished")]
+    wanted = args.seeds or summary.get("seeds") or list(DEFAULT_SEEDS)
+    if set(wanted) <= set(finished_seeds):  # the row's own seeds, or a weights card's command naming one of them
+        say(f"{name}: seeds {wanted} are finished: nothing to do (`{COMMAND} next` names the next stage; to train a "
+            f"seed again from the start: the train.py command on its weights card)")
         return 0
     try:
         seeds = row_seeds(summary.get("seeds"), args.seeds)
@@ -228,15 +230,10 @@ def reproduce(args) -> int:
         print(f"gpu_plan: error: {name}: {error}", file=sys.stderr)
         return 2
     # a finished seed stays as it is (its record, files and weights entry); added seeds train beside it
-    kept = {folder: run for folder, run in summary.get("runs", {}).items()
-            if run.get("finished") and int(folder.split("-")[1]) in seeds}
-    pending = [seed for seed in seeds if seed_folder(seed) not in kept]
-    if not pending:
-        say(f"{name} is finished ({summary['epochs']} epochs, seeds {seeds}): nothing to do; "
-            f"`{COMMAND} next` names the next stage")
-        return 0
+    kept = {seed_folder(seed): recorded[seed_folder(seed)] for seed in finished_seeds}
+    pending = [seed for seed in seeds if seed not in finished_seeds]
     if kept:
-        say(f"{name}: seeds {[int(f.split('-')[1]) for f in kept]} finished and kept; training seeds {pending}")
+        say(f"{name}: seeds {finished_seeds} finished and kept; training seeds {pending}")
 
     # where each seed's run continues from: this machine's run folder, or the committed (or returned) checkpoint
     for seed in pending:
