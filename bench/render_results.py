@@ -185,9 +185,10 @@ def training_record(folder: Path, seeds: dict) -> dict:
     one command train packed, side by side; seeds added later trained in commands of their own);
     images_per_second, a seed's images over its step time, averaged over the seeds; commits, those
     of the seeds' commands.jsonl, with None for a command whose commit is unknown; precision, each
-    seed's autocast dtypes in the order its commands used them."""
+    seed's autocast dtypes in the order its commands used them; devices, the machines the commands
+    name, in the order they first trained (a run resumed elsewhere trained on several)."""
     per_command: dict[tuple, float] = {}
-    rates, commits, precision = [], [], {}
+    rates, commits, devices, precision = [], [], [], {}
     for name in seeds:
         metrics, commands = read_metrics(folder / name), read_commands(folder / name)
         seconds = 0.0
@@ -201,10 +202,12 @@ def training_record(folder: Path, seeds: dict) -> dict:
         for command in commands:
             if command.get("commit") not in commits:
                 commits.append(command.get("commit"))
+            if command.get("device") and command["device"] not in devices:
+                devices.append(command["device"])
         precision[name] = seed_precision(folder / name, commands)
     total = sum(max(per_seed.values()) for per_seed in per_command.values())
     return {"training_seconds": total or None, "images_per_second": sum(rates) / len(rates) if rates else None,
-            "commits": commits, "precision": precision}
+            "commits": commits, "devices": devices, "precision": precision}
 
 
 def command_key(line: dict, commands: list[dict]) -> tuple:
@@ -238,6 +241,11 @@ def commits_cell(run: dict) -> str:
     if not commits:
         return "-"
     return ", ".join(commit or "unknown" for commit in commits)
+
+
+def devices_cell(run: dict) -> str:
+    """The machines that trained the run, first one first; run.json's device when no command names one."""
+    return ", then ".join(run.get("devices") or []) or str(run.get("device"))
 
 
 def duration(seconds: float | None) -> str:
@@ -279,12 +287,12 @@ def runs_table(runs: list[dict]) -> str:
             ips = f"{run['images_per_second']:,.0f}" if run.get("images_per_second") else "-"
             lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | {error_cell(run)} | "
                          f"{len(run['runs'])} | {paper} | {duration(run.get('training_seconds'))} | {ips} | "
-                         f"{run.get('device')} | {run.get('torch')} / {run.get('triton')} | {commits_cell(run)} | "
+                         f"{devices_cell(run)} | {run.get('torch')} / {run.get('triton')} | {commits_cell(run)} | "
                          f"{', '.join(entries) or '-'} |")
     for run in runs:
         if not run.get("finished"):
             lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {counted(len(run.get('runs', {})), 'seed')}, "
-                          f"{run.get('device')}), {max(run.get('epochs_done') or 0, 0)} of {run.get('epochs')} epochs "
+                          f"{devices_cell(run)}), {max(run.get('epochs_done') or 0, 0)} of {run.get('epochs')} epochs "
                           f"after {duration(run.get('training_seconds'))} of training (`{run['path']}`)."]
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from preresnet import loaders
+from preresnet.runtime import cpu_name
 
 EPOCH_IMAGES = 50_000
 BATCH_SIZE = 128
@@ -30,7 +31,7 @@ def cifar_sized():
 
 
 def versions(device: str) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
             "cpu_threads": torch.get_num_threads()}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()

@@ -355,7 +355,7 @@ def cpu_environment() -> dict:
 
 
 def environment(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_name(),
             "commit": git_commit()}
     try:
         import triton

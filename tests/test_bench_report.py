@@ -10,7 +10,7 @@ import torch
 
 from bench import render_results
 from bench.gpu_report import add_speedups, markdown
-from bench.workloads import conv_path_step
+from bench.workloads import conv_path_step, environment
 from preresnet.provenance import git_commit
 
 ENV = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "999.1", "cuda": "12.8", "torch": "2.13.0", "triton": "3.9.0",
@@ -196,3 +196,14 @@ def test_commit_is_dirty_only_for_changes_outside_the_stages_outputs(tmp_path):
     assert git_commit(tmp_path) == clean  # a stage's results: the code measured is HEAD's
     (tmp_path / "train.py").write_text("1\n")
     assert git_commit(tmp_path) == clean + "+dirty"
+
+
+def test_a_reports_environment_names_the_processor_model():
+    """Reports and reproduction records name the CPU by its model (what /proc/cpuinfo says on Linux),
+    not by its architecture: runs resumed on other machines must be told apart."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.partition(":")[2].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+              if line.partition(":")[0].strip() == "model name"]
+    if not models:
+        pytest.skip("no model name in /proc/cpuinfo on this machine")
+    assert environment("cpu")["cpu"] == models[0]

@@ -58,6 +58,11 @@ CPU_FLAGS = ("--device", "cpu", *train_flags("eager-fp32-cl"))
 FALLBACK_VARIANT = "eager-amp-cl-graphs"
 
 
+def machine(info: dict) -> str:
+    """The device of an environment() as records name it: the GPU, or the CPU by its model."""
+    return info.get("gpu") or f"CPU ({info['cpu']})"
+
+
 def run_name(model: str, dry: bool, device: str = "cuda") -> str:
     if dry:
         return f"dryrun-{model}"
@@ -150,7 +155,7 @@ def export_weights(local: Path, results: Path, dry: bool, env: dict, clock: Cloc
     command = [sys.executable, "-m", "preresnet.export", str(local), "--registry", str(registry),
                "--name", name, "--data", "synthetic (dry run)" if dry else DATA_DESCRIPTION,
                "--data-dir", config["data_dir"] if dry else USER_DATA_DIR,
-               "--device", info.get("gpu") or f"CPU ({info['cpu']})",
+               "--device", machine(info),
                "--reproduce", " ".join([f"{COMMAND} reproduce", *stage, "--seeds", str(seed)]),
                "--source", str(results) if dry else f"bench/results/reproduce/{results.parent.name}/{results.name}"]
     command += ["--commit", info["commit"]] if info["commit"] else []
@@ -314,7 +319,7 @@ def reproduce(args) -> int:
         folder = seed_folder(seed)
         runs[folder] = kept.get(folder) or collect_seed(local / folder, results / folder, dry, env, clock)
     commands = summary.get("commands", []) + [{
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": info.get("gpu") or f"CPU ({info['cpu']})",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": machine(info),
         "seconds": round(time.monotonic() - train_start, 1),
         "returncodes": [outcome["returncode"] for outcome in outcomes],
         "epochs_after": {folder: run["epochs_done"] for folder, run in runs.items() if folder not in kept},
@@ -334,7 +339,7 @@ def reproduce(args) -> int:
         "runs": runs, "test_error": sweeps.seed_statistics(errors) if finished else None,
         "paper_test_error": PAPER_ERROR.get(model),
         **wall_seconds(commands),
-        "flags": flags, "runtime": config.get("runtime"), "device": info.get("gpu") or f"CPU ({info['cpu']})",
+        "flags": flags, "runtime": config.get("runtime"), "device": machine(info),
         "gpu": info.get("gpu"), "torch": info["torch"], "triton": info["triton"], "cuda": info.get("cuda"),
         "commit": info["commit"], "commands": commands, "dry_run": dry,
         # what a person wrote down about the record (a command that left none, say) stays with it

@@ -257,9 +257,10 @@ def test_a_row_grown_by_seeds_counts_each_command_once_and_names_each_seed_preci
     the slower of the packed pair, and each seed's precision is shown."""
     folder = tmp_path / "reproduce" / "preresnet20-paper-cifar10-jpeg-cpu"
     fake_run(folder, finished=True)
-    packed = {"started": "2026-12-04 01:00:00 UTC", "pid": 42, "commit": "def5678", "amp": "bf16", "epochs": [1, 164]}
+    packed = {"started": "2026-12-04 01:00:00 UTC", "pid": 42, "commit": "def5678", "amp": "bf16", "epochs": [1, 164],
+              "device": "CPU (AMD EPYC)"}
     for seed, records in (("seed-0", [{"commit": "abc1234", "amp": "off", "epochs": [1, 80],
-                                       "started": "2026-12-01 01:00:00 UTC", "pid": 7},
+                                       "started": "2026-12-01 01:00:00 UTC", "pid": 7, "device": "CPU (Intel Xeon)"},
                                       {"commit": None, "amp": "off", "epochs": [81, 164]}]),
                           ("seed-1", [packed]), ("seed-2", [packed])):
         (folder / seed / "commands.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -269,6 +270,9 @@ def test_a_row_grown_by_seeds_counts_each_command_once_and_names_each_seed_preci
     assert run["precision"] == {"seed-0": "fp32", "seed-1": "bf16", "seed-2": "bf16"}
     assert "(s0 7.12% fp32, s1 7.01% bf16, s2 6.90% bf16)" in render_results.runs_table([run])
     assert run["commits"] == ["abc1234", None, "def5678"]
+    # the machines come from the commands, in the order they first trained, not from run.json's newest one
+    assert run["devices"] == ["CPU (Intel Xeon)", "CPU (AMD EPYC)"]
+    assert "| CPU (Intel Xeon), then CPU (AMD EPYC) | 2.11.0 / 3.6.0 |" in render_results.runs_table([run])
     (folder / "seed-1" / "commands.jsonl").write_text(json.dumps({**packed, "amp": "off"}) + "\n" +
                                                       json.dumps({**packed, "pid": 43}) + "\n")
     assert render_results.load_runs(tmp_path)[0]["precision"]["seed-1"] == "fp32, then bf16"
