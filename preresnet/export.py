@@ -239,7 +239,8 @@ def card(meta: dict) -> str:
         "## Reproduce",
         "",
         ("The first command is the GPU plan's stage (bench/README.md): each call trains within its budget and "
-         "continues where the last one stopped. The second trains the same run with train.py in one go."
+         "continues where the last one stopped; in a checkout whose results already hold this seed finished (this "
+         "repository's), it says so and trains nothing. The second trains the same run anew with train.py in one go."
          if commands["reproduce"] else None),
         "" if commands["reproduce"] else None,
         "```bash",
