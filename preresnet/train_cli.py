@@ -158,7 +158,13 @@ def main(args: argparse.Namespace) -> dict:
         handlers = contextlib.nullcontext() if faults.installed() else \
             faults.stop_on_signals(repeat_interrupts=not dist.enabled)
         with handlers:
-            return train(args, dist)
+            result = train(args, dist)
+        # the ranks leave together: rank 0 still writes the last checkpoint when the others are done, and a
+        # rank that tears its gloo connections down under a peer that still holds them open can abort at exit
+        # (seen once in CI: SIGABRT, "terminate called without an active exception", in a run that trained
+        # well); not on the way out of an error, where the other ranks may never get here
+        distributed.barrier()
+        return result
     finally:
         distributed.shutdown()
 

@@ -115,3 +115,30 @@ def test_an_error_stops_every_rank(data_dir, tmp_path):
     result = torchrun(*TINY, "--data-dir", data_dir, "--batch-size", "15", "--out", tmp_path / "odd", timeout=120)
     assert result.returncode != 0
     assert "does not split evenly over 2 processes" in result.stderr
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_ranks_leave_together_after_training(monkeypatch, fails):
+    """After a run every rank waits for the others (rank 0 writes the last checkpoint) before it tears down
+    the process group; on the way out of an error it does not wait, as the other ranks may never come."""
+    from preresnet import distributed, train_cli
+
+    calls = []
+
+    def train(args, dist):
+        calls.append("train")
+        if fails:
+            raise RuntimeError("failed")
+        return {"status": "finished"}
+
+    monkeypatch.setattr(distributed, "init", lambda device: calls.append("init") or distributed.Dist(1, 2, 1))
+    monkeypatch.setattr(distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(train_cli, "train", train)
+    args = train_cli.build_parser().parse_args(["--device", "cpu"])
+    if fails:
+        with pytest.raises(RuntimeError):
+            train_cli.main(args)
+    else:
+        assert train_cli.main(args) == {"status": "finished"}
+    assert calls == (["init", "train", "shutdown"] if fails else ["init", "train", "barrier", "shutdown"])
