@@ -220,7 +220,7 @@ def card(meta: dict) -> str:
         f"| normalisation | mean {[round(m, 4) for m in meta['mean']]}, std {[round(s, 4) for s in meta['std']]} "
         f"(of the training images, 0-1 scale) |",
         (f"| fine-tuned from | {init_text(meta['init'])} |" if meta.get("init") else None),
-        f"| device | {meta['device']} |",
+        f"| device | {devices_text(meta)} |",
         f"| commit | {commits_text(meta)} |",
         f"| torch / triton | {meta['torch']} / {meta['triton'] or '-'} |",
         f"| file | `{meta['file']}`, {meta['bytes'] / 1e6:.2f} MB, {meta['storage']}; sha256 `{meta['sha256']}` |",
@@ -270,15 +270,28 @@ def card(meta: dict) -> str:
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
+def trained_by_values(meta: dict, key: str) -> list:
+    """The distinct values of key over the commands that trained the entry, first seen first."""
+    values = []
+    for command in meta.get("trained_by") or []:
+        if command.get(key) not in values:
+            values.append(command.get(key))
+    return values
+
+
 def commits_text(meta: dict) -> str:
     """The commits that trained the entry: every command's (oldest first), else the one export was told."""
-    commits = []
-    for command in meta.get("trained_by") or []:
-        if command.get("commit") not in commits:
-            commits.append(command.get("commit"))
+    commits = trained_by_values(meta, "commit")
     if commits:
         return ", ".join(commit or "unknown" for commit in commits)
     return meta["commit"] or "unknown"
+
+
+def devices_text(meta: dict) -> str:
+    """The machines that trained the entry, first one first (as the results table names them), else the
+    device export was told: a run continued on another machine names both."""
+    devices = [device for device in trained_by_values(meta, "device") if device]
+    return ", then ".join(devices) if devices else meta["device"]
 
 
 def write_cards(folder: Path) -> list[Path]:

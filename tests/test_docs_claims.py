@@ -285,3 +285,29 @@ def test_the_front_page_says_what_ci_installs():
     text = " ".join((ROOT / "README.md").read_text().split())
     assert "runs `pip install torch==2.13.0` in a fresh environment, naming no index or build" in text
     assert "(a CPU build)" not in text
+
+
+def finished_reproductions() -> list[dict]:
+    """run.json of every finished reproduction row under bench/results/reproduce/."""
+    rows = [json.loads(path.read_text()) for path in sorted((ROOT / "bench" / "results" / "reproduce").glob("*/run.json"))]
+    return [row for row in rows if row.get("finished") and not row.get("dry_run")]
+
+
+def test_the_front_page_status_and_the_benchmarks_page_name_every_finished_run_with_its_error():
+    """Each finished reproduction: its network and mean test error in the front page's status line, and
+    its folder, error and weights entry in docs/benchmarks.md's list of what has been measured."""
+    rows = finished_reproductions()
+    assert rows, "no finished reproduction under bench/results/reproduce"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    status = readme[readme.index("**Status:**"):readme.index("## Install")]
+    benchmarks = " ".join((ROOT / "docs" / "benchmarks.md").read_text().split())
+    words = {1: "One", 2: "Two", 3: "Three", 4: "Four"}
+    assert f"{words[len(rows)]} full-schedule run" in status
+    for row in rows:
+        error = f"{100 * row['test_error']['mean']:.2f}%"
+        assert re.search(rf"{re.escape(row['network'])}\b[^%]*?{re.escape(error)}", status), (row["network"], error)
+        entries = [run["weights"]["entry"] for run in row["runs"].values()]
+        folder = f"`bench/results/reproduce/{row['name']}/`"
+        assert folder in benchmarks, folder
+        claim = benchmarks[benchmarks.index(folder):][:600]
+        assert error in claim and all(f"`{entry}`" in claim for entry in entries), (row["name"], error, entries)

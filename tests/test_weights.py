@@ -439,6 +439,20 @@ def test_the_card_holds_the_facts_and_regenerates(registry):
     assert (registry / f"{S0}.md").read_text() == card
 
 
+def test_the_card_names_every_machine_and_commit_that_trained_the_entry(registry):
+    """A run continued on other machines (the PreResNet-110 entry: an Intel Xeon, then an AMD EPYC, then the
+    Xeon again) names each once, first one first, as the results table does; with no command recorded,
+    the device and commit export was told."""
+    meta = get_weights(S0).meta
+    [command] = meta["trained_by"]
+    steps = [("Xeon", "c1"), ("EPYC", "c2"), ("Xeon", "c3"), (None, "c3")]
+    commands = [{**command, "device": device, "commit": commit} for device, commit in steps]
+    card = export.card({**meta, "trained_by": commands})
+    assert "| device | Xeon, then EPYC |" in card and "| commit | c1, c2, c3 |" in card
+    alone = export.card({**meta, "trained_by": []})
+    assert "| device | CPU (test) |" in alone and "| commit | abc1234 |" in alone
+
+
 def test_the_train_command_trains_the_same_run(registry):
     from preresnet import run_setup
     from preresnet import train_cli as train
