@@ -26,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout, where the package is
 # what the benchmark and reproduction tools write into the checkout: no change to the code that ran
 OUTPUT_PATHS = ("bench/results", "preresnet/weights")
 COMMAND_START = time.monotonic()  # this process's start, near enough: the package is imported first
+# the same moment as a date: every run a command trains (packed seeds) records one start, so that a
+# results table can tell the runs of one command from commands of their own
+COMMAND_STARTED = time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def git_commit(root: Path = ROOT) -> str | None:
@@ -54,7 +57,7 @@ def device_name(device: torch.device) -> str:
 def command_record(runtime: Runtime, argv: list[str] | None = None) -> dict:
     """This command as a run's commands.jsonl records it (epochs and times are added as it trains)."""
     return {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "started": COMMAND_STARTED,
         "argv": list(sys.argv if argv is None else argv),
         "commit": git_commit(),
         "host": platform.node(),

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import train
+from preresnet import provenance
 from preresnet.runfiles import DIVERGED_NAME
 from preresnet.sweeps import SUMMARY_NAME, seed_statistics, summary_table
 from tests.test_cli import ROOT, TINY, assert_one_line_error, load_weights, make_dataset, run
@@ -96,6 +97,20 @@ def test_a_grid_over_lr_and_weight_decay_with_its_summary(data_dir, tmp_path, ca
         assert group["test_error"] == seed_statistics(errors) and group["finished"] == 2
     printed = capsys.readouterr().out
     assert "lr 0.05, weight decay 0.0005: mean" in printed and "(2 of 2 runs finished)" in printed
+
+
+def test_packed_runs_record_one_command(data_dir, tmp_path, monkeypatch):
+    """Each packed run's commands.jsonl names the command by the process's start and pid, the same in
+    all of them (a results table counts one command's side-by-side runs once), however long the runs
+    take to set up: here a clock that moves on every time it is read."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(provenance.time, "strftime", lambda *args: f"2026-12-07 10:00:{next(ticks):02d} UTC")
+    args = [*TINY, *NETWORKS["normal"], *SCHEDULE, "--data-dir", data_dir]
+    assert train_cli(*args, "--seeds", "0,1,2", "--out", tmp_path / "packed") == 0
+    records = [provenance.read_commands(tmp_path / "packed" / f"seed-{seed}") for seed in (0, 1, 2)]
+    assert all(len(record) == 1 for record in records)
+    assert {(record[0]["started"], record[0]["pid"]) for record in records} == \
+        {(provenance.COMMAND_STARTED, records[0][0]["pid"])}
 
 
 def test_seed_statistics():
