@@ -14,12 +14,15 @@ each GPU's layer paths come from its newest report that measured them.
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import sys
+import time
 from pathlib import Path
 
 from preresnet.provenance import read_commands
 from preresnet.runfiles import read_metrics
+from preresnet.sweeps import seed_statistics
 from preresnet.wording import counted, percent
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,18 +171,34 @@ def render_loader_pages(pages: list[Path], reports: list[dict]) -> dict[Path, st
 
 def load_runs(results: Path) -> list[dict]:
     """The reproduction runs under results/reproduce/NAME/: run.json, with what each seed's own
-    files say (metrics.jsonl: the training time and images; commands.jsonl: the commands)."""
+    files say (metrics.jsonl: the training time and images; commands.jsonl: the commands). The
+    run's row is its finished seeds (finished_seeds): their training record is the run's own; the
+    seeds still training (seeds added to a finished row, or a group that has not finished yet) have
+    theirs under "in_progress"."""
     runs = []
     for path in sorted(results.glob("reproduce/*/run.json")):
         run = json.loads(path.read_text())
         run["path"] = str(path.parent.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path.parent)
-        run.update(training_record(path.parent, run.get("runs", {})))
+        training = {name: seed for name, seed in run.get("runs", {}).items() if not seed.get("finished")}
+        run.update(training_record(path.parent, finished_seeds(run)))
+        if training:
+            run["in_progress"] = {"seeds": training, **training_record(path.parent, training)}
         runs.append(run)
     return runs
 
 
+def finished_seeds(run: dict) -> dict[str, dict]:
+    """The run's seeds that have trained their whole schedule: the row shows these, and only these."""
+    return {name: seed for name, seed in run.get("runs", {}).items() if seed.get("finished")}
+
+
+def row_statistics(run: dict) -> dict | None:
+    """Mean, std and the rest over the finished seeds' last-epoch test errors (None before one finishes)."""
+    return seed_statistics([seed["final_test_error"] for seed in finished_seeds(run).values()])
+
+
 def training_record(folder: Path, seeds: dict) -> dict:
-    """How long the run trained and how fast, from each seed's metrics.jsonl (which travels with
+    """How long these seeds trained and how fast, from each seed's metrics.jsonl (which travels with
     every checkpoint, so it survives a command whose own record was lost): training_seconds, the
     sum over the train.py commands of the slowest seed's step time in that command (the seeds of
     one command train packed, side by side; seeds added later trained in commands of their own);
@@ -187,14 +206,15 @@ def training_record(folder: Path, seeds: dict) -> dict:
     of the seeds' commands.jsonl, with None for a command whose commit is unknown; precision, each
     seed's autocast dtypes in the order its commands used them; devices, the machines the commands
     name, in the order they first trained (a run resumed elsewhere trained on several)."""
-    per_command: dict[tuple, float] = {}
+    seconds_by_command: dict[tuple, dict[str, float]] = {}
     rates, commits, devices, precision = [], [], [], {}
-    for name in seeds:
-        metrics, commands = read_metrics(folder / name), read_commands(folder / name)
+    histories = {name: (read_metrics(folder / name), read_commands(folder / name)) for name in seeds}
+    keys = command_keys([command for _, commands in histories.values() for command in commands])
+    for name, (metrics, commands) in histories.items():
         seconds = 0.0
         for line in metrics:
-            key = command_key(line, commands)
-            per_seed = per_command.setdefault(key, {})
+            key = command_key(line, commands, keys)
+            per_seed = seconds_by_command.setdefault(key, {})
             per_seed[name] = per_seed.get(name, 0.0) + line.get("train_seconds", 0.0)
             seconds += line.get("train_seconds", 0.0)
         if seconds:
@@ -205,23 +225,54 @@ def training_record(folder: Path, seeds: dict) -> dict:
             if command.get("device") and command["device"] not in devices:
                 devices.append(command["device"])
         precision[name] = seed_precision(folder / name, commands)
-    total = sum(max(per_seed.values()) for per_seed in per_command.values())
+    total = sum(max(per_seed.values()) for per_seed in seconds_by_command.values())
     return {"training_seconds": total or None, "images_per_second": sum(rates) / len(rates) if rates else None,
             "commits": commits, "devices": devices, "precision": precision}
 
 
-def command_key(line: dict, commands: list[dict]) -> tuple:
-    """Which train.py command trained this epoch, as a key the seeds it trained packed share: its
-    start time and process (commands.jsonl), found by the line's command index or, in records
-    rebuilt from logs, by the epochs each command lists. An epoch of a command with no such record
-    counts as trained side by side with the other seeds' such epochs (how the stage trained them)."""
+SAME_COMMAND_SECONDS = 60  # records of one process started this close together are one command
+
+
+def command_keys(records: list[dict]) -> dict[tuple, tuple]:
+    """One key per train.py command for the (pid, started) of every record that has both: records of
+    one process whose starts lie within SAME_COMMAND_SECONDS of the command's first are that
+    command's (train.py before provenance.COMMAND_STARTED stamped each packed run when it was set
+    up, a second or so apart; a pid comes back only after much longer)."""
+    stamps = sorted({(record["pid"], record["started"]) for record in records
+                     if record.get("started") and record.get("pid")},
+                    key=lambda stamp: (stamp[0], started_seconds(stamp[1])))
+    keys: dict[tuple, tuple] = {}
+    first = None
+    for pid, started in stamps:
+        apart = None if first is None or first[0] != pid else started_seconds(started) - started_seconds(first[1])
+        if apart is None or apart > SAME_COMMAND_SECONDS:
+            first = (pid, started)
+        keys[pid, started] = ("command", *first)
+    return keys
+
+
+def started_seconds(started: str) -> float:
+    """A record's start ("2026-12-06 19:49:29 UTC"; older ones have no seconds) as seconds since the epoch."""
+    for layout in ("%Y-%m-%d %H:%M:%S %Z", "%Y-%m-%d %H:%M %Z"):
+        try:
+            return calendar.timegm(time.strptime(started, layout))
+        except ValueError:
+            continue
+    raise ValueError(f"not a command's start: {started!r}")
+
+
+def command_key(line: dict, commands: list[dict], keys: dict[tuple, tuple]) -> tuple:
+    """Which train.py command trained this epoch, as a key the seeds it trained packed share
+    (command_keys), found by the line's command index or, in records rebuilt from logs, by the
+    epochs each command lists. An epoch of a command with no such record counts as trained side by
+    side with the other seeds' such epochs (how the stage trained them)."""
     index = line.get("command")
     if index is None:
         index = next((i for i, c in enumerate(commands)
                       if c.get("epochs") and c["epochs"][0] <= line["epoch"] <= c["epochs"][1]), None)
     record = commands[index] if index is not None and index < len(commands) else {}
     if record.get("started") and record.get("pid"):
-        return ("command", record["started"], record["pid"])
+        return keys[record["pid"], record["started"]]
     return ("unrecorded", index)
 
 
@@ -255,21 +306,47 @@ def duration(seconds: float | None) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
+def seed_words(names) -> str:
+    """'seed 0', 'seeds 1 and 2', 'seeds 0, 1 and 2' for run folders seed-N."""
+    numbers = [name.replace("seed-", "") for name in names]
+    if len(numbers) == 1:
+        return f"seed {numbers[0]}"
+    return f"seeds {', '.join(numbers[:-1])} and {numbers[-1]}"
+
+
 def error_cell(run: dict) -> str:
-    """Mean +- std over the seeds (last epoch, no selection), then each seed's error and precision."""
-    stats, precision = run["test_error"], run.get("precision", {})
+    """Mean +- std over the finished seeds (last epoch, no selection), then each one's error and precision."""
+    stats, precision = row_statistics(run), run.get("precision", {})
     seeds = ", ".join(f"{name.replace('seed-', 's')} {percent(seed['final_test_error'])}"
                       + (f" {precision[name]}" if precision.get(name) else "")
-                      for name, seed in run["runs"].items())
+                      for name, seed in finished_seeds(run).items())
     spread = f" ± {percent(stats['std'])}" if stats["std"] is not None else ""
     return f"**{percent(stats['mean'])}**{spread} ({seeds})"
 
 
+def in_progress_line(run: dict) -> str:
+    """The seeds still training: their epochs and training time; where some of the run's seeds have
+    finished, which seeds the row above holds and which will join it."""
+    training = run["in_progress"]
+    epochs = min(max(seed.get("epochs_done") or 0, 0) for seed in training["seeds"].values())
+    progress = (f"{epochs} of {run.get('epochs')} epochs after {duration(training.get('training_seconds'))} of "
+                f"training")
+    finished = finished_seeds(run)
+    if not finished:
+        return (f"In progress: {run.get('network')} ({run.get('recipe')}, {counted(len(training['seeds']), 'seed')}, "
+                f"{devices_cell(training) if training['devices'] else devices_cell(run)}), {progress} "
+                f"(`{run['path']}`).")
+    return (f"In progress: {run.get('network')} ({run.get('recipe')}), {seed_words(training['seeds'])} "
+            f"({devices_cell(training) if training['devices'] else devices_cell(run)}), {progress}; they join the "
+            f"row's finished {seed_words(finished)} when they finish (`{run['path']}`).")
+
+
 def runs_table(runs: list[dict]) -> str:
-    """One row per finished reproduction: the last epoch's test error of every seed (no selection on
-    the test set), its mean and sample standard deviation, and how many seeds."""
+    """One row per reproduction with a finished seed: the last epoch's test error of every finished
+    seed (no selection on the test set), its mean and sample standard deviation, and how many seeds;
+    then a line for each run's seeds still training (a row grown by seeds keeps its finished ones)."""
     runs = [run for run in runs if not run.get("dry_run")]
-    finished = [run for run in runs if run.get("finished")]
+    finished = [run for run in runs if finished_seeds(run)]
     lines = []
     if not finished:
         lines.append("No finished reproduction run yet: `python -m tools.gpu_plan reproduce` (tools/gpu_plan/README.md) writes "
@@ -282,18 +359,14 @@ def runs_table(runs: list[dict]) -> str:
             # each seed's entry with the error measured on its file (rounded to bf16: what eval.py --weights gives)
             entries = [f"`{seed['weights']['entry']}`" + (f" ({percent(seed['weights']['test_error'])} as stored)"
                                                           if "test_error" in seed["weights"] else "")
-                       for seed in run["runs"].values() if "entry" in seed.get("weights", {})]
+                       for seed in finished_seeds(run).values() if "entry" in seed.get("weights", {})]
             paper = percent(run["paper_test_error"]) if run.get("paper_test_error") is not None else "-"
             ips = f"{run['images_per_second']:,.0f}" if run.get("images_per_second") else "-"
             lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | {error_cell(run)} | "
-                         f"{len(run['runs'])} | {paper} | {duration(run.get('training_seconds'))} | {ips} | "
+                         f"{len(finished_seeds(run))} | {paper} | {duration(run.get('training_seconds'))} | {ips} | "
                          f"{devices_cell(run)} | {run.get('torch')} / {run.get('triton')} | {commits_cell(run)} | "
                          f"{', '.join(entries) or '-'} |")
-    for run in runs:
-        if not run.get("finished"):
-            lines += ["", f"In progress: {run.get('network')} ({run.get('recipe')}, {counted(len(run.get('runs', {})), 'seed')}, "
-                          f"{devices_cell(run)}), {max(run.get('epochs_done') or 0, 0)} of {run.get('epochs')} epochs "
-                          f"after {duration(run.get('training_seconds'))} of training (`{run['path']}`)."]
+    lines += [line for run in runs if run.get("in_progress") for line in ("", in_progress_line(run))]
     return "\n".join(lines)
 
 

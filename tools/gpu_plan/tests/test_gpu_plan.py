@@ -278,6 +278,55 @@ def test_a_row_grown_by_seeds_counts_each_command_once_and_names_each_seed_preci
     assert render_results.load_runs(tmp_path)[0]["precision"]["seed-1"] == "fp32, then bf16"
 
 
+def test_seeds_added_to_a_finished_row_train_beside_it_and_leave_the_row_as_it_was(tmp_path):
+    """A finished one-seed row grown by seeds 1 and 2 (run.json unfinished while they train): the
+    row stays exactly the one-seed row it was, and a line below it names the seeds still training,
+    their epochs and their own training time -- one packed command, though its runs' records were
+    stamped a second apart (train.py before one start per process)."""
+    alone = tmp_path / "alone" / "reproduce" / "preresnet110-paper-cifar10-jpeg"
+    grown = tmp_path / "grown" / "reproduce" / "preresnet110-paper-cifar10-jpeg"
+    for folder in (alone, grown):
+        fake_run(folder, finished=True)
+    summary = json.loads((alone / "run.json").read_text())
+    summary.update(seeds=[0], runs={"seed-0": summary["runs"]["seed-0"]})
+    summary["test_error"] = sweeps.seed_statistics([summary["runs"]["seed-0"]["final_test_error"]])
+    (alone / "run.json").write_text(json.dumps(summary))
+    for seed in ("seed-1", "seed-2"):
+        shutil.rmtree(alone / seed)
+    training = {"epochs_done": 40, "finished": False, "final_test_error": None, "weights": {}}
+    summary = json.loads((grown / "run.json").read_text())
+    summary.update(finished=False, test_error=None, epochs_done=40,
+                   runs={**summary["runs"], "seed-1": training, "seed-2": training})
+    (grown / "run.json").write_text(json.dumps(summary))
+    for seed, started in (("seed-1", "2026-12-06 19:49:29 UTC"), ("seed-2", "2026-12-06 19:49:30 UTC")):
+        lines = (grown / seed / "metrics.jsonl").read_text().splitlines()[:40]
+        (grown / seed / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines))
+        (grown / seed / "commands.jsonl").write_text(json.dumps(
+            {"started": started, "pid": 3935, "commit": "d1a5c0a", "amp": "bf16", "epochs": [1, 40],
+             "device": "CPU (AMD EPYC)"}) + "\n")
+    [row_alone] = render_results.load_runs(tmp_path / "alone")
+    [row_grown] = render_results.load_runs(tmp_path / "grown")
+    table_alone = render_results.runs_table([row_alone]).splitlines()
+    table_grown = render_results.runs_table([row_grown]).splitlines()
+    assert "| **7.12%** (s0 7.12%) | 1 | 6.37% |" in table_alone[2]
+    assert table_grown[:3] == table_alone  # the header and the finished row, as they were
+    # seeds 1 and 2 packed: 40 epochs of the slower one's 10 s (not 40 of 9 s plus 40 of 10 s)
+    assert table_grown[3:] == ["", "In progress: PreResNet-110 (paper), seeds 1 and 2 (CPU (AMD EPYC)), 40 of 164 "
+                               "epochs after 6.7 min of training; they join the row's finished seed 0 when they "
+                               f"finish (`{row_grown['path']}`)."]
+    assert render_results.row_statistics(row_grown) == render_results.row_statistics(row_alone)
+    assert render_results.row_statistics(row_alone)["runs"] == 1
+
+
+def test_records_of_one_process_started_within_a_minute_are_one_command():
+    records = [{"pid": 7, "started": "2026-12-06 19:49:29 UTC"}, {"pid": 7, "started": "2026-12-06 19:49:31 UTC"},
+               {"pid": 7, "started": "2026-12-06 23:00:00 UTC"}, {"pid": 8, "started": "2026-12-06 19:49:30 UTC"},
+               {"pid": 9, "started": "2026-12-03 15:06 UTC"}, {"started": "2026-12-06 19:49:29 UTC"}]
+    keys = render_results.command_keys(records)
+    assert keys[7, "2026-12-06 19:49:31 UTC"] == keys[7, "2026-12-06 19:49:29 UTC"]
+    assert len(set(keys.values())) == 4 and len(keys) == 5  # pid 7 twice, pid 8, pid 9; no pid: no key
+
+
 def test_next_follows_the_documented_order(tmp_path):
     assert gpu_plan.next_stage([tmp_path])[0] == "first-contact"
     report = tmp_path / "2026-12-01-h100" / "report.json"
