@@ -341,7 +341,9 @@ def reproduce(args) -> int:
         **wall_seconds(commands),
         "flags": flags, "runtime": config.get("runtime"), "device": machine(info),
         "gpu": info.get("gpu"), "torch": info["torch"], "triton": info["triton"], "cuda": info.get("cuda"),
-        "commit": info["commit"], "commands": commands, "dry_run": dry,
+        # every commit that trained the row, oldest first, not just this command's
+        "commit": list(dict.fromkeys(c["commit"] for c in commands if c.get("commit"))), "commands": commands,
+        "dry_run": dry,
         # what a person wrote down about the record (a command that left none, say) stays with it
         **({"record_notes": summary["record_notes"]} if summary.get("record_notes") else {}),
     }

@@ -165,7 +165,10 @@ def test_seeds_added_to_a_finished_row_train_alone_and_the_row_pools_them(reprod
     shutil.copytree(run_dir.parents[1], results)
     row = results / "reproduce" / run_dir.name
     before = json.loads((row / "run.json").read_text())
-    (row / "run.json").write_text(json.dumps({**before, "record_notes": ["written by hand"]}))
+    # a command of an older commit, written by hand like the note
+    earlier = {**before["commands"][0], "commit": "abc1234"}
+    (row / "run.json").write_text(json.dumps({**before, "record_notes": ["written by hand"],
+                                              "commands": [earlier, *before["commands"][1:]]}))
     metrics_before = {seed: (row / f"seed-{seed}" / "metrics.jsonl").read_text() for seed in (0, 1, 2)}
     synthetic = ("--data-archive", tmp_path / "no-archive.tar.gz")
 
@@ -185,6 +188,7 @@ def test_seeds_added_to_a_finished_row_train_alone_and_the_row_pools_them(reprod
     assert summary["test_error"] == sweeps.seed_statistics(errors) and summary["test_error"]["runs"] == 4
     assert summary["record_notes"] == ["written by hand"] and len(summary["commands"]) == 3
     assert summary["commands"][-1]["epochs_after"] == {"seed-3": 3}
+    assert summary["commit"] == ["abc1234", *dict.fromkeys(c["commit"] for c in summary["commands"][1:])]
     [command] = summary["commands"][-1]["commands"]
     assert " --seeds 3 " in command
     again = plan("reproduce", "--dry-run", "--seeds", "3,0,1,2", "--results", results, "--work", tmp_path / "work",
