@@ -163,6 +163,30 @@ def test_the_cpu_reproductions_epoch_times_are_its_metrics():
         int(unrecorded.group(1)) + recorded + int(unrecorded.group(2)) == 164
 
 
+def test_the_packed_seeds_epoch_times_are_their_metrics():
+    """Seeds 1 and 2 of the CPU run trained packed: an epoch of the two lasts as long as the slower
+    seed's; tools/gpu_plan/README.md quotes its median at each learning rate and the epochs' total."""
+    text = " ".join(PLAN_README.read_text().split())
+    claim = re.search(r"an epoch of the two took a median (\d+) s at lr 0\.1 \(epochs (\d+)-(\d+)\), (\d+) s at lr "
+                      r"0\.01 and (\d+) s at lr 0\.001 \(epochs (\d+)-(\d+): (\d+\.\d) h\)", text)
+    assert claim, "tools/gpu_plan/README.md's epoch times of the packed seeds 1 and 2"
+    at_01, first, last, at_001, at_0001, total_first, total_last, hours = claim.groups()
+    seconds, lrs = {}, {}
+    for seed in ("seed-1", "seed-2"):
+        for row in map(json.loads, (CPU_RUN / seed / "metrics.jsonl").read_text().splitlines()):
+            seconds[row["epoch"]] = max(seconds.get(row["epoch"], 0.0), row["epoch_seconds"])
+            lrs[row["epoch"]] = round(row["lr"], 6)
+    assert sorted(seconds) == list(range(1, 165))
+    # the quoted lr 0.1 epochs: all of them after the compiling and disturbed first ones
+    assert int(last) == max(e for e, lr in lrs.items() if lr == 0.1)
+    phases = {0.1: range(int(first), int(last) + 1),
+              **{lr: [e for e, v in lrs.items() if v == lr] for lr in (0.01, 0.001)}}
+    medians = {lr: round(statistics.median(seconds[e] for e in epochs)) for lr, epochs in phases.items()}
+    assert (int(at_01), int(at_001), int(at_0001)) == (medians[0.1], medians[0.01], medians[0.001])
+    assert (int(total_first), int(total_last)) == (7, 164)
+    assert hours == f"{sum(seconds[e] for e in range(7, 165)) / 3600:.1f}"
+
+
 def test_the_cpu_reproduction_command_runs_with_the_threads_it_was_timed_with():
     from tools.gpu_plan.plan import build_parser
 
