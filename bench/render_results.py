@@ -331,14 +331,13 @@ def in_progress_line(run: dict) -> str:
     epochs = min(max(seed.get("epochs_done") or 0, 0) for seed in training["seeds"].values())
     progress = (f"{epochs} of {run.get('epochs')} epochs after {duration(training.get('training_seconds'))} of "
                 f"training")
+    devices = devices_cell(training) if training["devices"] else devices_cell(run)
     finished = finished_seeds(run)
     if not finished:
         return (f"In progress: {run.get('network')} ({run.get('recipe')}, {counted(len(training['seeds']), 'seed')}, "
-                f"{devices_cell(training) if training['devices'] else devices_cell(run)}), {progress} "
-                f"(`{run['path']}`).")
-    return (f"In progress: {run.get('network')} ({run.get('recipe')}), {seed_words(training['seeds'])} "
-            f"({devices_cell(training) if training['devices'] else devices_cell(run)}), {progress}; they join the "
-            f"row's finished {seed_words(finished)} when they finish (`{run['path']}`).")
+                f"{devices}), {progress} (`{run['path']}`).")
+    return (f"In progress: {run.get('network')} ({run.get('recipe')}), {seed_words(training['seeds'])} ({devices}), "
+            f"{progress}; they join the row's finished {seed_words(finished)} when they finish (`{run['path']}`).")
 
 
 def runs_table(runs: list[dict]) -> str:
