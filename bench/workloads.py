@@ -151,7 +151,7 @@ class FirstLayer(nn.Module):
 
 def make_unit(shape: UnitShape, fused: bool, layer_only: bool = False) -> nn.Module:
     block = PreActBottleneck if shape.bottleneck else PreActBasicBlock
-    unit = block(shape.in_channels, shape.planes, shape.stride, 0.0, fused)
+    unit = block(shape.in_channels, shape.planes, shape.stride, fused=fused)
     return FirstLayer(unit, fused) if layer_only else unit
 
 

@@ -90,7 +90,8 @@ def weights_source(name: str, model_name: str | None) -> Source:
                         f"with --model NAME (one of {', '.join(list_models())})")
     entry = get_weights(name, model_name)
     meta = entry.meta
-    return Source(build_model(*entry.architecture, weights=entry), meta["classes"], meta["mean"], meta["std"],
+    type, units, width = entry.architecture
+    return Source(build_model(type, units=units, width=width, weights=entry), meta["classes"], meta["mean"], meta["std"],
                   meta["epochs"], meta["data"]["dataset"], meta["data"]["data_dir"],
                   {"weights": entry.name, "recorded_test_error": entry.test_error}, entry)
 

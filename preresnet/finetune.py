@@ -98,7 +98,7 @@ def resolve_init(source: str, type: str, depth: int, width: int, num_classes: in
         record = {"source": source, "kind": "checkpoint" if config else "state_dict", "path": str(path.resolve()),
                   "sha256": file_sha256(path), "network": network}
     with torch.device("meta"):  # the shapes only: nothing is allocated
-        model = build_model(type, depth, width, num_classes=num_classes)
+        model = build_model(type, units=depth, width=width, num_classes=num_classes)
     classes = state["fc.weight"].shape[0] if "fc.weight" in state else None
     return {**record, "architecture": [type, depth, width], "num_classes": classes,
             "head": fit(model, state, source, on_meta=True)}

@@ -30,6 +30,7 @@ from .data import IMAGE_SHAPE
 from .errors import UserError
 
 CROP_PADDING = 4
+CROP_PADDINGS = ("zeros", "reflect")  # the recipe's crop_padding (preresnet/recipes.py)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 BACKENDS = ("auto", "dali", "torch")
@@ -80,17 +81,29 @@ def to_layout(x_nhwc: torch.Tensor, channels_last: bool, dtype: torch.dtype) -> 
     return x if channels_last else x.contiguous()
 
 
-def random_crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
-    """Pad a normalised NHWC batch with zeros (the mean colour), crop 32x32 at offsets (B x 2: row,
-    col, in the padded image), mirror where flips is true: one gather for the whole batch."""
-    batch, height, width, _ = x.shape
-    padded = torch.nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
-    rows = offsets[:, 0, None] + torch.arange(height, device=x.device)  # B x H
-    steps = torch.arange(width, device=x.device)
-    steps = torch.where(flips[:, None], width - 1 - steps, steps)  # B x W, reversed where flipped
+def pad_reflect(images: np.ndarray, padding: int = CROP_PADDING) -> np.ndarray:
+    """uint8 N x H x W x C images with a border of `padding` pixels mirrored from inside the image
+    (the edge pixel not repeated: Torch's SpatialReflectionPadding, torchvision's
+    Pad(padding_mode="reflect")), done once at load time: reflection commutes with the per-channel
+    normalisation, so a crop of the padded image normalised is the authors' normalise-pad-crop."""
+    return np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect")
+
+
+def random_crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, size: int = IMAGE_SHAPE[0]) -> torch.Tensor:
+    """size x size crops of a padded NHWC batch at offsets (B x 2: row, col), mirrored where flips is
+    true: one gather for the whole batch."""
+    rows = offsets[:, 0, None] + torch.arange(size, device=x.device)  # B x size
+    steps = torch.arange(size, device=x.device)
+    steps = torch.where(flips[:, None], size - 1 - steps, steps)  # B x size, reversed where flipped
     cols = offsets[:, 1, None] + steps
-    index = torch.arange(batch, device=x.device)[:, None, None]
-    return padded[index, rows[:, :, None], cols[:, None, :]]
+    index = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x[index, rows[:, :, None], cols[:, None, :]]
+
+
+def pad_zeros(x: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
+    """A normalised NHWC batch with a border of zeros: the mean colour (fb.resnet.torch's RandomCrop
+    pads after ColorNormalize)."""
+    return torch.nn.functional.pad(x, (0, 0, padding, padding, padding, padding))
 
 
 class BaseLoader:
@@ -101,7 +114,7 @@ class BaseLoader:
     def __init__(self, images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool,
                  device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32,
-                 mean=CIFAR10_MEAN, std=CIFAR10_STD):
+                 mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_padding: str = "zeros"):
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
             raise UserError(f"images must be a uint8 array N x 32 x 32 x 3 (HWC), got {images.dtype} {images.shape}")
@@ -117,7 +130,13 @@ class BaseLoader:
                             f"{len(images)} training images")
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise UserError(f"mean and std must be 3 per-channel values, std positive; got {mean}, {std}")
-        self.images_np = np.ascontiguousarray(images)
+        if crop_padding not in CROP_PADDINGS:
+            raise UserError(f"unknown crop padding {crop_padding!r}: choose one of {', '.join(CROP_PADDINGS)}")
+        # Training crops read a padded image: reflection is stored padded (once, as uint8), zeros are
+        # added after normalising; evaluation reads the images as they are.
+        self.crop_padding = crop_padding
+        self.prepadded = train and crop_padding == "reflect"
+        self.images_np = pad_reflect(images) if self.prepadded else np.ascontiguousarray(images)
         self.labels_np = labels.astype(np.int64)
         self.device = torch.device(device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
@@ -184,7 +203,7 @@ class TorchLoader(BaseLoader):
             index = torch.from_numpy(batch).to(self.device, non_blocking=True)
             x = (self.images[index].float() - self.mean) / self.std
             if plan.offsets is not None:
-                x = random_crop_flip(x, offsets[index], flips[index])
+                x = random_crop_flip(x if self.prepadded else pad_zeros(x), offsets[index], flips[index])
             yield to_layout(x, self.channels_last, self.dtype), self.labels[index]
 
 
@@ -237,16 +256,17 @@ def auto_backend(device: torch.device | str, table: dict | None = None) -> tuple
     return entry["backend"], f"measured on {gpu}: {entry['reason']}"
 
 
-def dali_augment(images, offsets, flips, mean255: np.ndarray, std255: np.ndarray, train: bool):
-    """The DALI graph: normalise, then (training) a 32x32 window at offset-4 in the unpadded
-    image, padded with 0 (the mean colour) where it leaves it, then the mirror. The operators run
-    wherever `images` lives, CPU or GPU."""
+def dali_augment(images, offsets, flips, mean255: np.ndarray, std255: np.ndarray, train: bool, prepadded: bool):
+    """The DALI graph: normalise, then (training) a 32x32 window at offsets in the padded image,
+    then the mirror. Images stored padded by reflection (prepadded) hold the window; otherwise it
+    is taken at offset-4 in the unpadded image and padded with 0 (the mean colour) where it leaves
+    it. The operators run wherever `images` lives, CPU or GPU."""
     from nvidia.dali import fn, types
 
     x = (fn.cast(images, dtype=types.FLOAT) - mean255) / std255
     if train:
-        x = fn.slice(x, start=offsets - CROP_PADDING, shape=list(IMAGE_SHAPE[:2]), axes=[0, 1],
-                     out_of_bounds_policy="pad", fill_values=0.0)
+        x = fn.slice(x, start=offsets if prepadded else offsets - CROP_PADDING, shape=list(IMAGE_SHAPE[:2]),
+                     axes=[0, 1], out_of_bounds_policy="pad", fill_values=0.0)
         x = fn.flip(x, horizontal=flips)
     return x
 
@@ -265,7 +285,7 @@ class DaliLoader(BaseLoader):
 
         on_gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if on_gpu else None
-        mean255, std255, train = self.mean255, self.std255, self.train
+        mean255, std255, train, prepadded = self.mean255, self.std255, self.train, self.prepadded
 
         @pipeline_def(batch_size=self.batch_size, num_threads=2, device_id=device_id, exec_dynamic=True,
                       prefetch_queue_depth=1)
@@ -275,7 +295,7 @@ class DaliLoader(BaseLoader):
             flips = fn.external_source(name="flips", dtype=types.INT32) if train else None
             if on_gpu:  # the only line that differs between the CPU tests and GPU training
                 images = images.gpu()
-            return dali_augment(images, offsets, flips, mean255, std255, train)
+            return dali_augment(images, offsets, flips, mean255, std255, train, prepadded)
 
         self.pipeline = pipeline()
         self.pipeline.build()
@@ -299,13 +319,15 @@ class DaliLoader(BaseLoader):
 
 def build_loader(images: np.ndarray, labels: np.ndarray, *, batch_size: int, train: bool, backend: str = "auto",
                  device: torch.device | str = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, dtype: torch.dtype = torch.float32, mean=None, std=None) -> BaseLoader:
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32, mean=None, std=None,
+                 crop_padding: str = "zeros") -> BaseLoader:
     """A re-iterable loader over uint8 images (N x 32 x 32 x 3, HWC) and int labels (N).
 
     Each iteration is one epoch of (x, y): x of `dtype`, N x 3 x 32 x 32 (channels-last memory when
     asked) on `device`, y int64. backend: dali, torch, or auto (`auto_backend`: the torch loader on
     the CPU, on a GPU DALI where it is installed and measured not slower there).
-    mean/std are per-channel in the 0-1 scale, CIFAR-10's by default.
+    mean/std are per-channel in the 0-1 scale, CIFAR-10's by default. crop_padding: how a training
+    crop's 4-pixel border is filled, "zeros" (the mean colour) or "reflect" (the image mirrored).
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown loader backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -314,4 +336,5 @@ def build_loader(images: np.ndarray, labels: np.ndarray, *, batch_size: int, tra
     cls = DaliLoader if backend == "dali" else TorchLoader
     return cls(images, labels, batch_size=batch_size, train=train, device=device, seed=seed, rank=rank,
                world_size=world_size, channels_last=channels_last, dtype=dtype,
-               mean=CIFAR10_MEAN if mean is None else mean, std=CIFAR10_STD if std is None else std)
+               mean=CIFAR10_MEAN if mean is None else mean, std=CIFAR10_STD if std is None else std,
+               crop_padding=crop_padding)

@@ -15,8 +15,8 @@ from torch import nn
 
 from .errors import UserError
 from .pretrained import load_weights, resolve_weights
-from .registry import (MODEL_ARCHS, MODEL_TYPES, PRETRAINED_REFUSED, check_model_args, get_model,  # noqa: F401
-                       list_models, paper_name, register)
+from .registry import (MODEL_ARCHS, MODEL_TYPES, PRETRAINED_REFUSED, check_depth_meant, check_model_args,  # noqa: F401
+                       get_model, list_models, paper_name, register)
 STAGE_PLANES = (16, 32, 64)
 STEM_CHANNELS = 16
 
@@ -81,18 +81,21 @@ class PreActBasicBlock(nn.Module):
 
 
 class PreActBottleneck(nn.Module):
-    """BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1 (4x expansion), plus the shortcut."""
+    """BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1 (4x expansion), plus the shortcut. A
+    downsampling unit strides its first 1x1 conv and runs the 3x3 at stride 1, as He et al.'s
+    code does (resnet-1k-layers, resnet-pre-act.lua: Convolution(nInputPlane, nBottleneckPlane,
+    1, 1, stride, stride, 0, 0), then the 3x3 at 1, 1)."""
 
     expansion = 4
 
-    def __init__(self, in_channels: int, planes: int, stride: int = 1, dropout: float = 0.0, fused: bool = False):
-        super().__init__()  # dropout is a wide-network option; check_model_args rejects it here
+    def __init__(self, in_channels: int, planes: int, stride: int = 1, fused: bool = False):
+        super().__init__()
         self.fused = fused
         out_channels = planes * self.expansion
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = conv1x1(in_channels, planes)
+        self.conv1 = conv1x1(in_channels, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes, stride)
+        self.conv2 = conv3x3(planes, planes)
         self.bn3 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, out_channels)
         self.shortcut = make_shortcut(in_channels, out_channels, stride)
@@ -128,6 +131,34 @@ def make_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d
     return conv1x1(in_channels, out_channels, stride)
 
 
+# How each family's authors initialise their networks (INIT_SCHEMES): convs normal(0, sqrt(2 / n))
+# with n = k*k*C_out (He et al.: resnet-1k-layers resnet-pre-act.lua ConvInit, as fb.resnet.torch)
+# or k*k*C_in (Zagoruyko & Komodakis: wide-residual-networks models/utils.lua MSRinit, since their
+# "fix MSRA init" of September 2016, before the paper's mean/std results); BatchNorm scale 1 (He:
+# BNInit) or uniform in [0, 1) (Zagoruyko: utils.testModel calls model:reset(), and Torch's
+# BatchNormalization:reset draws weight:uniform(); their PyTorch port's bnparams is torch.rand);
+# BatchNorm shift 0; the classifier's weight uniform in +-1/sqrt(C_in) (Torch's Linear:reset, and
+# PyTorch's default) and its bias 0 (both: Linear bias:zero()).
+INIT_SCHEMES = {"he": ("fan_out", "ones"), "zagoruyko": ("fan_in", "uniform")}
+DEFAULT_INIT = {"normal": "he", "bottleneck": "he", "wide": "zagoruyko"}
+
+
+def initialise(model: nn.Module, scheme: str) -> None:
+    """Initialise the convs, BatchNorms and classifier bias of model as INIT_SCHEMES[scheme] says."""
+    fan, bn_scale = INIT_SCHEMES[scheme]
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode=fan, nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            if bn_scale == "ones":
+                nn.init.ones_(module.weight)
+            else:
+                nn.init.uniform_(module.weight, 0.0, 1.0)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+
+
 class PreActResNet(nn.Module):
     """Stem conv3x3(16) -> three stages of pre-activation units -> BN-ReLU-avgpool-linear."""
 
@@ -138,21 +169,24 @@ class PreActResNet(nn.Module):
         width: int = 1,
         num_classes: int = 10,
         dropout: float = 0.0,
-        paper_name: str = "",
+        name: str = "",
         fused: bool = False,
         activate_before_first_split: bool = True,
+        init: str = "he",
     ):
         super().__init__()
-        self.paper_name = paper_name
+        self.paper_name = name
         self.fused = fused
         self.conv1 = conv3x3(3, STEM_CHANNELS)
         channels = STEM_CHANNELS
+        # dropout is an option of the basic (wide) unit only; check_model_args refuses it elsewhere
+        options = {"dropout": dropout} if block is PreActBasicBlock else {}
         stages = []
         for index, planes in enumerate(STAGE_PLANES):
             stride = 1 if index == 0 else 2
             units = []
             for unit in range(units_per_stage):
-                units.append(block(channels, planes * width, stride if unit == 0 else 1, dropout, fused))
+                units.append(block(channels, planes * width, stride if unit == 0 else 1, fused=fused, **options))
                 channels = planes * width * block.expansion
             stages.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3 = stages
@@ -165,12 +199,7 @@ class PreActResNet(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        initialise(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -199,17 +228,21 @@ def fused_layers():
 
 def build_model(
     type: str,
-    depth: int,
+    depth: int | None = None,
     width: int = 1,
     num_classes: int | None = None,
     fused: bool = False,
     dropout: float = 0.0,
     weights=None,
     *,
+    units: int | None = None,
     pretrained=None,
 ) -> PreActResNet:
     """Build a pre-activation network: `type` normal | bottleneck | wide, `depth` units per stage.
 
+    A depth that is the total depth of one of the papers' networks of the type (110, 164, 16, ...)
+    is refused, naming the call meant (build_model("normal", 110) would build PreResNet-662);
+    units= gives the units per stage taken as given instead of depth (train.py's --units).
     num_classes: 10, or the classes of `weights`. fused=True runs every unit and the stem through
     the Triton kernels of `kernels` (same parameters, buffers and state_dict keys); on a machine
     without a GPU only under the Triton interpreter (TRITON_INTERPRET=1 before triton is imported).
@@ -219,10 +252,16 @@ def build_model(
     pointer to weights=."""
     if pretrained is not None:
         raise UserError(PRETRAINED_REFUSED)
-    check_model_args(type, depth, width, 10 if num_classes is None else num_classes, dropout)
+    if (depth is None) == (units is None):
+        raise UserError("give the residual units per stage once: depth (a papers' total depth is refused) or units= "
+                        "(taken as given)")
+    check_model_args(type, depth if units is None else units, width, 10 if num_classes is None else num_classes, dropout)
+    if units is None:
+        check_depth_meant(type, depth, width)
+        units = depth
     entry = None
     if weights is not None:
-        entry = resolve_weights(weights, type, depth, width, num_classes)
+        entry = resolve_weights(weights, type, units, width, num_classes)
         num_classes = entry.meta["num_classes"]
     if fused:
         if dropout > 0:
@@ -232,8 +271,9 @@ def build_model(
         except ImportError as exc:
             raise UserError(f"fused=True needs Triton and the kernels package ({exc}); use fused=False") from None
     block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock
-    model = PreActResNet(block, depth, width, 10 if num_classes is None else num_classes, dropout,
-                         paper_name(type, depth, width), fused, activate_before_first_split=type != "wide")
+    model = PreActResNet(block, units, width, 10 if num_classes is None else num_classes, dropout,
+                         paper_name(type, units, width), fused, activate_before_first_split=type != "wide",
+                         init=DEFAULT_INIT[type])
     if entry is not None:
         load_weights(model, entry)
         model.eval()
@@ -248,7 +288,7 @@ def _builder(name: str, doc: str):
     type, depth, width = MODEL_ARCHS[name]
 
     def build(**kwargs) -> PreActResNet:
-        return build_model(type, depth, width, **kwargs)
+        return build_model(type, units=depth, width=width, **kwargs)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = doc
@@ -273,8 +313,8 @@ wrn28_10 = _builder("wrn28_10", "WRN-28-10: 4 units per stage, width 10, 36.5M p
 def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> PreActResNet:
     """Rebuild the network a train.py checkpoint's config describes and load its weights into it."""
     config = checkpoint["config"]
-    model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
-                        dropout=config["dropout"])
+    model = build_model(config["type"], units=config["depth"], width=config["width"],
+                        num_classes=config["num_classes"], dropout=config["dropout"])
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as exc:

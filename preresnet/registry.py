@@ -125,17 +125,22 @@ def paper_depths(type: str) -> dict[int, int]:
     return {layers[0] * units + layers[1]: units for units in PAPER_UNITS[type]}
 
 
-def check_depth_meant(type: str, depth: int, width: int = 1) -> None:
-    """Refuse a --depth (units per stage) that is the total depth of one of the papers' networks of
-    this type: --depth 110 would build PreResNet-662, not PreResNet-110. train.py's --units gives
-    that many units per stage on purpose."""
+def check_depth_meant(type: str, depth: int, width: int = 1, command_line: bool = False) -> None:
+    """Refuse a depth (units per stage) that is the total depth of one of the papers' networks of
+    this type: depth 110 would build PreResNet-662, not PreResNet-110. The one rule of the library
+    (build_model's depth; its units= takes a count as given) and of train.py (--depth; --units),
+    worded for the one or the other."""
     units = paper_depths(type).get(depth) if type in MODEL_TYPES else None
     if units is None:
         return
-    meant = paper_name(type, units, width)
-    flags = f"--type {type} --depth {units}" + (f" --width {width}" if type == "wide" else "")
-    name = registry_name(type, units, width)
-    instead = f"--model {name} (or {flags})" if name else flags
-    built = paper_name(type, depth, width)
-    raise UserError(f"--depth {depth} counts residual units per stage and would build {built}; for {meant} use "
-                    f"{instead}; to build {built} on purpose give --units {depth} instead of --depth")
+    meant, built, name = paper_name(type, units, width), paper_name(type, depth, width), registry_name(type, units, width)
+    if command_line:
+        flags = f"--type {type} --depth {units}" + (f" --width {width}" if type == "wide" else "")
+        instead, on_purpose = (f"--model {name} (or {flags})" if name else flags), f"give --units {depth} instead of --depth"
+        given = f"--depth {depth}"
+    else:
+        call = f"build_model({type!r}, {units}" + (f", {width}" if type == "wide" else "") + ")"
+        instead, on_purpose = (f"get_model({name!r}) (or {call})" if name else call), f"pass units={depth} instead of depth"
+        given = f"depth {depth}"
+    raise UserError(f"{given} counts residual units per stage and would build {built}; for {meant} use {instead}; "
+                    f"to build {built} on purpose {on_purpose}")

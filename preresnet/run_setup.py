@@ -32,7 +32,7 @@ RESUME_MAY_CHANGE = {"epochs", "device", "amp", "channels_last", "compile", "loa
 
 
 RECIPE_FLAGS = ("epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_decay",
-                "warmup_iters", "warmup_lr", "dropout")
+                "warmup_iters", "warmup_lr", "dropout", "crop_padding")
 
 
 def new_run(args: argparse.Namespace, out: Path | None = None, dataset=None):
@@ -83,7 +83,7 @@ def network(args: argparse.Namespace) -> tuple[str, int, int]:
     width = 1 if args.width is None else args.width
     check_model_args(args.type, depth, width)
     if args.units is None:
-        check_depth_meant(args.type, depth, width)
+        check_depth_meant(args.type, depth, width, command_line=True)
     return args.type, depth, width
 
 
@@ -164,7 +164,7 @@ def check_network(config: dict, runtime) -> None:
     folder and first lines are written."""
 
     with torch.device("meta"):
-        build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
+        build_model(config["type"], units=config["depth"], width=config["width"], num_classes=config["num_classes"],
                     fused=runtime.fused, dropout=config["dropout"])
 
 

@@ -21,6 +21,7 @@ from .cli import OneLineParser, run_main
 from .distributed import broadcast_object
 from .errors import UserError
 from .provenance import COMMAND_START  # --time-limit counts from here
+from .loaders import CROP_PADDINGS
 from .recipes import RECIPES
 from .registry import MODEL_TYPES, list_models, paper_name
 from .run_setup import network, default_out, train_one
@@ -101,12 +102,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                                                   "comma-separated list trains one run per value")
     recipe.add_argument("--milestones", type=parse_milestones,
                         help="comma-separated numbers of epochs after which the lr is multiplied by --lr-decay (paper "
-                             "81,122: epochs 82 and 123 train at the lower rates; wrn 60,120,160)")
+                             "81,122: epochs 82 and 123 train at the lower rates; wrn 59,119,159: the lr falls at the start of "
+                             "epochs 60, 120 and 160, as in Zagoruyko & Komodakis's code)")
     recipe.add_argument("--lr-decay", type=float, help="lr multiplier at each milestone (paper 0.1, wrn 0.2)")
     recipe.add_argument("--warmup-iters", type=int,
                         help="optimizer steps at --warmup-lr before the lr (paper 400 of 164 epochs, wrn 0); one that "
                              "lasts the whole run is refused")
     recipe.add_argument("--warmup-lr", type=float, help="lr of the warm-up steps (paper 0.01)")
+    recipe.add_argument("--crop-padding", choices=CROP_PADDINGS,
+                        help="how the random crop's 4-pixel border is filled: zeros (the mean colour; paper, as in "
+                             "fb.resnet.torch) or reflect (the image mirrored at its edges; wrn, as in Zagoruyko & "
+                             "Komodakis's code)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--out", help="run folder (default runs/<model>-<dataset>-<time>)")

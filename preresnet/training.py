@@ -99,8 +99,8 @@ class TrainingRun:
         self.metrics: dict | None = None  # the last epoch's
         with self.active():
             torch.manual_seed(config["seed"])
-            model = build_model(config["type"], config["depth"], config["width"], num_classes=config["num_classes"],
-                                fused=runtime.fused, dropout=config["dropout"])
+            model = build_model(config["type"], units=config["depth"], width=config["width"],
+                                num_classes=config["num_classes"], fused=runtime.fused, dropout=config["dropout"])
             if spec.checkpoint is None and config.get("init"):  # a fine-tuning run starts from its weights
                 load_init_weights(model, config["init"])
             if runtime.sync_bn:
@@ -336,13 +336,17 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
     if len(batch_sizes) > 1:
         raise UserError(f"the packed runs of one command share the data order's batch size, not {sorted(batch_sizes)}")
     batch_size = batch_sizes.pop()
+    paddings = {spec.recipe.crop_padding for spec in specs}
+    if len(paddings) > 1:
+        raise UserError(f"the packed runs of one command share the training images and their crop padding, not "
+                        f"{sorted(paddings)}")
     if batch_size % dist.world_size:
         raise UserError(f"batch size {batch_size} (the global batch) does not split evenly over {dist.world_size} processes")
     common = dict(backend=runtime.loader, device=device, channels_last=runtime.channels_last,
                   mean=config["mean"], std=config["std"], rank=dist.rank, world_size=dist.world_size)
     # the images on the device once: each run's loader shares them with its own seed
     train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=batch_size // dist.world_size,
-                                train=True, seed=config["seed"], **common)
+                                train=True, seed=config["seed"], crop_padding=paddings.pop(), **common)
     test_loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
                                **common)
     runs = [TrainingRun(spec, runtime, train_loader.reseeded(spec.config["seed"]), test_loader, packed)

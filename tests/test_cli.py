@@ -193,6 +193,20 @@ def test_resume_refuses_a_changed_recipe(finished_run):
                           "the run trains PreResNet-8, not --model preresnet20 (PreResNet-20)")
 
 
+def test_a_checkpoint_from_before_the_crop_padding_field_resumes_with_zeros(finished_run, tmp_path):
+    """Checkpoints written before the recipe named its crop padding trained with zeros: resumed, they
+    keep it, so a run in flight continues with the data it started with."""
+    checkpoint = torch.load(finished_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["recipe"].pop("crop_padding") == "zeros"
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    flags = train.build_parser().parse_args(["--resume", str(tmp_path)])
+    _, recipe, out, _ = run_setup.resumed_run(flags, str(tmp_path))
+    assert recipe.crop_padding == "zeros" and out == tmp_path
+    flags = train.build_parser().parse_args(["--resume", str(tmp_path), "--crop-padding", "reflect"])
+    with pytest.raises(UserError, match="--crop-padding was 'zeros', not 'reflect'"):
+        run_setup.resumed_run(flags, str(tmp_path))
+
+
 def test_a_short_run_scales_its_warm_up_and_prints_its_schedule(finished_run, data_dir, tmp_path):
     """--epochs 3 of 48 steps: the paper's 400-step warm-up becomes 7 steps (400 x 3/164), so each
     epoch trains at the lr of its place in the schedule, as the scaled milestones (1, 2) say."""
@@ -321,6 +335,7 @@ def test_compile_bf16_channels_last_and_dropout_run_on_cpu(data_dir, tmp_path):
         "sync_bn": False, "cuda_graphs": False, "processes": 1}
     assert config["runtime"]["amp_reason"] == "--amp bf16" and config["runtime"]["compile_reason"] == "--compile"
     assert config["model"] == "WRN-10-2" and config["recipe"]["nesterov"] is True  # the wrn recipe
+    assert config["recipe"]["crop_padding"] == "reflect"
     metrics = json.loads((out / "metrics.jsonl").read_text())
     assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["test_error"] <= 1
 
@@ -428,6 +443,7 @@ def test_model_names_a_registry_network_and_units_build_any(data_dir, tmp_path):
                  check=True)
     config = json.loads((out / "config.json").read_text())
     assert (config["model"], config["type"], config["depth"], config["width"]) == ("PreResNet-20", "normal", 3, 1)
+    assert config["recipe"]["crop_padding"] == "zeros"  # the paper recipe's
     assert "final test error" in result.stdout
     parser = train.build_parser()
     assert run_setup.network(parser.parse_args(["--model", "wrn16_4", "--type", "wide", "--width", "4"])) == ("wide", 2, 4)
@@ -435,6 +451,9 @@ def test_model_names_a_registry_network_and_units_build_any(data_dir, tmp_path):
     assert run_setup.network(parser.parse_args(["--type", "normal", "--depth", "18"])) == ("normal", 18, 1)
     with pytest.raises(UserError, match="--depth 20 counts residual units"):
         run_setup.network(parser.parse_args(["--type", "normal", "--depth", "20"]))
+    flags = parser.parse_args(["--model", "preresnet20", "--crop-padding", "reflect"])
+    assert resolve_recipe("paper", **{name: getattr(flags, name) for name in run_setup.RECIPE_FLAGS}).crop_padding == \
+        "reflect"
 
 
 def test_help_documents_every_flag():
@@ -446,6 +465,6 @@ def test_help_documents_every_flag():
             in words)
     for flag in ("--model", "--units", "--init", "--type", "--depth", "--width", "--dataset", "--data-dir", "--recipe",
                  "--epochs", "--batch-size", "--lr", "--weight-decay", "--out", "--resume", "--seed", "--device", "--amp", "--channels-last",
-                 "--no-channels-last", "--compile", "--no-compile", "--fused", "--no-fused"):
+                 "--no-channels-last", "--compile", "--no-compile", "--fused", "--no-fused", "--crop-padding"):
         assert flag in text, flag
     assert "--json" in run("eval.py", "--help", check=True).stdout

@@ -58,12 +58,15 @@ def make_loader(backend, images, labels=None, **kwargs) -> loaders.BaseLoader:
     return loaders.build_loader(images, labels, backend=backend, **kwargs)
 
 
-def crop_table(images: np.ndarray) -> dict[bytes, tuple[int, bool, int, int]]:
-    """All 2 x 81 crops of every zero-padded normalised source, keyed by their bytes."""
+def crop_table(images: np.ndarray, padding: str = "zeros") -> dict[bytes, tuple[int, bool, int, int]]:
+    """All 2 x 81 crops of every padded normalised source, keyed by their bytes: normalised, then
+    padded with zeros (fb.resnet.torch's ColorNormalize, then RandomCrop's zero border) or with the
+    image mirrored at its edges (Zagoruyko & Komodakis: normalised, then SpatialReflectionPadding)."""
     table = {}
     pad = loaders.CROP_PADDING
+    mode = {"zeros": "constant", "reflect": "reflect"}[padding]
     for i, img in enumerate(normalise(images)):
-        padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+        padded = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode=mode)
         for flip, source in ((False, padded), (True, padded[:, ::-1])):
             for r in range(2 * pad + 1):
                 for c in range(2 * pad + 1):
@@ -73,9 +76,20 @@ def crop_table(images: np.ndarray) -> dict[bytes, tuple[int, bool, int, int]]:
     return table
 
 
-def test_train_augmentation_is_a_pad_crop_flip(backend, images):
-    table = crop_table(images)
-    loader = make_loader(backend, images, batch_size=8, train=True, seed=11)
+def test_reflection_padding_by_hand():
+    """One row worked by hand: a border of 4 mirrors pixels 4, 3, 2, 1 (the edge is not repeated)."""
+    image = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+    image[0, 0, :, 0] = np.arange(32)
+    padded = loaders.pad_reflect(image)
+    assert padded.shape == (1, 40, 40, 3)
+    assert padded[0, 4, :, 0].tolist() == [4, 3, 2, 1, *range(32), 30, 29, 28, 27]
+    assert padded[0, 0, 4:36, 0].tolist() == [0] * 32  # row 4 of the image, mirrored to the top
+
+
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+def test_train_augmentation_is_a_pad_crop_flip(backend, images, padding):
+    table = crop_table(images, padding)
+    loader = make_loader(backend, images, batch_size=8, train=True, seed=11, crop_padding=padding)
     rows, cols, pairs, flips = Counter(), Counter(), Counter(), Counter()
     epochs = 60
     for epoch in range(epochs):
@@ -253,9 +267,10 @@ def test_epoch_seed_depends_on_all_inputs():
 @needs_dali
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("rank, world_size", [(0, 1), (1, 3)])
-def test_dali_and_torch_give_identical_batches(images, train, channels_last, rank, world_size):
-    kwargs = dict(batch_size=5, train=train, seed=4, channels_last=channels_last, rank=rank, world_size=world_size)
+@pytest.mark.parametrize("rank, world_size, padding", [(0, 1, "zeros"), (1, 3, "zeros"), (0, 1, "reflect")])
+def test_dali_and_torch_give_identical_batches(images, train, channels_last, rank, world_size, padding):
+    kwargs = dict(batch_size=5, train=train, seed=4, channels_last=channels_last, rank=rank, world_size=world_size,
+                  crop_padding=padding)
     for epoch in (0, 2):
         torch_batches = epoch_batches(make_loader("torch", images, **kwargs), epoch)
         dali_batches = epoch_batches(make_loader("dali", images, **kwargs), epoch)
@@ -330,8 +345,9 @@ def assert_same_batches(reference, batches):
 @needs_dali
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gpu_pipeline_gives_the_torch_loaders_batches_on_the_gpu(images, train, channels_last):
-    kwargs = dict(batch_size=5, train=train, seed=4, channels_last=channels_last, device="cuda")
+@pytest.mark.parametrize("padding", ["zeros", "reflect"])
+def test_gpu_pipeline_gives_the_torch_loaders_batches_on_the_gpu(images, train, channels_last, padding):
+    kwargs = dict(batch_size=5, train=train, seed=4, channels_last=channels_last, device="cuda", crop_padding=padding)
     dali = make_loader("dali", images, **kwargs)
     assert dali.pipeline.device_id == 0  # the operators run on the GPU, not DALI's CPU pipeline
     for epoch in (0, 2):

@@ -1,8 +1,10 @@
 import pytest
+import torch
 
-from preresnet import UserError
+from preresnet import UserError, get_model
 from preresnet.recipes import (RECIPES, check_schedule, describe_schedule, learning_rate, resolve_recipe,
                                schedule_phases, steps_per_epoch)
+from preresnet.steps import make_optimizer
 
 
 def test_paper_recipe_warmup_then_steps():
@@ -17,11 +19,23 @@ def test_paper_recipe_warmup_then_steps():
     assert learning_rate(paper, 122, 60_000) == pytest.approx(0.001)
 
 
-def test_wrn_recipe_steps_by_a_fifth():
+def test_wrn_recipe_as_the_authors_trained_it():
+    """Zagoruyko & Komodakis's log of WRN-40-4 (wide-residual-networks logs/wide-resnet_1121914561,
+    its epochs counted from 1): epochs 1-59 at lr 0.1, 60-119 at 0.02, 120-159 at 0.004, 160-200 at
+    0.0008; scripts/train_cifar.sh: Nesterov, reflection padding; train.lua: weight decay 5e-4."""
     wrn = RECIPES["wrn"]
-    assert (wrn.epochs, wrn.nesterov, wrn.weight_decay) == (200, True, 5e-4)
-    rates = [learning_rate(wrn, epoch, 10_000) for epoch in (0, 59, 60, 119, 120, 160, 199)]
-    assert rates == pytest.approx([0.1, 0.1, 0.02, 0.02, 0.004, 0.0008, 0.0008])
+    assert (wrn.epochs, wrn.batch_size, wrn.momentum, wrn.nesterov, wrn.weight_decay) == (200, 128, 0.9, True, 5e-4)
+    assert (wrn.crop_padding, wrn.dropout, wrn.warmup_iters) == ("reflect", 0.0, 0)
+    logged = {1: 0.1, 59: 0.1, 60: 0.02, 119: 0.02, 120: 0.004, 159: 0.004, 160: 0.0008, 200: 0.0008}
+    rates = {epoch: learning_rate(wrn, epoch - 1, 10_000) for epoch in logged}
+    assert rates == pytest.approx(logged)
+
+
+def test_paper_recipe_pads_crops_with_zeros():
+    """fb.resnet.torch (datasets/cifar10.lua): ColorNormalize, then RandomCrop(32, 4), whose border is zeros."""
+    assert RECIPES["paper"].crop_padding == "zeros"
+    with pytest.raises(UserError, match="unknown crop padding 'edge'"):
+        resolve_recipe("paper", crop_padding="edge")
 
 
 def test_overrides_replace_fields_and_none_keeps_them():
@@ -31,7 +45,7 @@ def test_overrides_replace_fields_and_none_keeps_them():
 
 def test_shorter_schedule_scales_milestones():
     assert resolve_recipe("paper", epochs=10).milestones == (5, 7)
-    assert resolve_recipe("wrn", epochs=20).milestones == (6, 12, 16)
+    assert resolve_recipe("wrn", epochs=20).milestones == (6, 12, 16)  # 59, 119, 159 of 200, scaled and rounded
 
 
 def test_the_warm_up_scales_with_the_epochs_as_the_milestones_do():
@@ -97,3 +111,16 @@ def test_bad_overrides(overrides, message):
 def test_unknown_recipe():
     with pytest.raises(UserError, match="unknown recipe"):
         resolve_recipe("sgdr")
+
+
+@pytest.mark.parametrize("name", ["paper", "wrn"])
+def test_weight_decay_reaches_every_parameter(name):
+    """Both authors' codes decay every parameter, BatchNorm's and the classifier's bias included
+    (Torch's optim.sgd over model:getParameters(); the PyTorch port's SGD over all params)."""
+    recipe = RECIPES[name]
+    model = get_model("wrn16_4" if name == "wrn" else "preresnet20")
+    optimizer = make_optimizer(model, recipe, torch.device("cpu"))
+    [group] = optimizer.param_groups
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.parameters()}
+    assert (group["weight_decay"], group["momentum"], group["nesterov"], group["dampening"]) == (
+        recipe.weight_decay, 0.9, recipe.nesterov, 0)

@@ -37,7 +37,7 @@ def test_dry_run_measures_each_backend_and_the_step_each_feeds(tmp_path):
     assert report["stage"] == "dali" and report["dry_run"] and report["finished"] == loaders.dali_available()
     assert [p["name"] for p in report["parts"]] == ["tests", "loaders", "step"]
     assert report["parts"][0]["status"] == "stand-in" and not report["tests"]["passed"]
-    assert report["tests"]["skipped"] == 7  # the gpu-marked loader tests collect, and skip without a GPU
+    assert report["tests"]["skipped"] == 11  # the gpu-marked loader tests collect, and skip without a GPU
     measured = [row["backend"] for row in report["loaders"] if row.get("images_per_second", 0) > 0]
     fed = [row["feed"] for row in report["step"]["rows"] if row.get("images_per_second", 0) > 0]
     if loaders.dali_available():
