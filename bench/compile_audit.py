@@ -18,9 +18,8 @@ sm_80 (two processes, a fresh Triton cache in a temporary folder), and ptxas's o
 as Triton runs it) gives registers, spill stores/loads; the PTX tells whether wgmma / mma are used.
 
 Exit status 1 on a compile error, on shared memory beyond the arch's per-block limit (the launch
-would fail), on any spill in bf16/fp16, or on a bf16/fp16 kernel that has a tl.dot (a conv kernel)
-without tensor-core instructions. fp32 spills are reported, not failed (fp32
-dots are exact IEEE FMAs, no tensor cores, and fp32 is not the training setting).
+would fail), on any spill in bf16/fp16, or on a bf16/fp16 kernel with a tl.dot (a conv) but no
+tensor-core instructions; fp32 spills are reported, not failed (exact IEEE FMAs, not trained in).
 
 Triton, torch and the kernels are imported inside the functions each process runs, not here: the
 recording child must import them with TRITON_INTERPRET=1 already set, the compiling processes
@@ -50,6 +49,7 @@ ARCHS = {"sm_90": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 EMULATED_GPU = "NVIDIA H100 80GB HBM3"  # the table lookups while recording (its defaults, unless the table names it)
+EMULATED_MULTIPROCESSORS = 132  # that GPU's (an H200's too): the weight gradient's split is sized to them
 BATCH = 128
 
 
@@ -178,7 +178,7 @@ def record_launches(dtypes=tuple(DTYPES), networks=None, batch: int = BATCH, ben
     _record_layer(recorder)
     # the interpreter's few weight-gradient splits are for CPU speed; the GPU's are what gets compiled
     # (pixel tiles follow the launch configs while emulate_device is active)
-    preact_conv.MAX_WGRAD_SPLITS = 64
+    preact_conv.INTERPRETER_MULTIPROCESSORS = EMULATED_MULTIPROCESSORS
     networks = list(networks or distinct_networks())
     torch.set_flush_denormal(True)  # the tensors are uninitialised: denormal garbage would be slow
     torch.manual_seed(0)

@@ -17,13 +17,12 @@ import triton
 from bench import compile_audit as ca
 
 REASON = ca.backend_missing()
-# What matters is what the lent GPU machines compile: Triton 3.6 (CI runs this file in an
-# environment with it). Another Triton's register allocation differs (3.9 spills 8 B in two
+# The audit is held to one Triton release, 3.6 (CI runs this file in an environment with it). Another Triton's register allocation differs (3.9 spills 8 B in two
 # 16-channel fp16 launches on sm_80 that 3.6 does not).
 GPU_TRITON = "3.6."
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=str(REASON)),
               pytest.mark.skipif(not triton.__version__.startswith(GPU_TRITON),
-                                 reason=f"the audit checks the lent GPU machines' Triton {GPU_TRITON}x; this is "
+                                 reason=f"the audit is held to Triton {GPU_TRITON}x; this is "
                                         f"Triton {triton.__version__} (.ci/run audits in a Triton 3.6 environment)")]
 
 

@@ -1,8 +1,9 @@
 """Triton kernels for the pre-activation unit: BatchNorm -> ReLU -> conv [+ residual], fused.
 
 On a machine without a GPU they run only under the Triton interpreter: set TRITON_INTERPRET=1
-before triton is imported. Importing this package imports nothing heavy: `kernels.batchnorm` is
-plain PyTorch, and the kernels' names below load Triton on first use.
+before triton is imported. Importing this package imports nothing heavy: `kernels.batchnorm` and
+`kernels.workspace` (who owns the kernels' ticket counters) are plain PyTorch, and the kernels'
+names below load Triton on first use.
 """
 
 __all__ = ["INTERPRETED", "BnState", "bn_relu_conv", "bn_relu_conv_ref"]

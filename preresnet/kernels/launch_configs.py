@@ -125,7 +125,7 @@ class Config:
 
 
 # --- defaults and search spaces ----------------------------------------------------------------------
-# Chosen with `python -m bench.compile_audit` under Triton 3.6 (the lent GPUs' version) and 3.9 (what
+# Chosen with `python -m bench.compile_audit` under Triton 3.6 and 3.9 (what
 # a fresh CI install gets); bench/README.md, "Compile audit": every config below compiles without a
 # register spill for sm_90 and sm_80 in bf16/fp16 at the hardest launch of every kernel and conv
 # geometry of the registry networks (tests/test_compile_audit.py checks it). The launchers' fixed
@@ -136,13 +136,15 @@ class Config:
 # launches (bf16, Triton 3.6, sm_80 / sm_90):
 #   conv_fwd    64x32x16, 4 warps, 2 stages: 154 / 121
 #   conv_dgrad  64x32x64, 8 warps, 2 stages:  99 /  86 (the same tiles with 4 warps / 3 stages: 168 / 146)
-#   conv_wgrad  64x32x64, 4 warps, 2 stages:  80 /  94
+#   conv_wgrad  64x64x64, 4 warps, 2 stages: 127 / 127 (wgmma on sm_90 from 64 input channels; the
+#               former 64x32x64 default, 80 / 94, used mma there: wgmma needs 64 rows a warpgroup)
 #   elementwise 64x32,    4 warps:            71 /  71
 
 DEFAULTS: dict[str, Config] = {
     CONV_FWD: Config.of(BLOCK_M=64, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
     CONV_DGRAD: Config.of(BLOCK_M=64, BLOCK_C=32, BLOCK_CO=64, num_warps=8, num_stages=2),
-    CONV_WGRAD: Config.of(BLOCK_M=64, BLOCK_C=32, BLOCK_CO=64, num_warps=4, num_stages=2),
+    # BLOCK_C 64: the result tile's 64 rows per warpgroup that wgmma needs on sm_90 (C_IN >= 64)
+    CONV_WGRAD: Config.of(BLOCK_M=64, BLOCK_C=64, BLOCK_CO=64, num_warps=4, num_stages=2),
     ELEMENTWISE: Config.of(BLOCK_M=64, BLOCK_C=32, num_warps=4, num_stages=1),
 }
 
@@ -165,6 +167,8 @@ SEARCH_SPACE: dict[str, tuple[Config, ...]] = {
     ),
     CONV_WGRAD: (
         DEFAULTS[CONV_WGRAD],
+        Config.of(BLOCK_M=64, BLOCK_C=128, BLOCK_CO=64, num_warps=8, num_stages=2),
+        Config.of(BLOCK_M=64, BLOCK_C=32, BLOCK_CO=64, num_warps=4, num_stages=2),  # the default until wgmma
         Config.of(BLOCK_M=128, BLOCK_C=32, BLOCK_CO=64, num_warps=4, num_stages=2),
         Config.of(BLOCK_M=64, BLOCK_C=32, BLOCK_CO=32, num_warps=4, num_stages=2),
         Config.of(BLOCK_M=128, BLOCK_C=32, BLOCK_CO=64, num_warps=8, num_stages=3),

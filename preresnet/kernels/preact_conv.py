@@ -24,12 +24,14 @@ forward and three backward, with no PyTorch ops around them:
 
 "The last program" is the classic single-pass reduction: each program stores its partials, waits
 at a barrier, and takes a ticket from an atomic counter (acquire-release); the program holding the
-last ticket reads every partial and resets the counter. The counters live in one zeroed int32
-workspace per device and stream, reused by every launch on that stream (launches on a stream never
-overlap, while kernels on two streams, such as two packed training runs, may run at once). A CUDA
-graph keeps the workspace of the stream it was captured on, which must exist before the capture
-(the eager warm-up steps on that stream allocate it): allocating inside a capture would record the
-zeroing into the graph and tie the workspace to the graph's memory pool.
+last ticket reads every partial and resets the counter. The counters come from the workspace of
+what launches the kernel (kernels.workspace: a run's step, a captured graph), so two launches that
+may run at once (two packed runs, on their own streams) never share one. The weight gradient's
+split is sized to the GPU (`wgrad_splits`): enough programs for a couple per multiprocessor, not
+more, since every split costs a tile of fp32 scratch written and read again.
+
+The kernels index tensors with int32 offsets: a launch whose tensors reach 2^31 elements is
+refused (`check_int32_offsets`) rather than wrapped.
 
 Layers: Triton kernels (preact_conv_jit.py) -> launchers (checks, block sizes) -> torch.library custom ops with autograd
 (torch.compile sees one opaque op per layer) -> `kernels.layers` (modules and the statistics chain).
@@ -47,6 +49,7 @@ import triton
 from torch import nn
 
 from . import launch_configs
+from .workspace import counters_for_launch
 # called through this module's names, which bench/launches.py and the compile audit replace
 from .preact_conv_jit import (_bn_backward_apply_kernel, _bn_relu_conv_dgrad_kernel, _bn_relu_conv_fwd_kernel,
                               _bn_relu_conv_wgrad_kernel)
@@ -62,8 +65,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the channel loops. Read at call time.
 INTERPRETER_BLOCK_M = 4096
 INTERPRETER_BLOCK_C: int | None = 256
-MAX_WGRAD_SPLITS = 2 if INTERPRETED else 64
-COUNTER_SLOTS = 1 << 14  # ticket counters per device; a launch needs one per output tile of its reduction
+# The multiprocessors the weight gradient's split is sized for on the CPU: one program at a time
+# runs there, so few splits (the op-level tests raise it to split small layers; the compile audit
+# sets the emulated GPU's count). Read at call time.
+INTERPRETER_MULTIPROCESSORS = 1
+WGRAD_PROGRAMS_PER_MULTIPROCESSOR = 2  # about two waves of weight-gradient programs, then no more splits
+INT32_OFFSET_LIMIT = 2**31  # elements a tensor the kernels index must stay under (int32 offsets)
 
 
 # --- launchers ----------------------------------------------------------------------------------------
@@ -94,23 +101,62 @@ def _block(config, name: str, size: int) -> int:
     return config.block(name, size)
 
 
-_counter_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}
+def no_tickets(device: torch.device) -> torch.Tensor:
+    """The counter argument of a launch that takes no ticket (no statistics to merge): never read."""
+    return torch.empty(1, dtype=torch.int32, device=device)
 
 
-def counters(device: torch.device, slots: int) -> torch.Tensor:
-    """The zeroed ticket counters of the device's current stream (see the module docstring): every
-    last program resets its counter, so a workspace is allocated and zeroed once per stream."""
-    if slots > COUNTER_SLOTS:
-        raise ValueError(f"a launch needs {slots} ticket counters, more than the {COUNTER_SLOTS} reserved")
-    # the interpreter runs one launch at a time: one workspace per device
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    workspace = _counter_workspaces.get((device, stream))
-    if workspace is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the fused kernels' ticket counters of this stream are allocated inside a CUDA graph "
-                               "capture: run one eager step on the capture stream first (preresnet.steps does)")
-        workspace = _counter_workspaces[(device, stream)] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return workspace
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of device (INTERPRETER_MULTIPROCESSORS on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_MULTIPROCESSORS
+
+
+def wgrad_splits(multiprocessors: int, tiles: int, row_blocks: int) -> int:
+    """How many pixel ranges the weight gradient splits its reduction into, over a grid of `tiles`
+    output tiles (taps x input-channel blocks x output-channel blocks) and `row_blocks` blocks of
+    pixels: enough programs (tiles x splits) for WGRAD_PROGRAMS_PER_MULTIPROCESSOR on every
+    multiprocessor and no more, each split costing a tile of fp32 scratch written and read back,
+    as CUTLASS sizes split-K to the GPU; at least one split, at most one per row block."""
+    wanted = -(-WGRAD_PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // tiles)
+    return max(1, min(row_blocks, wanted))
+
+
+class WgradGrid(NamedTuple):
+    """The weight-gradient launch of one layer: its grid (tap and input-channel block, output-channel
+    block, split), the pixels each split reduces, and the fp32 scratch elements of the partials."""
+
+    grid: tuple[int, int, int]
+    rows_per_split: int
+    scratch_elements: int
+
+    @property
+    def splits(self) -> int:
+        return self.grid[2]
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+def wgrad_grid(pixels: int, kernel_taps: int, c_in: int, c_out: int, block_m: int, block_c: int, block_co: int,
+               multiprocessors: int) -> WgradGrid:
+    """The weight-gradient launch over `pixels` output pixels of a conv with kernel_taps (KH x KW) taps."""
+    taps_and_channels, out_channels = kernel_taps * triton.cdiv(c_in, block_c), triton.cdiv(c_out, block_co)
+    splits = wgrad_splits(multiprocessors, taps_and_channels * out_channels, triton.cdiv(pixels, block_m))
+    rows_per_split = triton.cdiv(triton.cdiv(pixels, splits), block_m) * block_m
+    splits = triton.cdiv(pixels, rows_per_split)  # rounding the rows to whole blocks may need fewer
+    return WgradGrid((taps_and_channels, out_channels, splits), rows_per_split, splits * kernel_taps * c_in * c_out)
+
+
+def check_int32_offsets(**elements: int) -> None:
+    """Refuse a launch in which a tensor the kernels index (keyword: its name, value: its elements)
+    reaches INT32_OFFSET_LIMIT elements: their int32 offsets would wrap."""
+    name, count = max(elements.items(), key=lambda item: item[1])
+    if count >= INT32_OFFSET_LIMIT:
+        raise ValueError(f"the fused kernels index with int32 offsets and this launch's {name.replace('_', ' ')} "
+                         f"has {count:,} elements, {INT32_OFFSET_LIMIT:,} or more: use a smaller batch")
 
 
 def check_inputs(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | None) -> None:
@@ -148,6 +194,7 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
         raise ValueError(f"a {kh}x{kw} conv with stride {stride} and padding {padding} has no output for {h}x{w}")
     if residual is not None and tuple(residual.shape) != (n, c_out, ho, wo):
         raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output {(n, c_out, ho, wo)}")
+    check_int32_offsets(input=x.numel(), output=n * c_out * ho * wo)
     prologue = mean is not None
     y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
@@ -161,10 +208,11 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
     y_var = torch.empty_like(y_mean)
     dummy = scratch  # never read when its flag is off
     running_mean, running_var, tracked = running if running is not None else (dummy, dummy, dummy)
+    tickets = counters_for_launch(x.device, columns) if emit_stats else no_tickets(x.device)
     _bn_relu_conv_fwd_kernel[(tiles, columns)](
         x, *((mean, var, gamma, beta) if prologue else (dummy,) * 4), running_mean, running_var, tracked,
         weight, residual if residual is not None else dummy, y, scratch, y_mean if emit_stats else dummy,
-        y_var if emit_stats else dummy, counters(x.device, columns),
+        y_var if emit_stats else dummy, tickets,
         m, h, w, c_in, ho, wo, c_out, *weight.stride(), eps, 0.0 if momentum is None else momentum, float(count),
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, UPDATE_RUNNING=running is not None,
         CUMULATIVE=momentum is None, HAS_RESIDUAL=residual is not None, EMIT_STATS=emit_stats,
@@ -198,15 +246,14 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     block_out = _block(config, "BLOCK_M", m_out)
     block_c = _block(config, "BLOCK_C", c_in)
     block_co = _block(config, "BLOCK_CO", c_out)
-    splits = max(1, min(triton.cdiv(m_out, block_out), MAX_WGRAD_SPLITS))
-    rows_per_split = triton.cdiv(triton.cdiv(m_out, splits), block_out) * block_out
-    splits = triton.cdiv(m_out, rows_per_split)
+    wgrad = wgrad_grid(m_out, kh * kw, c_in, c_out, block_out, block_c, block_co, multiprocessors(x.device))
+    check_int32_offsets(input=x.numel(), output_gradient=dy.numel(), weight_gradient_scratch=wgrad.scratch_elements)
     dweight = torch.empty_like(weight)  # in the weight's layout and dtype, as the fake implementation says
-    scratch = torch.empty((splits, kh, kw, c_in, c_out), device=x.device, dtype=torch.float32)
-    grid = (kh * kw * triton.cdiv(c_in, block_c), triton.cdiv(c_out, block_co), splits)
+    scratch = torch.empty((wgrad.splits, kh, kw, c_in, c_out), device=x.device, dtype=torch.float32)
+    grid = wgrad.grid
     _bn_relu_conv_wgrad_kernel[grid](
-        x, *bn, dy, scratch, dweight, counters(x.device, grid[0] * grid[1]),
-        m_out, h, w, c_in, ho, wo, c_out, rows_per_split, *weight.stride(), eps,
+        x, *bn, dy, scratch, dweight, counters_for_launch(x.device, grid[0] * grid[1]),
+        m_out, h, w, c_in, ho, wo, c_out, wgrad.rows_per_split, *weight.stride(), eps,
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=precision,
         BLOCK_M=block_out, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
     )
@@ -227,8 +274,9 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     else:
         gz = torch.empty_like(x, memory_format=torch.channels_last)  # dx itself
         scratch = dbeta = dgamma = dy
+    tickets = counters_for_launch(x.device, columns) if prologue else no_tickets(x.device)
     _bn_relu_conv_dgrad_kernel[(tiles, columns)](
-        dy, weight, x, *bn, gz, scratch, dbeta, dgamma, counters(x.device, columns), dy if dx_add is None else dx_add,
+        dy, weight, x, *bn, gz, scratch, dbeta, dgamma, tickets, dy if dx_add is None else dx_add,
         m_in, h, w, c_in, ho, wo, c_out, *weight.stride(), eps,
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_ADD=dx_add is not None, PRECISION=precision,
         BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
