@@ -8,13 +8,14 @@ state_dict) and list_weights.
     weights = torch.hub.load("path/to/preresnet", "get_weight", "DEFAULT", model_name="preresnet20", source="local")
     logits = model(weights.transforms()(images))
 
-Importing this file imports only torch and the package's model code (models.py, registry.py, pretrained.py).
+Importing this file imports only torch, numpy (which preresnet/pretrained.py uses; torch does not
+install it) and the package's model code (models.py, registry.py, pretrained.py).
 """
 
 import preresnet as _preresnet
 import preresnet.models as _models
 
-dependencies = ["torch"]
+dependencies = ["torch", "numpy"]
 
 
 def _entry_point(name: str):

@@ -1,9 +1,15 @@
 """CIFAR-10/100 and image-folder datasets, read whole into N x 32 x 32 x 3 uint8 arrays (150 MB for
-CIFAR); `preresnet.loaders` turns them into batches on the training device."""
+CIFAR); `preresnet.loaders` turns them into batches on the training device.
+
+An image folder is read as torchvision's ImageFolder reads one: files without an image extension
+are skipped, every image is converted to RGB, and an image of another size than 32x32 is resized
+and centre-cropped to 32x32 as the weights' transforms() do it (preresnet.pretrained.resize_center_crop).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -11,17 +17,25 @@ import sys
 import tarfile
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .errors import UserError
+from .pretrained import INPUT_SIZE, resize_center_crop
+from .wording import counted
 
 DATASETS = ("cifar10", "cifar100", "folder")
-IMAGE_SHAPE = (32, 32, 3)
+IMAGE_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
+# the file names torchvision's ImageFolder takes for images (torchvision.datasets.folder.IMG_EXTENSIONS),
+# compared in lower case; other files in a class folder are skipped
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -187,7 +201,13 @@ def load_cifar(name: str, data_dir: str | os.PathLike, download_missing: bool = 
 # --- image folders ------------------------------------------------------------------------------
 
 
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def list_class_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class folders of split_dir (sorted) and their image files with their labels. Files
+    without an image extension are skipped, as ImageFolder skips them, with one note naming them."""
     if not split_dir.is_dir():
         raise UserError(f"{split_dir} is not a folder: --dataset folder expects DIR/train/<class>/ and DIR/test/<class>/")
     try:
@@ -196,30 +216,58 @@ def list_class_files(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]
         raise UserError(f"cannot read {split_dir}: {exc.strerror}") from None
     if not classes:
         raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
-    files = []
+    files, skipped = [], []
     for label, cls in enumerate(classes):
         try:
             names = sorted(p for p in (split_dir / cls).iterdir() if p.is_file() and not p.name.startswith("."))
         except OSError as exc:
             raise UserError(f"cannot read {split_dir / cls}: {exc.strerror}") from None
-        if not names:
-            raise UserError(f"class folder {split_dir / cls} holds no images")
-        files.extend((path, label) for path in names)
+        images = [path for path in names if is_image_file(path)]
+        skipped += [path for path in names if not is_image_file(path)]
+        if not images:
+            raise UserError(f"class folder {split_dir / cls} holds no images (files named *{', *'.join(IMAGE_EXTENSIONS)})")
+        files.extend((path, label) for path in images)
+    if skipped:
+        shown = ", ".join(str(path.relative_to(split_dir)) for path in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        print(f"note: skipped {counted(len(skipped), 'file')} of {split_dir} without an image extension ({shown}{more}), "
+              f"as torchvision's ImageFolder skips them", file=sys.stderr)
     return classes, files
 
 
-def decode_images(files: list[tuple[Path, int]]) -> Split:
+def decode_image(path: Path) -> tuple[np.ndarray, bool]:
+    """The image at path as 32 x 32 x 3 uint8 RGB, and whether it had to be converted or resized: any
+    other mode is converted to RGB (ImageFolder's loader does it), any other size resized and
+    centre-cropped as the weights' transforms() do it."""
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+            changed = image.mode != "RGB"
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    if array.shape != IMAGE_SHAPE:
+        chw = torch.from_numpy(array.copy()).permute(2, 0, 1)  # np.asarray of a PIL image is read-only
+        array = resize_center_crop(chw).permute(1, 2, 0).numpy()
+        changed = True
+    return array, changed
+
+
+def decode_images(files: list[tuple[Path, int]], where: Path | None = None) -> Split:
+    """The images of files (path, label) in order; one note on stderr counts those converted to RGB
+    or resized to 32x32 (where: the folder it names)."""
     images = np.empty((len(files), *IMAGE_SHAPE), dtype=np.uint8)
     labels = np.empty(len(files), dtype=np.int64)
+    changed = []
     for i, (path, label) in enumerate(files):
-        try:
-            with Image.open(path) as image:
-                if image.mode != "RGB" or image.size != (32, 32):
-                    raise UserError(f"{path} is a {image.size[0]}x{image.size[1]} {image.mode} image; every image must be 32x32 RGB")
-                images[i] = np.asarray(image)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"cannot read image {path}: {exc}") from None
+        images[i], was_changed = decode_image(path)
         labels[i] = label
+        if was_changed:
+            changed.append(path)
+    if changed:
+        print(f"note: {len(changed)} of {counted(len(files), 'image')} in {where or changed[0].parent} were not 32x32 "
+              f"RGB (such as {changed[0]}): converted to RGB where they were not (as torchvision's ImageFolder loads "
+              f"them) and resized and centre-cropped to 32x32 where they had another size (as the weights' "
+              f"transforms() do)", file=sys.stderr)
     return Split(images, labels)
 
 
@@ -231,19 +279,32 @@ def folder_fingerprint(root: Path, files: list[tuple[Path, int]]) -> str:
     return digest.hexdigest()
 
 
+def read_cache(cache: Path, fingerprint: str, count: int) -> Split | None:
+    """The decoded images a cache file holds for these files (fingerprint, count), or None where it
+    holds other files' or cannot be read: truncated, empty, not an npz, arrays of the wrong shape."""
+    try:
+        with np.load(cache, allow_pickle=False) as cached:
+            if str(cached["fingerprint"]) != fingerprint:
+                return None
+            split = Split(cached["images"], cached["labels"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    if split.images.shape != (count, *IMAGE_SHAPE) or split.images.dtype != np.uint8 or split.labels.shape != (count,):
+        return None
+    return split
+
+
 def load_folder_split(root: Path, split: str, files: list[tuple[Path, int]]) -> Split:
-    """Decode root/split's files once; later calls read the cached uint8 array next to the data."""
+    """Decode root/split's files once; later calls read the cached uint8 array next to the data (an
+    unreadable cache is decoded and written again)."""
     fingerprint = folder_fingerprint(root, files)
     cache = root / f".preresnet-cache-{split}.npz"
     if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as cached:
-                if str(cached["fingerprint"]) == fingerprint:
-                    return Split(cached["images"], cached["labels"])
-        except (OSError, ValueError, KeyError, EOFError):
-            pass  # an unreadable cache is rebuilt below
+        cached = read_cache(cache, fingerprint, len(files))
+        if cached is not None:
+            return cached
     print(f"decoding {len(files)} images in {root / split} (cached after the first time)", file=sys.stderr)
-    data = decode_images(files)
+    data = decode_images(files, root / split)
     tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
     try:
         np.savez(tmp, images=data.images, labels=data.labels, fingerprint=np.array(fingerprint))
@@ -302,6 +363,17 @@ def load_split(name: str, data_dir: str | os.PathLike, split: str,
         data = read_cifar_batches(folder, spec.train_files if split == "train" else spec.test_files, spec.label_key)
         return data, cifar_classes(folder, spec, data.labels)
     raise UserError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def data_sha256(dataset: Dataset) -> str:
+    """sha256 of what a run trains and tests on: its class names, then each split's labels and uint8
+    images in their order. The same data hashes alike wherever it lies (a moved --data-dir), and any
+    other image, label, class name or order does not."""
+    digest = hashlib.sha256(json.dumps(dataset.classes).encode())
+    for split in (dataset.train, dataset.test):
+        for array in (split.labels.astype(np.int64), split.images):
+            digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def channel_mean_std(images: np.ndarray) -> tuple[list[float], list[float]]:

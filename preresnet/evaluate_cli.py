@@ -8,8 +8,14 @@ the pretrained-weights registry, on its test set (only the test split is read).
     python eval.py --weights DEFAULT --model preresnet20 --save-logits logits.npz
 
 An installed package has the same command as preresnet-eval. The test data's classes must be the
-network's (its config's or entry's "classes"): the same names in another order are mapped onto the
-network's order, with a note on stderr; another set of names is an error.
+network's (its config's or entry's "classes"), or some of them: the same names in another order, or
+a subset (scored over those classes), are mapped onto the network's order, with a note on stderr; a
+class the network does not know is an error.
+
+By default a run is evaluated as its training evaluated it, in the precision and memory layout its
+config.json records (bf16 autocast where it trained with it), so that eval.py's figure is the one
+training printed; an entry of the registry as its recorded test error was measured (fp32). The
+report says which; --amp chooses another.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from .models import build_model, model_from_checkpoint
 from .pretrained import WeightsEntry, get_weights
 from .registry import list_models
 from .runfiles import CHECKPOINT_NAME, load_checkpoint
-from .runtime import resolve_runtime
+from .runtime import Runtime, resolve_runtime, saved_runtime
 from .sweeps import GridRun, saved_grid, seed_statistics
 from .wording import counted, percent
 
@@ -57,10 +63,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                                            "entry names, such as data/cifar10-jpeg)")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="default auto: cuda when available")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="off",
-                        help="autocast precision for evaluation (default off: fp32)")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"),
+                        help="autocast precision for evaluation; default: the run's own, as its config.json records it "
+                             "(training evaluated each epoch in it), or for --weights the one its recorded test error "
+                             "was measured in (fp32); off: fp32; auto: train.py's rule for this device")
     parser.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
-                        help="data pipeline: NVIDIA DALI or tensor ops in torch (default auto: DALI when installed)")
+                        help="data pipeline: NVIDIA DALI or tensor ops in torch, which give the same batches. Default "
+                             "auto: the torch loader (on the CPU DALI was measured no faster; on a GPU DALI's pipeline "
+                             "has not yet run: --loader dali takes it)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--save-logits", metavar="FILE",
                         help="write the test split's logits to FILE, an .npz of logits (N x classes, float32), labels "
@@ -81,7 +91,11 @@ class Source(NamedTuple):
     dataset: str
     data_dir: str
     fields: dict  # where it comes from, first in the report
+    recorded: dict  # how it was evaluated where its figure comes from: amp, channels_last, and "where" (words)
     entry: WeightsEntry | None = None
+
+
+AMP_OF_PRECISION = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}  # an entry's measured precision as --amp
 
 
 def weights_source(name: str, model_name: str | None) -> Source:
@@ -91,16 +105,47 @@ def weights_source(name: str, model_name: str | None) -> Source:
     entry = get_weights(name, model_name)
     meta = entry.meta
     type, units, width = entry.architecture
+    precision = meta["measured"]["precision"]
+    recorded = {"amp": AMP_OF_PRECISION.get(precision, "off"), "channels_last": False,
+                "where": "as the entry's test error was measured"}
     return Source(build_model(type, units=units, width=width, weights=entry), meta["classes"], meta["mean"], meta["std"],
                   meta["epochs"], meta["data"]["dataset"], meta["data"]["data_dir"],
-                  {"weights": entry.name, "recorded_test_error": entry.test_error}, entry)
+                  {"weights": entry.name, "recorded_test_error": entry.test_error}, recorded, entry)
 
 
 def checkpoint_source(path: str | Path) -> Source:
     checkpoint = load_checkpoint(path)
     config = checkpoint["config"]
     return Source(model_from_checkpoint(checkpoint, path), config["classes"], config["mean"], config["std"],
-                  checkpoint["epoch"], config["dataset"], config["data_dir"], {"checkpoint": str(path)})
+                  checkpoint["epoch"], config["dataset"], config["data_dir"], {"checkpoint": str(path)},
+                  run_runtime(path))
+
+
+def run_runtime(path: str | Path) -> dict:
+    """How a run's training evaluated it: the precision and layout its config.json records (fp32 and
+    NCHW where there is none: a checkpoint file outside its run folder)."""
+    saved = saved_runtime(path)
+    if not saved or saved.get("amp") not in AMP_OF_PRECISION.values():
+        return {"amp": "off", "channels_last": False, "where": "no config.json records the run's precision"}
+    return {"amp": saved["amp"], "channels_last": bool(saved.get("channels_last")),
+            "where": "as the run trained and evaluated, by its config.json"}
+
+
+def source_runtime(source: Source, args: argparse.Namespace) -> tuple[Runtime, str]:
+    """The runtime that evaluates source, and its precision in words for the report: --amp where
+    given, else the precision source's figures were measured in; the memory layout they were
+    measured in either way."""
+    recorded = source.recorded
+    runtime = resolve_runtime(args.device, args.amp or recorded["amp"], channels_last=recorded["channels_last"],
+                              compile=False, loader=args.loader)
+    if args.amp is not None:
+        return runtime, f"{precision_name(runtime.amp)} (--amp {args.amp})"
+    hint = "; --amp off for fp32" if runtime.amp != "off" else ""
+    return runtime, f"{precision_name(runtime.amp)}, {recorded['where']}{hint}"
+
+
+def precision_name(amp: str) -> str:
+    return "fp32" if amp == "off" else f"{amp} autocast"
 
 
 def seeds_runs(path: Path) -> list[GridRun] | None:
@@ -114,20 +159,27 @@ def seeds_runs(path: Path) -> list[GridRun] | None:
                         f"one at a time with --checkpoint {path}/RUN") from None
 
 
-def evaluate_source(source: Source, args: argparse.Namespace, runtime, logits_path: Path | None) -> dict:
+def evaluate_source(source: Source, args: argparse.Namespace, logits_path: Path | None) -> dict:
     """source's report on its test split (or the one --dataset/--data-dir name), its logits written
     to logits_path where given."""
     dataset = args.dataset or source.dataset
     data_dir = str(Path(args.data_dir or source.data_dir).resolve())
+    runtime, precision = source_runtime(source, args)
     results, split = evaluate_test_split(source.model, dataset, data_dir, source.mean, source.std, runtime,
                                          args.batch_size, source.classes, keep_logits=logits_path is not None)
-    if split.reordered:
-        print(f"note: {data_label(dataset, data_dir)} holds the classes of {source.model.paper_name} in another "
-              f"order; its labels are mapped onto the network's order ({', '.join(split.classes)})", file=sys.stderr)
+    data, network = data_label(dataset, data_dir), source.model.paper_name
+    if split.mapped == "reordered":
+        print(f"note: {data} holds the classes of {network} in another order; its labels are mapped onto the "
+              f"network's order ({', '.join(split.classes)})", file=sys.stderr)
+    elif split.mapped == "subset":
+        scored = [name for name, accuracy in zip(split.classes, results["per_class_accuracy"]) if accuracy is not None]
+        print(f"note: {data} holds {len(scored)} of the {len(split.classes)} classes of {network} "
+              f"({', '.join(scored)}): it is scored on those, a prediction of another class counting as an error",
+              file=sys.stderr)
     if logits_path is not None:
         save_logits(logits_path, split.logits, split.labels, split.classes)
-    return {**source.fields, "model": source.model.paper_name, "epoch": source.epoch, "dataset": dataset,
-            "data_dir": data_dir, **results, "classes": split.classes,
+    return {**source.fields, "model": network, "epoch": source.epoch, "dataset": dataset,
+            "data_dir": data_dir, **results, "classes": split.classes, "amp": runtime.amp, "precision": precision,
             **({"logits": str(logits_path)} if logits_path is not None else {})}
 
 
@@ -148,7 +200,7 @@ def logits_folder_exists(path: Path) -> None:
 def print_report(report: dict, entry: WeightsEntry | None) -> None:
     data = data_label(report["dataset"], report["data_dir"])
     print(f"{report['model']} after {report['epoch']} epochs, {report['test_images']} test images of {data}")
-    print(f"test error {100 * report['test_error']:.2f}%   test loss {report['test_loss']:.4f}")
+    print(f"test error {100 * report['test_error']:.2f}%   test loss {report['test_loss']:.4f}   ({report['precision']})")
     if entry is not None:
         measured = entry.meta["measured"]
         print(f"recorded in {entry.name}: test error {100 * entry.test_error:.2f}% on {entry.meta['test_images']} "
@@ -173,8 +225,7 @@ def setting(lr: float | None, weight_decay: float | None) -> str:
                      ([f"weight decay {weight_decay:g}"] if weight_decay is not None else []))
 
 
-def evaluate_seeds(folder: Path, runs: list[GridRun], args: argparse.Namespace, runtime,
-                   logits_path: Path | None) -> dict:
+def evaluate_seeds(folder: Path, runs: list[GridRun], args: argparse.Namespace, logits_path: Path | None) -> dict:
     """Each run folder of a --seeds command's folder, and per setting of lr and weight decay the
     statistics (sweeps.seed_statistics) of the evaluated runs' test errors."""
     reports = []
@@ -183,7 +234,7 @@ def evaluate_seeds(folder: Path, runs: list[GridRun], args: argparse.Namespace, 
         if not (path / CHECKPOINT_NAME).is_file():
             reports.append({"name": run.name, "checkpoint": None})
             continue
-        report = evaluate_source(checkpoint_source(path), args, runtime, run_logits_path(logits_path, run.name))
+        report = evaluate_source(checkpoint_source(path), args, run_logits_path(logits_path, run.name))
         reports.append({"name": run.name, **report})
     evaluated = [report for report in reports if report["checkpoint"] is not None]
     if not evaluated:
@@ -201,7 +252,7 @@ def evaluate_seeds(folder: Path, runs: list[GridRun], args: argparse.Namespace, 
         return summary
     first = evaluated[0]
     print(f"{first['model']}, {counted(len(runs), 'run')} in {folder}, on the test images of "
-          f"{data_label(first['dataset'], first['data_dir'])}")
+          f"{data_label(first['dataset'], first['data_dir'])} ({first['precision']})")
     width = max(len(run.name) for run in runs)
     for report in reports:
         if report["checkpoint"] is None:
@@ -231,15 +282,14 @@ def main(args: argparse.Namespace) -> dict:
     logits_path = Path(args.save_logits) if args.save_logits else None
     if logits_path is not None:
         logits_folder_exists(logits_path)
-    runtime = resolve_runtime(args.device, args.amp, channels_last=False, compile=False, loader=args.loader)
     if args.weights is not None:
         source = weights_source(args.weights, args.model)
     else:
         runs = seeds_runs(Path(args.checkpoint))
         if runs is not None:
-            return evaluate_seeds(Path(args.checkpoint), runs, args, runtime, logits_path)
+            return evaluate_seeds(Path(args.checkpoint), runs, args, logits_path)
         source = checkpoint_source(args.checkpoint)
-    report = evaluate_source(source, args, runtime, logits_path)
+    report = evaluate_source(source, args, logits_path)
     if args.json:
         print(json.dumps(report))
     else:

@@ -53,22 +53,24 @@ class EvaluatedSplit:
     classes: list[str]
     labels: np.ndarray  # N, int64
     logits: torch.Tensor | None  # N x classes, float32, on the CPU
-    reordered: bool  # the data holds the model's classes in another order; its labels were mapped
+    # how the data's labels became the model's: "" (the same classes), "reordered" (the model's classes
+    # in another order), "subset" (some of the model's classes; the others have no image to score)
+    mapped: str
 
 
 def model_labels(data_classes: list[str], labels: np.ndarray, classes: list[str], data: str,
                  network: str) -> np.ndarray:
-    """labels of data_classes as numbers of the model's classes: the same names in another order are
-    mapped; another set of names is a UserError (a figure over mismatched classes means nothing)."""
+    """labels of data_classes as numbers of the model's classes: the model's classes in another order,
+    or some of them, are mapped by name; a class the model does not know is a UserError (a figure
+    over classes it was not trained on means nothing)."""
     if data_classes == classes:
         return labels
-    if sorted(data_classes) != sorted(classes):
-        unknown = [name for name in data_classes if name not in classes]
+    unknown = [name for name in data_classes if name not in classes]
+    if unknown:
         missing = [name for name in classes if name not in data_classes]
-        detail = " and ".join(([f"it has {shown_names(unknown)}"] if unknown else []) +
-                              ([f"it lacks {shown_names(missing)}"] if missing else []))
+        detail = " and ".join([f"it has {shown_names(unknown)}"] + ([f"it lacks {shown_names(missing)}"] if missing else []))
         raise UserError(f"the classes of {data} are not the ones {network} was trained on: {detail} (evaluate it on "
-                        f"data with its classes: {shown_names(classes)})")
+                        f"data with its classes: {shown_names(classes)}, or some of them)")
     return np.array([classes.index(name) for name in data_classes], dtype=np.int64)[labels]
 
 
@@ -84,7 +86,10 @@ def evaluate_test_split(model: torch.nn.Module, dataset_name: str, data_dir: str
     """model's test loss, error and per-class accuracy over the test split of dataset_name in
     data_dir (only that split is read), normalised with mean and std (eval.py and export share it).
     classes: the model's (its config's or entry's); the data's classes are checked against them, and
-    labels mapped where the data holds them in another order. Returns the figures and an EvaluatedSplit."""
+    labels mapped where the data holds them in another order or some of them (then only those are
+    scored: the per-class accuracy of the others is None, and a prediction of one of them is an
+    error). The model runs in runtime's precision and memory layout. Returns the figures and an
+    EvaluatedSplit."""
     split, data_classes = load_split(dataset_name, data_dir, "test")
     num_classes = model.fc.out_features
     if classes is None:
@@ -95,15 +100,17 @@ def evaluate_test_split(model: torch.nn.Module, dataset_name: str, data_dir: str
     labels = model_labels(data_classes, split.labels, list(classes), data_label(dataset_name, data_dir),
                           model.paper_name)
     loader = build_loader(split.images, labels, batch_size=batch_size, train=False, backend=runtime.loader, mean=mean,
-                          std=std, device=runtime.device)
+                          std=std, device=runtime.device, channels_last=runtime.channels_last)
+    layout = torch.channels_last if runtime.channels_last else torch.contiguous_format
     chunks = []
     # evaluate() sees every test image once, in order: its forward passes' outputs are the logits
     hook = model.register_forward_hook(lambda module, inputs, output: chunks.append(output.float().cpu())) \
         if keep_logits else None
     try:
-        results = evaluate(model.to(runtime.device), loader, runtime, num_classes)
+        results = evaluate(model.to(runtime.device, memory_format=layout), loader, runtime, num_classes)
     finally:
         if hook is not None:
             hook.remove()
     logits = torch.cat(chunks) if keep_logits else None
-    return results, EvaluatedSplit(list(classes), labels, logits, data_classes != list(classes))
+    mapped = "" if data_classes == list(classes) else "reordered" if len(data_classes) == len(classes) else "subset"
+    return results, EvaluatedSplit(list(classes), labels, logits, mapped)

@@ -12,9 +12,13 @@ the environment variable PRERESNET_WEIGHTS_DIR names another folder instead):
     NAME-curves.png        the training curves
 
 The registry is the set of NAME.json files, with no hand-edited list: entries copied in from
-several machines never conflict. preresnet/export.py makes entries (tools/gpu_plan's reproduce
-stage exports every finished seed); this module reads them, and imports only torch, numpy and the
+several machines never conflict. preresnet/export.py makes entries from finished train.py runs;
+this module reads them, and imports only torch, numpy and the
 registry of names (preresnet/registry.py). `python -m preresnet.pretrained` lists them.
+
+transforms() is what torchvision's weights' transforms() are for their networks: images of any size
+resized (shorter side) and centre-cropped to the networks' 32x32 input, then normalised; the image
+folder loader (preresnet/data.py) resizes with the same function.
 
     model = preresnet.get_model("preresnet20", weights="DEFAULT")   # eval mode, weights loaded
     preresnet.list_weights("preresnet20"), preresnet.get_weights(NAME).transforms()
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .cli import run_main
 from .errors import UserError
@@ -40,6 +45,7 @@ from .registry import MODEL_ARCHS, paper_name
 from .wording import first_line
 
 ENV_VAR = "PRERESNET_WEIGHTS_DIR"
+INPUT_SIZE = 32  # the networks' input: CIFAR's 32x32 images
 PACKAGE_REGISTRY = Path(__file__).resolve().with_name("weights")
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 # every fact export writes (the card and eval.py read them)
@@ -69,9 +75,12 @@ def weights_file_name(name: str, sha256: str) -> str:
 
 def image_tensor(images) -> torch.Tensor:
     """images as a tensor: a tensor as it is, a numpy array or a PIL image (through its array
-    interface, HWC uint8 for an RGB image) as a CPU tensor of its values."""
+    interface, HWC uint8; a PIL image of another mode first converted to RGB, as torchvision's
+    ImageFolder loads images) as a CPU tensor of its values."""
     if isinstance(images, torch.Tensor):
         return images
+    if isinstance(getattr(images, "mode", None), str) and hasattr(images, "convert") and images.mode != "RGB":
+        images = images.convert("RGB")  # a PIL image: grayscale, RGBA, palette, CMYK
     if not isinstance(images, np.ndarray) and not hasattr(images, "__array_interface__"):
         raise UserError(f"images must be a PIL image, a numpy array or a tensor, got {type(images).__name__}")
     array = np.asarray(images)
@@ -81,16 +90,41 @@ def image_tensor(images) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-class Normalize(torch.nn.Module):
-    """The normalisation the weights were trained with, as the data loaders apply it, giving float
-    CHW (one image) or NCHW (a batch). It takes what torchvision's transforms take: a PIL RGB image,
-    a numpy array or a tensor, uint8 (0-255) or float in [0, 1] (as ToTensor gives them), one image
+def resize_center_crop(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """CHW or NCHW images (uint8, or float in [0, 1]) of size x size, as torchvision's Resize(size)
+    then CenterCrop(size) make them: the shorter side scaled to size (the longer to int(size * long /
+    short)) with bilinear, antialiased interpolation, then the centre size x size. uint8 stays uint8
+    (rounded); images already size x size are returned as they are, bit for bit."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
+        return images
+    if min(height, width) < 1:
+        raise UserError(f"images must have pixels, got shape {tuple(images.shape)}")
+    short, long = sorted((height, width))
+    scaled = int(size * long / short)
+    target = (size, scaled) if height <= width else (scaled, size)
+    batch = images.unsqueeze(0) if images.dim() == 3 else images
+    work = batch if batch.dtype == torch.float64 else batch.float()  # half precision has no antialiased resize on CPUs
+    resized = F.interpolate(work, size=target, mode="bilinear", antialias=True, align_corners=False)
+    resized = resized.round_().clamp_(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else resized.to(images.dtype)
+    top, left = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
+    cropped = resized[..., top:top + size, left:left + size]
+    return cropped[0] if images.dim() == 3 else cropped
+
+
+class ImageClassification(torch.nn.Module):
+    """What the weights expect of their input, as torchvision's weights' transforms() give it: images
+    of any size resized and centre-cropped to 32x32 (resize_center_crop), then normalised with the
+    mean and std of the training data as the data loaders normalise, giving float CHW (one image) or
+    NCHW (a batch). It takes what torchvision's transforms take: a PIL image (converted to RGB), a
+    numpy array or a tensor, uint8 (0-255) or float in [0, 1] (as ToTensor gives them), one image
     (3-D) or a batch (4-D). The channel axis is the one of size 3: the last (HWC, NHWC: PIL, numpy,
     the datasets' arrays) or the third from last (CHW, NCHW: torchvision.io.decode_image, ToTensor);
     a shape with 3 at both places (3 x H x 3) is ambiguous and refused."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, size: int = INPUT_SIZE):
         super().__init__()
+        self.size = size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
         # the loaders' float32 constants on the 0-255 scale: uint8 images give their batches bit for bit
@@ -111,17 +145,19 @@ class Normalize(torch.nn.Module):
                             f"has {which} (permute them to CHW or NCHW)")
         if channels_last:
             images = images.movedim(-1, -3)
-        if images.dtype == torch.uint8:
-            return ((images.float() - self.mean255[:, None, None]) / self.std255[:, None, None]).contiguous()
-        if images.numel():
+        if images.is_floating_point() and images.numel():
             low, high = float(images.min()), float(images.max())
             if not (low >= 0.0 and high <= 1.0):  # written so that NaN fails too
                 raise UserError(f"float images must be in [0, 1] (as ToTensor gives them), got values from {low:g} to "
                                 f"{high:g}: divide 0-255 images by 255, or pass them as uint8")
+        images = resize_center_crop(images, self.size)
+        if images.dtype == torch.uint8:
+            return ((images.float() - self.mean255[:, None, None]) / self.std255[:, None, None]).contiguous()
         return ((images - self.mean[:, None, None]) / self.std[:, None, None]).contiguous()
 
     def extra_repr(self) -> str:
-        return f"mean={[round(m, 4) for m in self.mean.tolist()]}, std={[round(s, 4) for s in self.std.tolist()]}"
+        return (f"resize and centre-crop to {self.size}x{self.size}, mean={[round(m, 4) for m in self.mean.tolist()]}, "
+                f"std={[round(s, 4) for s in self.std.tolist()]}")
 
 
 @dataclass(frozen=True)
@@ -169,9 +205,10 @@ class WeightsEntry:
             raise UserError(f"weights file {path} does not hold a state_dict (a dict of tensors)")
         return state
 
-    def transforms(self) -> Normalize:
-        """The normalisation (mean and std of the training data) the network expects of its input."""
-        return Normalize(self.meta["mean"], self.meta["std"])
+    def transforms(self) -> ImageClassification:
+        """What the network expects of its input: images resized and centre-cropped to 32x32, then
+        normalised with the mean and std of its training data (ImageClassification)."""
+        return ImageClassification(self.meta["mean"], self.meta["std"])
 
 
 def read_entry(path: Path) -> WeightsEntry:

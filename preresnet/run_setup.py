@@ -9,18 +9,19 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import faults
-from .data import Dataset, channel_mean_std, load_dataset
+from .data import Dataset, channel_mean_std, data_label, data_sha256, load_dataset
 from .distributed import broadcast_object
 from .errors import UserError
 from .finetune import describe_init, resolve_init
 from .models import build_model
-from .recipes import DEFAULT_RECIPE, Recipe, check_recipe, check_schedule, describe_schedule, resolve_recipe, steps_per_epoch
+from .recipes import (DEFAULT_RECIPE, FINETUNE_RECIPE, Recipe, check_schedule, describe_schedule, resolve_recipe,
+                      resumed_recipe, steps_per_epoch)
 from .registry import check_depth_meant, check_model_args, model_arch, paper_name
 from .runfiles import CHECKPOINT_NAME, CONFIG_NAME, checkpoint_path, load_checkpoint, write_text
 from .runtime import settle_compile
@@ -42,7 +43,8 @@ def new_run(args: argparse.Namespace, out: Path | None = None, dataset=None):
     type, depth, width = network(args)
     dropout = 0.0 if args.dropout is None else args.dropout
     check_model_args(type, depth, width, dropout=dropout)
-    recipe_name = args.recipe or DEFAULT_RECIPE[type]
+    # a run from weights fine-tunes them unless a recipe is named: the from-scratch lr would undo them
+    recipe_name = args.recipe or (FINETUNE_RECIPE if args.init is not None else DEFAULT_RECIPE[type])
     recipe = resolve_recipe(recipe_name, **{name: getattr(args, name) for name in RECIPE_FLAGS})
     seed = 0 if args.seed is None else args.seed
     if seed < 0:
@@ -56,7 +58,7 @@ def new_run(args: argparse.Namespace, out: Path | None = None, dataset=None):
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     dataset = dataset or load_dataset(dataset_name, data_dir)
     check_schedule(recipe, steps_per_epoch(len(dataset.train.labels), recipe.batch_size))
-    init = {} if args.init is None else {"init": resolve_init(args.init, type, depth, width, dataset.num_classes)}
+    init = {} if args.init is None else {"init": resolve_init(args.init, type, depth, width, dataset.classes)}
     config = prepare_config(
         dataset, model=name, type=type, depth=depth, width=width, dropout=recipe.dropout,
         dataset=dataset_name, data_dir=data_dir, recipe_name=recipe_name, seed=seed, **init,
@@ -93,7 +95,8 @@ def default_out(name: str, dataset_name: str) -> str:
 
 def resumed_run(args: argparse.Namespace, resume: str):
     """Config, recipe and folder of the run being resumed (resume: a folder or checkpoint file);
-    only execution flags may change."""
+    only execution flags, --epochs (checked as a new run's schedule is) and --data-dir (to the same
+    data, moved) may change."""
 
     checkpoint = load_checkpoint(resume)
     config, recipe = checkpoint["config"], Recipe(**{**checkpoint["recipe"], "milestones": tuple(checkpoint["recipe"]["milestones"])})
@@ -110,22 +113,50 @@ def resumed_run(args: argparse.Namespace, resume: str):
         raise UserError(f"--resume continues the saved configuration: the run trains {config['model']}, not --model "
                         f"{args.model} ({paper_name(*model_arch(args.model))})")
     for flag, value in vars(args).items():
-        # --out: the folder resumed, under auto; --model: checked above (the config names the network by its paper name)
-        if value is None or flag in RESUME_MAY_CHANGE or flag in ("out", "model"):
+        # --out: the folder resumed, under auto; --model: checked above (the config names the network by its
+        # paper name); --data-dir: checked below (the same data may have moved)
+        if value is None or flag in RESUME_MAY_CHANGE or flag in ("out", "model", "data_dir"):
             continue
         saved_value = saved.get(flag)
-        if flag == "data_dir":
-            value = str(Path(value).resolve())
         if isinstance(saved_value, (list, tuple)):
             saved_value = tuple(saved_value)
         if value != saved_value:
             raise UserError(f"--resume continues the saved configuration: --{flag.replace('_', '-')} was "
-                            f"{saved_value!r}, not {value!r} (only --epochs and execution flags may change)")
+                            f"{saved_value!r}, not {value!r} (only --epochs, --data-dir to the same data and "
+                            f"execution flags may change)")
+    if args.data_dir is not None and str(Path(args.data_dir).resolve()) != config["data_dir"]:
+        config = moved_data(config, str(Path(args.data_dir).resolve()))
     if args.epochs is not None:
-        recipe = replace(recipe, epochs=args.epochs)
-        check_recipe(recipe)
+        recipe = resumed_recipe(recipe, args.epochs, checkpoint["epoch"], checkpoint_steps_per_epoch(checkpoint))
     out = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     return config, recipe, out, checkpoint
+
+
+def checkpoint_steps_per_epoch(checkpoint: dict) -> int | None:
+    """The optimizer steps of the resumed run's epochs, from its checkpoint's count (None before its first epoch ends)."""
+    in_epoch = (checkpoint.get("position") or {}).get("step", 0)
+    return (checkpoint["iteration"] - in_epoch) // checkpoint["epoch"] if checkpoint["epoch"] else None
+
+
+def moved_data(config: dict, data_dir: str) -> dict:
+    """The config of a run resumed with --data-dir naming another folder than the one it trained on:
+    allowed when the folder holds the same data (data_sha256, or for a run set up before it was
+    recorded its classes and the training images' per-channel mean and std), the config then naming
+    the new folder; refused with one line otherwise."""
+    dataset = load_dataset(config["dataset"], data_dir)
+    old = config["data_dir"]
+    if "data_sha256" in config:
+        same, what = data_sha256(dataset) == config["data_sha256"], "the sha256 of its classes, labels and images"
+    else:
+        same = dataset.classes == config["classes"] and \
+            channel_mean_std(dataset.train.images) == (config["mean"], config["std"])
+        what = "its classes and the per-channel mean and std of its training images (the run predates data hashes)"
+    if not same:
+        raise UserError(f"--resume continues the saved configuration: --data-dir {data_dir} does not hold the data the "
+                        f"run trained on in {old} ({what} differ): give the folder of that data")
+    print(f"note: the run's data moved from {old} to {data_dir} (the same data: {what}); continuing with "
+          f"{data_label(config['dataset'], data_dir)} there", file=sys.stderr)
+    return {**config, "data_dir": data_dir}
 
 
 def train_one(args: argparse.Namespace, runtime, resume: str | None, deadline: float | None) -> dict:
@@ -177,7 +208,7 @@ def say_start(specs: list, dataset) -> None:
         schedule = describe_schedule(spec.recipe, steps_per_epoch(len(dataset.train.labels), spec.recipe.batch_size))
         lines.setdefault(f"lr schedule: {schedule}", []).append(spec.out.name)
         if spec.checkpoint is None and spec.config.get("init"):  # a resumed run's checkpoint holds its model
-            lines.setdefault(describe_init(spec.config["init"], spec.config["num_classes"]), []).append(spec.out.name)
+            lines.setdefault(describe_init(spec.config["init"], spec.config["classes"]), []).append(spec.out.name)
     for line, names in lines.items():
         print(line if len(specs) == 1 or len(names) == len(specs) else f"{', '.join(names)}: {line}", file=sys.stderr)
 
@@ -205,6 +236,10 @@ def schedule_steps(recipes: list[Recipe], dataset: Dataset) -> int:
 
 
 def prepare_config(data: Dataset, **fields) -> dict:
-    """The run's config: what the user chose plus what follows from the data (classes, mean, std)."""
-    mean, std = channel_mean_std(data.train.images)
-    return {**fields, "num_classes": data.num_classes, "classes": data.classes, "mean": mean, "std": std}
+    """The run's config: what the user chose plus what follows from the data (classes, the sha256 of
+    the data, and the normalisation: the training images' mean and std, or for a run from weights
+    that record theirs (fields' init), the weights' own, as the network expects its input)."""
+    init = fields.get("init") or {}
+    mean, std = (init["mean"], init["std"]) if init.get("mean") else channel_mean_std(data.train.images)
+    return {**fields, "num_classes": data.num_classes, "classes": data.classes, "mean": mean, "std": std,
+            "data_sha256": data_sha256(data)}

@@ -87,6 +87,40 @@ def test_classes_in_another_order_are_mapped_onto_the_networks(registry, exporte
     assert new["classes"].tolist() == ["b", "a", "c", "d"]
 
 
+def test_data_with_some_of_the_classes_is_scored_on_those(registry, exported, tmp_path, capsys):
+    """A folder of two of the entry's four classes (b and d): its images are scored as they are in the
+    full data, the logits the same, a prediction of a class it lacks an error; those classes have no
+    accuracy. The reference: the full data's logits, restricted to the images of b and d."""
+    full, _ = evaluate_json(capsys, "--weights", S0, "--save-logits", tmp_path / "full.npz")
+    some = copy_data(exported[1], tmp_path / "some", splits=("test",))
+    for name in ("a", "c"):
+        shutil.rmtree(some / "test" / name)
+    (some / ".preresnet-cache-test.npz").unlink()
+    load_split("folder", some, "test")
+    report, err = evaluate_json(capsys, "--weights", S0, "--data-dir", some, "--save-logits", tmp_path / "some.npz")
+    assert err.strip().splitlines() == [
+        "note: some holds 2 of the 4 classes of PreResNet-20 (b, d): it is scored on those, a prediction of another "
+        "class counting as an error"]
+    saved = read_logits(tmp_path / "full.npz")
+    kept = np.isin(saved["labels"], [1, 3])
+    expected_error = float((saved["logits"][kept].argmax(1) != saved["labels"][kept]).mean())
+    assert report["test_images"] == int(kept.sum()) == 12
+    assert report["test_error"] == pytest.approx(expected_error, abs=1e-12)
+    assert report["per_class_accuracy"] == [None, full["per_class_accuracy"][1], None, full["per_class_accuracy"][3]]
+    assert report["classes"] == list(CLASSES)
+    assert np.array_equal(read_logits(tmp_path / "some.npz")["logits"], saved["logits"][kept])
+    status, out, _ = evaluate(capsys, "--weights", S0, "--data-dir", some)
+    assert status == 0 and "  a     n/a" in out
+
+
+def test_an_entry_is_evaluated_as_its_error_was_measured(registry, capsys):
+    report, _ = evaluate_json(capsys, "--weights", S0)
+    assert report["amp"] == "off" and report["precision"] == "fp32, as the entry's test error was measured"
+    assert report["test_error"] == get_weights(S0).test_error
+    report, _ = evaluate_json(capsys, "--weights", S0, "--amp", "bf16")
+    assert report["amp"] == "bf16" and report["precision"] == "bf16 autocast (--amp bf16)"
+
+
 @pytest.mark.parametrize("source", ["weights", "checkpoint"])
 def test_data_with_other_classes_is_one_line(registry, exported, tmp_path, capsys, source):
     other = copy_data(exported[1], tmp_path / "other", renamed={"d": "e"})
@@ -144,7 +178,8 @@ def test_a_seeds_folder_evaluates_each_run_and_their_statistics(seeds_folder, tm
     status, out, _ = evaluate(capsys, "--checkpoint", seeds_folder, "--save-logits", tmp_path / "logits.npz")
     assert status == 0
     lines = out.splitlines()
-    assert lines[0] == f"PreResNet-8, 3 runs in {seeds_folder}, on the test images of data"
+    assert lines[0] == f"PreResNet-8, 3 runs in {seeds_folder}, on the test images of data (fp32, as the run trained " \
+                       f"and evaluated, by its config.json)"
     for line, seed, error in zip(lines[1:3], (0, 1), errors):
         assert line.split()[:7] == [f"seed-{seed}", "epoch", "2", "test", "error", f"{100 * error:.2f}%", "test"], line
         assert line.endswith(f"logits {tmp_path / f'logits-seed-{seed}.npz'}")

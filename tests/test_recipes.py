@@ -1,9 +1,15 @@
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 from preresnet import UserError, get_model
 from preresnet.recipes import (RECIPES, check_schedule, describe_schedule, learning_rate, resolve_recipe,
-                               schedule_phases, steps_per_epoch)
+                               resumed_recipe, schedule_phases, steps_per_epoch)
+
+ROOT = Path(__file__).resolve().parents[1]
 from preresnet.steps import make_optimizer
 
 
@@ -38,6 +44,18 @@ def test_paper_recipe_pads_crops_with_zeros():
         resolve_recipe("paper", crop_padding="edge")
 
 
+def test_the_finetune_recipe_starts_low_without_a_warm_up():
+    """A tenth of the from-scratch lr from the first step (no warm-up: the weights are trained), a
+    short schedule whose lr falls tenfold after two thirds; scaled with --epochs as any recipe."""
+    finetune = RECIPES["finetune"]
+    assert (finetune.epochs, finetune.lr, finetune.warmup_iters, finetune.milestones, finetune.lr_decay) == \
+        (15, RECIPES["paper"].lr / 10, 0, (10,), 0.1)
+    assert [learning_rate(finetune, epoch, 390 * epoch) for epoch in (0, 9, 10, 14)] == pytest.approx(
+        [0.01, 0.01, 0.001, 0.001])
+    assert resolve_recipe("finetune", epochs=30).milestones == (20,)
+    assert resolve_recipe("finetune", epochs=3).milestones == (2,) and resolve_recipe("finetune", epochs=3).warmup_iters == 0
+
+
 def test_overrides_replace_fields_and_none_keeps_them():
     recipe = resolve_recipe("paper", lr=0.05, weight_decay=None, milestones=(3, 5), epochs=6)
     assert (recipe.lr, recipe.weight_decay, recipe.milestones, recipe.epochs) == (0.05, 1e-4, (3, 5), 6)
@@ -59,9 +77,10 @@ def test_the_warm_up_scales_with_the_epochs_as_the_milestones_do():
 
 
 def test_the_schedule_gives_the_steps_at_each_lr():
-    assert describe_schedule(RECIPES["paper"], 391) == (
-        "0.01 for 400 steps (warm-up), 0.1 to epoch 81 (31271 steps), 0.01 to epoch 122 (16031 steps), "
-        "0.001 to epoch 164 (16422 steps); 391 steps an epoch, 64124 in all")
+    # by hand: 81 x 390 - 400 = 31190, 41 x 390 = 15990, 42 x 390 = 16380 steps
+    assert describe_schedule(RECIPES["paper"], 390) == (
+        "0.01 for 400 steps (warm-up), 0.1 to epoch 81 (31190 steps), 0.01 to epoch 122 (15990 steps), "
+        "0.001 to epoch 164 (16380 steps); 390 steps an epoch, 63960 in all")
     assert describe_schedule(resolve_recipe("paper", epochs=2), 390) == (
         "0.01 for 5 steps (warm-up), 0.1 to epoch 1 (385 steps), 0.01 to epoch 2 (390 steps); 390 steps an epoch, "
         "780 in all")
@@ -79,6 +98,39 @@ def test_the_schedule_phases_are_the_steps_learning_rate_gives(recipe):
     phases = schedule_phases(recipe, per_epoch)
     assert [step for _, start, end, _ in phases for step in range(start, end)] == list(range(len(rates)))
     assert all(rates[step] == lr for lr, start, end, _ in phases for step in range(start, end))
+
+
+def test_the_training_page_prints_the_schedule_the_code_runs():
+    """docs/training.md's schedule line is the paper recipe's on CIFAR-10's 50,000 training images at
+    batch 128: 390 steps an epoch (the last, incomplete batch dropped), 63,960 in all."""
+    line = re.search(r"^lr schedule: (.*)$", (ROOT / "docs" / "training.md").read_text(), flags=re.MULTILINE).group(1)
+    assert line == describe_schedule(RECIPES["paper"], steps_per_epoch(50_000, 128))
+    assert "390 steps an epoch, 63960 in all" in line  # 50,000 // 128 = 390; 390 x 164 = 63,960
+
+
+def test_a_resumed_run_changes_its_epochs_as_a_new_run_may():
+    """--resume --epochs: a longer run keeps its milestones and warm-up (even a warm-up longer than the
+    run, saved before warm-ups scaled); a run that would train no epoch, or whose milestone would
+    fall after its new end, is refused; a shortened one is checked as a new run's schedule is."""
+    paper = RECIPES["paper"]
+    assert resumed_recipe(paper, 200, 46, 390) == dataclasses.replace(paper, epochs=200)
+    assert resumed_recipe(paper, 164, 164, 390) == paper  # unchanged: nothing to check
+    assert resumed_recipe(paper, 122, 46, 390).milestones == (81, 122)  # the last epoch's milestone is kept
+    old = resolve_recipe("paper", epochs=1, warmup_iters=400)
+    assert resumed_recipe(old, 2, 1, 12).warmup_iters == 400
+    with pytest.raises(UserError, match=r"--resume --epochs 50: the run's milestone 81 is after the last epoch.*give "
+                                        r"--epochs 122 or more"):
+        resumed_recipe(paper, 50, 46, 390)
+    with pytest.raises(UserError, match=r"--resume --epochs 5: the run has trained 12 epochs of its 12, so it would "
+                                        r"train none"):
+        resumed_recipe(resolve_recipe("paper", epochs=12), 5, 12, 390)
+    with pytest.raises(UserError, match="would train none"):
+        resumed_recipe(resolve_recipe("paper", epochs=12), 8, 8, 390)
+    shortened = resolve_recipe("paper", epochs=12, warmup_iters=300, milestones=(2,))
+    with pytest.raises(UserError, match=r"the warm-up of 300 steps lasts the whole run \(200 steps"):
+        resumed_recipe(shortened, 2, 1, 100)
+    with pytest.raises(UserError, match="epochs must be at least 1"):
+        resumed_recipe(paper, 0, 0, None)
 
 
 def test_a_schedule_that_cannot_work_is_refused():
