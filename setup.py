@@ -22,7 +22,7 @@ setup(
     # measured per GPU: which layers leave the Triton kernel, and each kernel's launch configuration
     package_data={"preresnet.kernels": ["conv_paths.json", "launch_configs.json"],
                   # per GPU: the loader --loader auto takes; the pretrained weights registry (preresnet/pretrained.py)
-                  "preresnet": ["loader_choice.json", "weights/*.json", "weights/*.pt", "weights/*.md", "weights/*.png"]},
+                  "preresnet": ["gpu_defaults.json", "weights/*.json", "weights/*.pt", "weights/*.md", "weights/*.png"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -1,11 +1,21 @@
-"""One-call GPU report: kernel correctness, the benchmark matrix, a short real-data run, the environment.
+"""One-call GPU report, its sections in order of value, each saved as it ends:
 
-    python -m bench.gpu_report --out bench/results/DATE-GPU [--data-dir data/cifar10-jpeg]
+1. the GPU tests (`pytest -m gpu`: the kernels' stress test on concurrent streams first, then the
+   kernels and the captured steps against PyTorch);
+2. kernel correctness: every unit shape of PreResNet-110, -164 and WRN-16-4, fused against PyTorch
+   at the same precision, both against float64;
+3. the training-step matrix: train.py's own step for those networks in every execution variant
+   (eager fp32, eager bf16 channels-last, compile, fused, fused + compile, CUDA graphs);
+4. the per-GPU tables: which layers leave the Triton kernel, and the kernels' launch configurations;
+5. a short real-data run (with --data-dir).
 
-Writes DIR/report.json and DIR/report.md, in under 8 minutes on an H100, downloading nothing. Each
-section is guarded by the time budget: what did not fit is named in the report, never left out
-silently. A kernel whose error exceeds the bound is printed as FAIL, one left unchecked for lack of time as
-INCOMPLETE; either makes the exit status 1.
+    python -m bench.gpu_report --out bench/results/DATE-GPU [--data-dir data/cifar10-jpeg] [--time-limit 450]
+
+Writes DIR/report.json and DIR/report.md, downloading nothing. Each section keeps to its share of
+--time-limit: what did not fit is named in the report, never left out silently. A failed GPU test,
+a kernel whose error exceeds the bound (FAIL) or one left unchecked for lack of time (INCOMPLETE)
+makes the exit status 1. `python -m bench.render_results` turns committed reports into the README's
+performance table, the per-GPU tables and what `auto` turns on for that GPU.
 """
 
 from __future__ import annotations
@@ -23,21 +33,21 @@ import torch
 
 from bench.floors import fraction_of_floor
 from bench.render_results import provider_label
-from bench.workloads import (MODELS, PROVIDERS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused,
-                             layer_signatures, make_unit, skip_reason, time_step, torch_path_layers, training_step,
-                             unit_shapes, unit_step)
+from bench.workloads import (MODELS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused, layer_signatures,
+                             make_unit, skip_reason, time_step, torch_path_layers, train_py_step, unit_shapes, unit_step)
 from bench import config_search
 from preresnet.kernels import launch_configs
 from preresnet.kernels.paths import TABLE_ENV
 
-BUDGET_SECONDS = 7.5 * 60
-# Parts of the budget. A part starts new work only while its share is not spent, so the later
-# parts keep theirs: correctness, then layer paths, then the matrix (the cheap, telling providers
-# first), the real-data run last with the share kept for it when --data-dir is given.
-CORRECTNESS_SHARE = 0.2
-PATHS_SHARE = 0.15
-LAUNCH_CONFIGS_SHARE = 0.1  # bench.config_search, after the layer paths (a longer search: python -m bench.config_search)
-REAL_DATA_SHARE = 0.3
+TIME_LIMIT = 7.5 * 60
+# Where each section must end, as a fraction of --time-limit. A section starts new work only while
+# its share is not spent, so the later ones keep theirs; the real-data run takes what is left.
+TESTS_END = 0.2
+CORRECTNESS_END = 0.35
+MATRIX_END = 0.6  # 0.7 without --data-dir
+PATHS_END = 0.7
+LAUNCH_CONFIGS_END = 0.75  # bench.config_search (a longer search: python -m bench.config_search)
+GPU_TESTS = ("tests/test_kernel_stress.py", "tests/test_kernels.py", "tests/test_steps.py")
 MODEL_ROW_SECONDS = 45  # one model row may compile a whole network
 TORCH_PATH_MARGIN = 0.95  # PyTorch's ops replace the Triton kernel only when at least 5% faster: it keeps more memory
 ERROR_FACTOR = 3.0  # the kernels may be this many times less accurate than PyTorch at the same precision
@@ -49,6 +59,10 @@ class Clock:
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
+
+    def until(self, end: float) -> float:
+        """Seconds left before the share of the budget that ends at `end` (a fraction) is spent."""
+        return self.left() - self.budget * (1 - end)
 
 
 def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
@@ -84,7 +98,7 @@ def check_correctness(clock: Clock) -> tuple[list[dict], bool]:
     # the training dtype first, over every shape: what a short budget checks is what matters most
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for shape in unit_shapes():
-            if clock.left() < clock.budget * (1 - CORRECTNESS_SHARE):
+            if clock.until(CORRECTNESS_END) <= 0:
                 rows.append({"shape": shape.name, "dtype": str(dtype), "skipped": "time budget", "pass": False})
                 ok = False  # unchecked is not passed
                 print(f"INCOMPLETE {shape.name} {dtype}: out of time", flush=True)
@@ -114,26 +128,45 @@ def measure(make_step, batch: int, iterations: int = 20) -> dict:
     return {"ms": ms, "images_per_second": batch * 1000 / ms, "peak_memory_bytes": torch.cuda.max_memory_allocated()}
 
 
-# the baseline and the fused model first, for every network, before the providers that compile
-PROVIDER_ORDER = ("eager-fp32", "fused", "eager-amp-cl", "compile", "fused-compile", "cuda-graph")
+# the baseline and the fused model first, for every network, before the variants that compile
+MATRIX_PROVIDERS = ("eager-fp32", "fused", "eager-amp-cl", "compile", "fused-compile", "compile-graphs",
+                    "fused-compile-graphs")
 
 
-def benchmark_matrix(clock: Clock, batch: int, reserve: float, matrix: dict, save) -> None:
-    """Fill matrix["models"] and matrix["units"], saving after each row. Rows are measured while
-    more than reserve seconds (for the real-data run) and the row's own time are left; the others
-    are named as skipped."""
-    assert sorted(PROVIDER_ORDER) == sorted(PROVIDERS)
+def run_gpu_tests(clock: Clock) -> dict:
+    """`pytest -m gpu` over GPU_TESTS with compiled kernels, within this section's share: its exit
+    status, counts and the end of its output."""
+    seconds = int(clock.until(TESTS_END))
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
+    outcome = {"command": " ".join(["python", *command[1:]])}
+    if seconds < 30:
+        return {**outcome, "skipped": "time budget", "returncode": None}
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=seconds, cwd=ROOT,
+                                env={**os.environ, "TRITON_INTERPRET": "0"})
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stdout or b"")[-2000:]
+        return {**outcome, "returncode": None, "error": f"stopped after {seconds} s (the time budget)",
+                "tail": tail.decode(errors="replace") if isinstance(tail, bytes) else tail}
+    print(result.stdout[-2000:], flush=True)
+    return {**outcome, "returncode": result.returncode, "tail": (result.stdout + result.stderr)[-3000:]}
+
+
+def benchmark_matrix(clock: Clock, batch: int, end: float, matrix: dict, save) -> None:
+    """Fill matrix["models"] (train.py's own step, packed_training_steps with one run) and
+    matrix["units"], saving after each row. Rows are measured while the section's share (ending at
+    `end`) leaves the row's own time; the others are named as skipped."""
     models, units = matrix.setdefault("models", []), matrix.setdefault("units", [])
-    for provider in PROVIDER_ORDER:
+    for provider in MATRIX_PROVIDERS:
         for name in MODELS:
             row = {"model": name, "provider": provider, "batch": batch}
             reason = skip_reason(provider, "cuda")
             if reason:
                 row["skipped"] = reason
-            elif clock.left() < reserve + MODEL_ROW_SECONDS:
+            elif clock.until(end) < MODEL_ROW_SECONDS:
                 row["skipped"] = "time budget"
             else:
-                row.update(measure(lambda: training_step(name, provider, "cuda", batch), batch))
+                row.update(measure(lambda: train_py_step(name, provider, "cuda", batch), batch))
             if "images_per_second" in row:
                 row["fraction_of_floor"] = fraction_of_floor(row["images_per_second"], name)
                 if is_fused(provider):
@@ -141,7 +174,7 @@ def benchmark_matrix(clock: Clock, batch: int, reserve: float, matrix: dict, sav
             models.append(row)
             add_speedups(models, name)
             save()
-            print(f"model {name:13s} {provider:14s} {row.get('images_per_second', row.get('skipped', row.get('error')))}",
+            print(f"model {name:13s} {provider:21s} {row.get('images_per_second', row.get('skipped', row.get('error')))}",
                   flush=True)
     for shape in unit_shapes():
         for part in ("layer", "unit"):
@@ -149,7 +182,7 @@ def benchmark_matrix(clock: Clock, batch: int, reserve: float, matrix: dict, sav
                 for provider in UNIT_PROVIDERS:
                     row = {"shape": shape.name, "part": part, "pass": "fwd+bwd" if backward else "fwd",
                            "provider": provider, "batch": batch}
-                    if clock.left() < reserve + 20:
+                    if clock.until(end) < 20:
                         row["skipped"] = "time budget"
                     else:
                         row.update(measure(lambda: unit_step(shape, provider, "cuda", batch, backward, part == "layer"),
@@ -164,7 +197,7 @@ def choose_conv_paths(clock: Clock, batch: int, dtype: torch.dtype = torch.bfloa
     entries = {}
     for signature in layer_signatures():
         key = signature.key
-        if clock.left() < clock.budget * (1 - CORRECTNESS_SHARE - PATHS_SHARE):
+        if clock.until(PATHS_END) <= 0:
             entries[key] = {"path": "triton", "skipped": "time budget"}
             continue
         times = {path: measure(lambda: conv_path_step(signature, path, "cuda", batch, dtype), batch, iterations=10)
@@ -216,11 +249,19 @@ def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# GPU report {report['date']}", "",
              f"{env.get('gpu')}, driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env['torch']}, "
-             f"triton {env['triton']}, commit {env['commit']}", "", f"Command: `{report['command']}`", "",
-             f"## Kernel correctness: {'PASS' if report['correctness_pass'] else 'FAIL'}", "",
-             "Largest relative error against the unfused unit in float64 (fused / PyTorch at the same precision).", "",
-             "| unit | dtype | output | grad input | grad conv1 weight | pass |", "| --- | --- | --- | --- | --- | --- |"]
-    for row in report["correctness"]:
+             f"triton {env['triton']}, commit {env['commit']}", "", f"Command: `{report['command']}`", ""]
+    tests = report.get("tests")
+    if tests:
+        verdict = {0: "PASS", None: "NOT RUN"}.get(tests.get("returncode"), "FAIL")
+        lines += [f"## GPU tests: {verdict}", "", f"`{tests['command']}`"
+                  + (f": {tests.get('skipped') or tests.get('error')}" if tests.get("returncode") is None else ""),
+                  "", "```text", (tests.get("tail") or "").strip()[-1500:], "```", ""]
+    if "correctness" in report:
+        lines += [f"## Kernel correctness: {'PASS' if report['correctness_pass'] else 'FAIL'}", "",
+                  "Largest relative error against the unfused unit in float64 (fused / PyTorch at the same precision).",
+                  "", "| unit | dtype | output | grad input | grad conv1 weight | pass |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+    for row in report.get("correctness", []):
         if "fused" in row:
             cells = [f"{row['fused'][k]:.1e} / {row['torch'][k]:.1e}" for k in ("output", "grad_input", "grad_conv1_weight")]
             lines.append(f"| {row['shape']} | {row['dtype']} | {' | '.join(cells)} | {'yes' if row['pass'] else 'NO'} |")
@@ -272,8 +313,9 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="folder for report.json and report.md")
     parser.add_argument("--data-dir", help="the extracted JPEG CIFAR-10 copy, for a 3-epoch PreResNet-110 run")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--budget-seconds", type=float, default=BUDGET_SECONDS,
-                        help="time for the whole report (default 450); each part stops in time for the next")
+    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, metavar="SECONDS",
+                        help=f"time for the whole report (default {TIME_LIMIT:.0f}); each section stops in time for "
+                             f"the next")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_report: error: needs a CUDA GPU", file=sys.stderr)
@@ -281,7 +323,7 @@ def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("gpu_report: error: unset TRITON_INTERPRET: the report times compiled kernels", file=sys.stderr)
         return 2
-    clock = Clock(args.budget_seconds)
+    clock = Clock(args.time_limit)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "python -m bench.gpu_report " + " ".join(sys.argv[1:]),
@@ -292,28 +334,29 @@ def main() -> int:
         (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / "report.md").write_text(markdown(report))
 
+    report["tests"] = run_gpu_tests(clock)
+    save()
     report["correctness"], report["correctness_pass"] = check_correctness(clock)
     save()
+    report["matrix"] = {}
+    benchmark_matrix(clock, args.batch_size, MATRIX_END if args.data_dir else PATHS_END, report["matrix"], save)
     report["conv_paths"] = choose_conv_paths(clock, args.batch_size)
     (out / "conv_paths.json").write_text(json.dumps(report["conv_paths"], indent=1) + "\n")
-    os.environ[TABLE_ENV] = str((out / "conv_paths.json").resolve())  # the fused runs below use the fresh table
     save()
-    # launch configurations per layer (those left on the Triton kernel), in this part's share of the budget
-    seconds = clock.left() - clock.budget * (1 - CORRECTNESS_SHARE - PATHS_SHARE - LAUNCH_CONFIGS_SHARE)
-    report["launch_configs"] = config_search.run_on_gpu(seconds, args.batch_size)
+    # launch configurations per layer (those left on the Triton kernel), in this section's share
+    os.environ[TABLE_ENV] = str((out / "conv_paths.json").resolve())  # the search and the run use the fresh table
+    report["launch_configs"] = config_search.run_on_gpu(clock.until(LAUNCH_CONFIGS_END), args.batch_size)
     (out / "launch_configs.json").write_text(launch_configs.table_json(config_search.table_from(report["launch_configs"])))
-    os.environ[launch_configs.TABLE_ENV] = str((out / "launch_configs.json").resolve())  # and the fresh configs
+    os.environ[launch_configs.TABLE_ENV] = str((out / "launch_configs.json").resolve())
     launch_configs.clear_cache()
     save()
-    report["matrix"] = {}
-    benchmark_matrix(clock, args.batch_size, clock.budget * REAL_DATA_SHARE if args.data_dir else 0, report["matrix"],
-                     save)
     if args.data_dir:
         report["real_data"] = real_data_run(args.data_dir, out, clock)
     save()
-    print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['seconds']:.0f} s; kernels "
-          f"{'PASS' if report['correctness_pass'] else 'FAIL'}")
-    return 0 if report["correctness_pass"] else 1
+    tests_ok = report["tests"].get("returncode") == 0
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['seconds']:.0f} s; GPU tests "
+          f"{'PASS' if tests_ok else 'FAIL'}, kernels {'PASS' if report['correctness_pass'] else 'FAIL'}")
+    return 0 if report["correctness_pass"] and tests_ok else 1
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
-"""Regenerate what is derived from the GPU reports under bench/results/: the README's performance
-table, its table of finished reproduction runs (bench/results/reproduce/*/run.json, written by
-`python -m tools.gpu_plan reproduce`) and the fused layers' path table preresnet/kernels/conv_paths.json; from
-the GPU plan's `dali` reports, the loader line (between the loader-line markers, in README.md and the
-pages of docs/ that have them) and preresnet/loader_choice.json, the loader `--loader auto` takes per GPU.
+"""Regenerate what is derived from the results under bench/results/: from the GPU reports
+(`python -m bench.gpu_report`) the README's performance table, the fused layers' path table
+preresnet/kernels/conv_paths.json, the launch configurations preresnet/kernels/launch_configs.json
+and preresnet/gpu_defaults.json (what `auto` turns on per GPU); from the rows under
+bench/results/reproduce/*/run.json the README's results table.
 
-    python -m bench.render_results           # rewrite both
-    python -m bench.render_results --check   # exit 1 if either is not up to date
+    python -m bench.render_results                      # rewrite them all
+    python -m bench.render_results --check              # exit 1 if one is not up to date
+    python -m bench.render_results --add OUT [--data TEXT]   # record train.py's run folder OUT as a row first
 
-Neither is typed by hand: every README row names the device, commit and date of its report, and
-each GPU's layer paths come from its newest report that measured them.
+None is typed by hand: every README row names the device, commit and date of its report, and each
+GPU's tables come from its newest report that measured them.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from __future__ import annotations
 import argparse
 import calendar
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+from bench.rows import record_row
+from preresnet.errors import UserError
 from preresnet.provenance import read_commands
 from preresnet.runfiles import read_metrics
 from preresnet.sweeps import seed_statistics
@@ -30,8 +34,7 @@ CONV_PATHS = ROOT / "preresnet" / "kernels" / "conv_paths.json"
 LAUNCH_CONFIGS = ROOT / "preresnet" / "kernels" / "launch_configs.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
 RUNS_START, RUNS_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
-LOADER_CHOICE = ROOT / "preresnet" / "loader_choice.json"
-LOADER_START, LOADER_END = "<!-- loader-line:start -->", "<!-- loader-line:end -->"
+GPU_DEFAULTS = ROOT / "preresnet" / "gpu_defaults.json"
 
 
 def provider_label(row: dict) -> str:
@@ -103,51 +106,35 @@ def launch_configs(reports: list[dict]) -> str:
     return json.dumps({gpu: dtypes for gpu, dtypes in table.items() if dtypes}, indent=1, sort_keys=True) + "\n"
 
 
-def loader_reports(reports: list[dict]) -> dict[str, dict]:
-    """Per GPU name, the newest `dali` report a GPU made (not a dry run) that reached a choice
-    (reports sort by folder name, which starts with the date)."""
-    return {report["environment"]["gpu"]: report for report in reports
-            if report.get("stage") == "dali" and not report.get("dry_run") and report.get("choice")}
+# the steps gpu_defaults chooses among: (fused, CUDA graphs) of each, all compiled (the GPU's auto)
+DEFAULT_CANDIDATES = {"compile": (False, False), "fused-compile": (True, False), "compile-graphs": (False, True),
+                      "fused-compile-graphs": (True, True)}
 
 
-def loader_choice(reports: list[dict]) -> str:
-    """preresnet/loader_choice.json: {GPU name: {backend, reason, date}} for preresnet.loaders.auto_backend."""
-    table = {gpu: {"backend": report["choice"]["backend"], "date": report["date"][:10],
-                   "reason": f"{report['choice']['reason']} ({Path(report['path']).parent})"}
-             for gpu, report in loader_reports(reports).items()}
+def gpu_defaults(reports: list[dict]) -> str:
+    """preresnet/gpu_defaults.json: per GPU name, whether auto turns on the fused kernels and CUDA
+    graphs, from its newest report whose GPU tests and kernel correctness passed and which timed
+    train.py's step in every candidate for every network: the candidate with the highest geometric
+    mean speed-up over the plain compiled step (which wins ties)."""
+    table = {}
+    for report in reports:
+        gpu = report.get("environment", {}).get("gpu")
+        if not gpu or not report.get("correctness_pass") or report.get("tests", {}).get("returncode") != 0:
+            continue
+        rows = {(row["model"], row["provider"]): row["images_per_second"]
+                for row in report.get("matrix", {}).get("models", []) if "images_per_second" in row}
+        models = sorted({model for model, _ in rows})
+        timed = [name for name in DEFAULT_CANDIDATES if models and all((model, name) in rows for model in models)]
+        if "compile" not in timed:
+            continue
+        speedup = {name: math.prod(rows[model, name] / rows[model, "compile"] for model in models) ** (1 / len(models))
+                   for name in timed}
+        best = max(timed, key=lambda name: (speedup[name], name == "compile"))
+        fused, graphs = DEFAULT_CANDIDATES[best]
+        why = (f"{report['path']} ({report['date'][:10]}) timed train.py's step on this GPU: {best} was the fastest "
+               f"correct one ({speedup[best]:.2f}x the compiled step, geometric mean over {', '.join(models)})")
+        table[gpu] = {"fused": {"on": fused, "reason": why}, "cuda_graphs": {"on": graphs, "reason": why}}
     return json.dumps(table, indent=1, sort_keys=True) + "\n"
-
-
-def loader_line(reports: list[dict]) -> str:
-    """The loader line: per GPU, the loaders' epoch and the training step each feeds."""
-    measured = loader_reports(reports)
-    if not measured:
-        return ("**Loaders on a GPU**: not measured yet. `python -m tools.gpu_plan dali` (tools/gpu_plan/README.md, "
-                "\"DALI on the GPU\") measures them; this line is generated from its report.")
-    paragraphs = []
-    for gpu, report in measured.items():
-        env, step = report["environment"], report["step"]
-        epochs = {row["backend"]: row for row in report["loaders"] if "images_per_second" in row}
-        fed = {row["feed"]: row for row in step["rows"] if "images_per_second" in row}
-
-        def epoch(backend: str) -> str:
-            row = epochs.get(backend)
-            return f"{row['images'] / row['images_per_second']:.2f} s ({row['images_per_second']:,.0f} images/s)" if row \
-                else "(not measured)"
-
-        share = " and ".join(f"{100 * fed[b]['loader_share']:.1f}%" for b in ("torch", "dali") if "loader_share" in fed[b])
-        tested = "are" if report["tests"].get("passed") else "were not shown to be"
-        paragraphs.append(
-            f"**Loaders on a GPU** ({gpu}, torch {env.get('torch')}, NVIDIA DALI {env.get('dali')}, commit "
-            f"{env.get('commit')}, `{Path(report['path']).parent}/`): one training epoch of {report['images']:,} images at "
-            f"batch {report['batch']} takes the torch loader {epoch('torch')} and the DALI GPU pipeline {epoch('dali')}; "
-            f"a {step['model']} training step ({step['amp']}, channels-last, CUDA graphs "
-            f"{'on' if step['cuda_graphs'] else 'off'}) runs at {fed['fixed batch']['images_per_second']:,.0f} images/s on "
-            f"a fixed batch, {fed['torch']['images_per_second']:,.0f} fed by the torch loader and "
-            f"{fed['dali']['images_per_second']:,.0f} fed by DALI (the loader's share of a step: {share}). DALI's GPU "
-            f"batches {tested} bit-identical to the torch loader's; `--loader auto` takes "
-            f"{'DALI' if report['choice']['backend'] == 'dali' else 'the torch loader'} on this GPU.")
-    return "\n\n".join(paragraphs)
 
 
 def between(text: str, start: str, end: str, body: str) -> str:
@@ -158,15 +145,6 @@ def between(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}\n{end}{tail}"
-
-
-def render_loader_line(readme: str, reports: list[dict]) -> str:
-    return between(readme, LOADER_START, LOADER_END, loader_line(reports))
-
-
-def render_loader_pages(pages: list[Path], reports: list[dict]) -> dict[Path, str]:
-    """The pages among these that hold the loader-line markers, with the line rendered."""
-    return {page: render_loader_line(page.read_text(), reports) for page in pages if LOADER_START in page.read_text()}
 
 
 def load_runs(results: Path) -> list[dict]:
@@ -348,8 +326,8 @@ def runs_table(runs: list[dict]) -> str:
     finished = [run for run in runs if finished_seeds(run)]
     lines = []
     if not finished:
-        lines.append("No finished reproduction run yet: `python -m tools.gpu_plan reproduce` (tools/gpu_plan/README.md) writes "
-                     "them under `bench/results/reproduce/`; this table is generated from them.")
+        lines.append("No finished reproduction run yet: `python -m bench.render_results --add OUT` records train.py's "
+                     "run folder OUT under `bench/results/reproduce/`; this table is generated from them.")
     else:
         lines += ["| network | recipe | data | test error, mean ± std (each seed, its precision) | seeds | paper | "
                   "training time | images/s a run | device | torch / triton | commits | weights |",
@@ -365,7 +343,8 @@ def runs_table(runs: list[dict]) -> str:
                          f"{len(finished_seeds(run))} | {paper} | {duration(run.get('training_seconds'))} | {ips} | "
                          f"{devices_cell(run)} | {run.get('torch')} / {run.get('triton')} | {commits_cell(run)} | "
                          f"{', '.join(entries) or '-'} |")
-    lines += [line for run in runs if run.get("in_progress") for line in ("", in_progress_line(run))]
+    training = [f"- {in_progress_line(run)}" for run in runs if run.get("in_progress")]
+    lines += ["", *training] if training else []
     return "\n".join(lines)
 
 
@@ -379,15 +358,24 @@ def render(readme: str, reports: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    parser.add_argument("--check", action="store_true", help="only check that the generated files are up to date")
     parser.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--add", metavar="OUT", help="first record train.py's run folder OUT (its --out: OUT/seed-N, "
+                                                     "or one run's folder) as a row under RESULTS/reproduce/")
+    parser.add_argument("--data", help="with --add: what the data is, for people (default: its weights entries' "
+                                       "words, else the dataset's name)")
+    parser.add_argument("--name", help="with --add: the row's folder name (default NETWORK-RECIPE-DATA-DEVICE)")
     args = parser.parse_args()
+    if args.add:
+        try:
+            print(f"recorded {record_row(Path(args.add), Path(args.results), args.data, args.name)}")
+        except UserError as exc:
+            print(f"render_results: error: {exc}", file=sys.stderr)
+            return 2
     reports = load_reports(Path(args.results))
     readme = render_runs(render((ROOT / "README.md").read_text(), reports), load_runs(Path(args.results)))
-    readme = render_loader_line(readme, reports)
     outputs = {ROOT / "README.md": readme, CONV_PATHS: conv_paths(reports), LAUNCH_CONFIGS: launch_configs(reports),
-               LOADER_CHOICE: loader_choice(reports)}
-    outputs.update(render_loader_pages(sorted((ROOT / "docs").glob("*.md")), reports))
+               GPU_DEFAULTS: gpu_defaults(reports)}
     stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:

@@ -2,8 +2,8 @@
 
 Speed variants, each a way to run the same network, by name: VARIANT_FLAGS says what each name
 means (the execution settings of preresnet.runtime.Runtime, as train.py's flags set them), for the
-suite's providers here and for the GPU plan's speed matrix (tools/gpu_plan), which lists its own
-names from the table. The suite's providers:
+suite's providers here and for the GPU report's training-step matrix (bench.gpu_report:
+train_py_step, train.py's own step). The suite's providers:
   eager-fp32     the reference model, fp32, NCHW: the unfused baseline
   eager-fp32-cl  the reference model, fp32, channels-last (the CPU rows' baseline: bench/test_cpu_steps.py)
   eager-amp-cl   the reference model, bf16 autocast, channels-last
@@ -32,12 +32,12 @@ from preresnet.kernels.paths import assign_paths, conv_signatures
 from preresnet.models import PreActBasicBlock, PreActBottleneck
 from preresnet.provenance import git_commit
 from preresnet.recipes import resolve_recipe
-from preresnet.runtime import cpu_name, native_cpu_support
+from preresnet.runtime import cpu_name, native_cpu_support, resolve_runtime
 from preresnet.steps import build_step, make_optimizer
 
-# What each variant name means. graph_mode, where given, is preresnet.steps.GRAPH_MODE_ENV's value:
-# "reduce-overhead", torch.compile's own CUDA graphs in place of the step's manual capture. The names
-# are those the results files record (bench/results, the GPU plan's reports): keep them.
+# What each variant name means. graph_mode "reduce-overhead", where given: torch.compile's own CUDA
+# graphs of the suite's module step (bench only; train.py captures its step by hand). The names are
+# those the results files record (bench/results): keep them.
 VARIANT_FLAGS = {
     "eager-fp32": {"amp": "off", "channels_last": False, "compile": False, "fused": False, "cuda_graphs": False},
     "eager-fp32-cl": {"amp": "off", "channels_last": True, "compile": False, "fused": False, "cuda_graphs": False},
@@ -281,6 +281,15 @@ def training_step(name: str, provider: str, device: str, batch: int):
     return step
 
 
+def train_py_step(name: str, provider: str, device: str, batch: int):
+    """One training step of a paper network as train.py runs it with the variant's settings
+    (preresnet.steps.build_step: compiled, fused, captured in a CUDA graph where they say so)."""
+    flags = flags_of(provider)
+    runtime = resolve_runtime(device, flags["amp"], flags["channels_last"], flags["compile"], "torch", flags["fused"],
+                              cuda_graphs=flags["cuda_graphs"])
+    return packed_training_steps(name, runtime, 1, batch)
+
+
 # the packed-step workload's providers: train.py's own step, eager, with these variants' settings
 # (the table's less `compile`, which bench/test_packing.py sets off itself)
 PACKED_PROVIDERS = {name: {key: value for key, value in VARIANT_FLAGS[name].items() if key != "compile"}
@@ -293,7 +302,7 @@ def packed_training_steps(name: str, runtime, runs: int, batch: int, size: int =
     train.py --seeds trains them: each copy with its own model, optimizer and step
     (preresnet.steps.build_step: captured in a CUDA graph where the runtime says so) and, on a
     GPU, its own CUDA stream; a call queues one step of every copy in turn, then waits for all.
-    name "tiny": PreResNet-8 (the GPU plan's dry runs)."""
+    name "tiny": PreResNet-8 (tests)."""
 
     device = runtime.device
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format

@@ -1,18 +1,18 @@
 """Make entries of the pretrained-weights registry (preresnet/pretrained.py reads them): export a
 finished train.py run, and generate each entry's model card from its NAME.json.
 
-    python -m preresnet.export RUN --name NAME --data TEXT --data-dir DIR --device TEXT [--commit SHA]
+    python -m preresnet.export RUN --name NAME --data TEXT --data-dir DIR [--device TEXT] [--commit SHA]
     python -m preresnet.export --cards                # regenerate every card from its NAME.json
 
-tools/gpu_plan's reproduce stage runs the first for every finished seed; docs/pretrained.md has
-the naming and the storage.
+RUN is a finished train.py run's folder (one seed of `train.py --seeds ... --out OUT` is OUT/seed-N);
+`python -m bench.render_results --add OUT` then records the results row, which names the entries.
+docs/pretrained.md has the naming and the storage.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import io
 import json
 import os
@@ -31,9 +31,9 @@ from .errors import UserError
 from .evaluation import evaluate_test_split
 from .models import model_from_checkpoint
 from .pretrained import ENV_VAR, NAME_PATTERN, WeightsEntry, load_weights, read_entry, registry_dir, weights_file_name
-from .provenance import read_commands
+from .provenance import read_commands, triton_version
 from .recipes import RECIPES, resolve_recipe
-from .registry import paper_depths, paper_name, registry_name
+from .registry import paper_name, registry_name
 from .runfiles import CONFIG_NAME, CURVES_NAME, atomic_write, checkpoint_path, load_checkpoint, strip_wrappers, write_text
 from .runtime import resolve_runtime
 from .wording import percent
@@ -43,15 +43,17 @@ from .wording import percent
 # measured on this rounded file.
 STORAGE = "bf16 parameters, fp32 BatchNorm statistics"
 def train_command(config: dict, data_dir: str) -> str:
-    """The train.py command that trains a run of config (a run folder's config.json) again: network,
-    data, the weights it started from, the recipe preset and every field that differs from what the
-    preset gives for the run's epochs (train.py scales the milestones and the warm-up with them),
-    seed and execution flags."""
-    # --depth refuses a papers' total depth (--depth 110 would build PreResNet-662): such a run had --units
-    depth_flag = "--units" if config["depth"] in paper_depths(config["type"]) else "--depth"
-    words = ["python", "train.py", "--type", config["type"], depth_flag, str(config["depth"])]
-    if config["type"] == "wide":
-        words += ["--width", str(config["width"])]
+    """The train.py command that trains a run of config (a run folder's config.json) again: the
+    network (by its registry name where it has one), data, the weights it started from, the recipe
+    preset and every field that differs from what the preset gives for the run's epochs (train.py
+    scales the milestones and the warm-up with them), the seed, and the execution settings as
+    config.json recorded them."""
+    model = registry_name(config["type"], config["depth"], config["width"])
+    if model:
+        words = ["python", "train.py", "--model", model]
+    else:  # --units: the units per stage as given (--depth refuses a papers' total depth)
+        words = ["python", "train.py", "--type", config["type"], "--units", str(config["depth"])]
+        words += ["--width", str(config["width"])] if config["type"] == "wide" else []
     words += ["--dataset", config["dataset"], "--data-dir", data_dir, "--recipe", config["recipe_name"]]
     init = config.get("init")
     if init:  # the entry itself, not DEFAULT, which a later entry can change
@@ -82,15 +84,16 @@ def train_command(config: dict, data_dir: str) -> str:
 
 
 def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, data: str, data_dir: str, device: str,
-           commit: str | None = None, reproduce: str | None = None, source: str | None = None) -> WeightsEntry:
+           commit: str | None = None, source: str | None = None) -> WeightsEntry:
     """Make a finished train.py run (its folder or checkpoint) the registry entry `name`: the final
     weights as a plain state_dict without wrapper prefixes (STORAGE), its test error and per-class
     accuracy measured on that file (fp32; the GPU when there is one) over the run's test set, then
     NAME.json, the card and the curves. An earlier entry of the same name is replaced.
 
     data: what the data is, for people; data_dir: the folder a user passes (the commands name it;
-    the measurement reads the run's own); device, commit: where and from what it was trained;
-    reproduce: the command that trains it again; source: where the run's history lives."""
+    the measurement reads the run's own); device, commit: where and from what it was trained
+    (the run's commands.jsonl names them per command where it has them); source: where the run's
+    history lives."""
     if not NAME_PATTERN.fullmatch(name):
         raise UserError(f"entry name {name!r}: use lower-case letters, digits, '-', '_' and '.'")
     checkpoint = load_checkpoint(run)
@@ -115,19 +118,15 @@ def export(run: str | os.PathLike, registry: str | os.PathLike, name: str, *, da
     file = registry / weights_file_name(name, sha256)
     atomic_write(file, lambda tmp: tmp.write_bytes(file_bytes))
     arch = (config["type"], config["depth"], config["width"])
-    try:
-        triton = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        triton = None
     meta = {
         "name": name, "model": registry_name(*arch), "network": paper_name(*arch), "type": arch[0], "depth": arch[1],
         "width": arch[2], "num_classes": config["num_classes"], "classes": config["classes"],
         "data": {"description": data, "dataset": config["dataset"], "data_dir": data_dir},
         "recipe": config["recipe_name"], "recipe_settings": recipe, "seed": config["seed"], "epochs": checkpoint["epoch"],
-        "commands": {"reproduce": reproduce, "train": train_command(config, data_dir),
+        "commands": {"train": train_command(config, data_dir),
                      "evaluate": shlex.join(["python", "eval.py", "--weights", name, "--data-dir", data_dir])},
         "source": source, "device": device, "runtime": config.get("runtime"), "commit": commit,
-        "torch": torch.__version__, "triton": triton, "mean": config["mean"], "std": config["std"],
+        "torch": torch.__version__, "triton": triton_version(), "mean": config["mean"], "std": config["std"],
         "file": file.name, "sha256": sha256, "bytes": file.stat().st_size, "storage": STORAGE,
         **({"init": config["init"]} if config.get("init") else {}),  # a fine-tuned run's first weights
         "trained_by": [trained_by(command) for command in read_commands(folder)],
@@ -238,13 +237,10 @@ def card(meta: dict) -> str:
         *trained_by_lines(meta.get("trained_by") or []),
         "## Reproduce",
         "",
-        ("The first command is the GPU plan's stage (bench/README.md): each call trains within its budget and "
-         "continues where the last one stopped; in a checkout whose results already hold this seed finished (this "
-         "repository's), it says so and trains nothing. The second trains the same run anew with train.py in one go."
-         if commands["reproduce"] else None),
-        "" if commands["reproduce"] else None,
+        "The train.py command that trained it, with the settings its config.json recorded (`--time-limit` and "
+        "`--resume` split it into several commands without changing what it computes):",
+        "",
         "```bash",
-        *([commands["reproduce"]] if commands["reproduce"] else []),
         commands["train"],
         "```",
         "",
@@ -318,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="what the data is, for people: \"CIFAR-10 re-encoded as JPEG (lossy; not the "
                                        "papers' data)\"")
     parser.add_argument("--data-dir", help="the data folder a user passes to train.py and eval.py")
-    parser.add_argument("--device", help="the GPU (or CPU) it was trained on")
+    parser.add_argument("--device", help="the GPU (or CPU) it was trained on (default: as the run's commands.jsonl "
+                                         "records it)")
     parser.add_argument("--commit", help="the commit it was trained from")
-    parser.add_argument("--reproduce", help="the command that trains it again")
     parser.add_argument("--source", help="where the run's history lives (run.json, metrics, logs)")
     return parser
 
@@ -331,11 +327,16 @@ def main(args: argparse.Namespace) -> None:
         for path in write_cards(folder):
             print(path)
         return
-    missing = [flag for flag in ("name", "data", "data_dir", "device") if not getattr(args, flag)]
+    missing = [flag for flag in ("name", "data", "data_dir") if not getattr(args, flag)]
     if missing:
         raise UserError(f"exporting {args.run} needs {', '.join('--' + flag.replace('_', '-') for flag in missing)}")
-    entry = export(args.run, folder, args.name, data=args.data, data_dir=args.data_dir, device=args.device,
-                   commit=args.commit, reproduce=args.reproduce, source=args.source)
+    # the machine that trained it, as its commands recorded it (the first, where several did)
+    device = args.device or next((c["device"] for c in read_commands(checkpoint_path(args.run).parent) if c.get("device")),
+                                 None)
+    if device is None:
+        raise UserError(f"{args.run} records no device (no commands.jsonl): give --device")
+    entry = export(args.run, folder, args.name, data=args.data, data_dir=args.data_dir, device=device,
+                   commit=args.commit, source=args.source)
     print(f"{entry.name}: test error {percent(entry.test_error)}, measured on {entry.file}; card {folder / entry.name}.md")
 
 

@@ -9,6 +9,7 @@ the command that trained each epoch (their "command" field, an index into comman
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -47,6 +48,13 @@ def git_commit(root: Path = ROOT) -> str | None:
     return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
 
 
+def triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name."""
     if device.type == "cuda":
@@ -65,6 +73,7 @@ def command_record(runtime: Runtime, argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "processes": runtime.dist.world_size,
         "torch": torch.__version__,
+        "triton": triton_version(),
         "amp": runtime.amp,
         "channels_last": runtime.channels_last,
         "compile": bool(runtime.compile),

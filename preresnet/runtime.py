@@ -21,9 +21,15 @@ The rules, with the measurements behind them (docs/training.md, "Precision, layo
   1.32x (bf16) faster than eager (bench/results/2026-12-03-cpu-steps/). `auto` compiles on a CPU when
   the run's whole schedule has at least CPU_COMPILE_MIN_STEPS optimizer steps; the schedule, not
   what is left of it, decides, so every command of a run makes the same choice.
-- **A resumed run** keeps the precision, layout and compilation it was started with (config.json),
-  with the reasons recorded then, unless a flag asks otherwise: where a run was cut never changes
-  what it computes.
+- **Fused kernels and CUDA graphs.** Off on a CPU. On a GPU only where a committed GPU report
+  (`python -m bench.gpu_report`) measured them correct and faster on that GPU: `bench.render_results`
+  writes its choice per GPU name into gpu_defaults.json beside this module. A GPU without one
+  takes the well-trodden path: bf16 autocast (fp16 with loss scaling without bf16), channels-last,
+  torch.compile, the unfused model, no manual CUDA-graph capture. `--fused` and `--cuda-graphs`
+  turn them on anywhere.
+- **A resumed run** keeps the precision, layout, compilation, kernels and graphs it was started with
+  (config.json), with the reasons recorded then, unless a flag asks otherwise: where a run was cut
+  never changes what it computes.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ CPU_COMPILE_MIN_STEPS = 10_000
 # would make auto fp32 on every CPU again, with the reason saying so
 CPU_BF16_AUTO = True
 FLAGS_ENV = "PRERESNET_CPU_FLAGS"  # feature flags to use instead of the processor's (tests; another CPU's rules)
+# per GPU name, whether auto turns on the fused kernels and CUDA graphs, and why (bench.render_results
+# writes it from the GPU reports under bench/results/)
+GPU_DEFAULTS = Path(__file__).with_name("gpu_defaults.json")
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,8 @@ class Runtime:
     amp_reason: str = ""
     channels_last_reason: str = ""
     compile_reason: str = ""
+    fused_reason: str = ""
+    cuda_graphs_reason: str = ""
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -89,7 +100,8 @@ class Runtime:
     def reasons(self) -> dict:
         """Why each setting is what it is (config.json's runtime section)."""
         return {"amp_reason": self.amp_reason, "channels_last_reason": self.channels_last_reason,
-                "compile_reason": self.compile_reason, "loader_reason": self.loader_reason}
+                "compile_reason": self.compile_reason, "loader_reason": self.loader_reason,
+                "fused_reason": self.fused_reason, "cuda_graphs_reason": self.cuda_graphs_reason}
 
 
 def cpu_flags() -> frozenset[str]:
@@ -164,13 +176,44 @@ def resolve_amp(amp: str, device: str, saved: dict | None, flags: frozenset[str]
     return amp, f"--amp {amp}"
 
 
+def gpu_defaults(gpu: str, path: Path | None = None) -> dict:
+    """What a GPU report measured for this GPU name: {"fused": {"on": bool, "reason": str},
+    "cuda_graphs": {...}}; empty where no report has. path: GPU_DEFAULTS by default."""
+    path = GPU_DEFAULTS if path is None else path
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the GPU defaults table {path}: {exc}") from None
+    entry = table.get(gpu, {}) if isinstance(table, dict) else None
+    choices = [entry.get(key) for key in ("fused", "cuda_graphs") if key in entry] if isinstance(entry, dict) else None
+    if choices is None or not all(isinstance(c, dict) and isinstance(c.get("on"), bool) and isinstance(c.get("reason"), str)
+                                  for c in choices):
+        raise UserError(f"{path} is not a GPU defaults table ({{GPU name: {{fused: {{on, reason}}, cuda_graphs: ...}}}})")
+    return entry
+
+
+def resolve_switch(name: str, value: bool | None, saved: dict, measured: dict | None) -> tuple[bool, str]:
+    """The fused kernels or CUDA graphs (name), and why: the flag, else a resumed run's own, else on a
+    GPU what its report measured (measured: gpu_defaults' entry; None on a CPU), else off."""
+    flag = name.replace("_", "-")
+    if value is not None:
+        return value, f"--{'' if value else 'no-'}{flag}"
+    if isinstance(saved.get(name), bool):
+        return saved[name], kept_reason(saved, name)
+    if measured is None:
+        return False, "auto: off on a CPU"
+    if name in measured:
+        return measured[name]["on"], f"auto: {measured[name]['reason']}"
+    return False, f"auto: off: no GPU report has measured it on this GPU (--{flag} turns it on)"
+
+
 def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool | None = None,
                     compile: bool | None = None, loader: str = "auto", fused: bool | None = None,
                     sync_bn: bool | None = None, dist: distributed.Dist = distributed.Dist(),
                     cuda_graphs: bool | None = None, saved: dict | None = None) -> Runtime:
     """Fill in 'auto' (None) by the rules above. saved: the runtime section of a resumed run's
-    config.json, whose precision, layout and compilation an auto keeps. On a CPU an auto compile
-    stays None until settle_compile sees the run's schedule."""
+    config.json, whose settings an auto keeps. On a CPU an auto compile stays None until
+    settle_compile sees the run's schedule."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -204,6 +247,9 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
         compile, compile_reason = True, "auto: on a GPU"
     else:
         compile_reason = ""  # settle_compile decides from the run's schedule
+    measured = gpu_defaults(torch.cuda.get_device_name(torch.device(device, dist.local_rank))) if on_gpu else None
+    fused, fused_reason = resolve_switch("fused", fused, saved, measured)
+    cuda_graphs, cuda_graphs_reason = resolve_switch("cuda_graphs", cuda_graphs, saved, measured)
     return Runtime(
         device=torch.device(device, dist.local_rank) if on_gpu and dist.enabled else torch.device(device),
         amp=amp,
@@ -214,10 +260,12 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: bool
         compile_reason=compile_reason,
         loader=loader,
         loader_reason=loader_reason,
-        fused=bool(fused),
+        fused=fused,
+        fused_reason=fused_reason,
         sync_bn=bool(sync_bn),
         dist=dist,
-        cuda_graphs=on_gpu if cuda_graphs is None else cuda_graphs,
+        cuda_graphs=cuda_graphs,
+        cuda_graphs_reason=cuda_graphs_reason,
     )
 
 

@@ -27,35 +27,24 @@ all-reduce is launched from autograd hooks on its own schedule), packed runs wit
 draws from its own generator state, which the host swaps in around its steps), and any batch
 whose shape differs from the captured one (never in training: the last partial batch is dropped).
 
-Each captured step (and evaluation forward) warms up and is captured on a stream of its own, so the
-fused kernels' per-stream workspace it records is its own; several packed runs replay their graphs
-on their own streams at once.
-
-`PRERESNET_GRAPH_MODE=reduce-overhead` replaces the manual capture with
-`torch.compile(mode="reduce-overhead")` (forward and backward graphed by Inductor, the fused SGD
-update eager); the GPU plan (`tools/gpu_plan/`) measures both.
+Each step of a fused model, and each captured evaluation forward, owns the ticket counters its
+kernels take (preresnet.kernels.workspace), allocated before anything is captured; a graph keeps
+its owner's, so several packed runs replay their graphs on their own streams at once without
+sharing any.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from .kernels.workspace import launching_with, new_counters
+
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (PyTorch's whole-network example uses 3)
-GRAPH_MODES = ("step", "reduce-overhead")
-GRAPH_MODE_ENV = "PRERESNET_GRAPH_MODE"
-
-
-def graph_mode() -> str:
-    mode = os.environ.get(GRAPH_MODE_ENV, "step")
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"{GRAPH_MODE_ENV}={mode!r}: choose one of {', '.join(GRAPH_MODES)}")
-    return mode
 
 
 def make_optimizer(model: torch.nn.Module, recipe, device: torch.device) -> torch.optim.SGD:
@@ -80,13 +69,12 @@ class PlainStep:
     def __init__(self, model, forward, optimizer, scaler, runtime, note: str | None = None):
         self.model, self.forward, self.optimizer, self.scaler, self.runtime = model, forward, optimizer, scaler, runtime
         self.note = note  # why the step is not captured, when it was asked to be
+        # the ticket counters of the fused kernels this step launches, eagerly or in its graph
+        self.counters = new_counters(runtime.device) if runtime.fused else None
         self.calls = 0
         self.first_step_seconds = None  # time to the first step's end: compilation included
         self.capture_seconds = 0.0
         self._lr = None
-        # torch.compile(mode="reduce-overhead") replays its graphs; each step tells it a new one began
-        self.mark_steps = runtime.compile and runtime.device.type == "cuda" and runtime.cuda_graphs \
-            and graph_mode() == "reduce-overhead"
 
     def set_lr(self, lr: float) -> None:
         if lr != self._lr:
@@ -98,18 +86,17 @@ class PlainStep:
         return self.runtime.autocast()
 
     def body(self, x, y):
-        with self.autocast():
-            logits = self.forward(x)
-            loss = F.cross_entropy(logits.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with launching_with(self.counters):
+            with self.autocast():
+                logits = self.forward(x)
+                loss = F.cross_entropy(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return loss, logits
 
     def __call__(self, x, y):
-        if self.mark_steps:
-            torch.compiler.cudagraph_mark_step_begin()
         if self.calls == 0:
             synchronize(self.runtime.device)
             start = time.perf_counter()
@@ -265,12 +252,14 @@ class GraphedEval(EvalForward):
         self.calls = 0
         self.capture_seconds = 0.0
         self.first_batch_seconds = None
+        self.counters = new_counters(runtime.device) if runtime.fused else None  # its graph's (see PlainStep)
 
     def _forward(self, x):
-        if self.runtime.amp == "off":
-            return self.forward(x)
-        with torch.autocast(self.runtime.device.type, dtype=self.runtime.amp_dtype, cache_enabled=False):
-            return self.forward(x)
+        with launching_with(self.counters):
+            if self.runtime.amp == "off":
+                return self.forward(x)
+            with torch.autocast(self.runtime.device.type, dtype=self.runtime.amp_dtype, cache_enabled=False):
+                return self.forward(x)
 
     def __call__(self, x):
         device = self.runtime.device
@@ -323,8 +312,6 @@ def graph_fallback_reason(runtime, own_random_state: bool = False) -> str | None
                 "a graph cannot hold); use --amp bf16 for graphs")
     if runtime.dist.enabled:
         return "multi-process training: DDP launches its gradient all-reduce from autograd hooks, outside a graph"
-    if runtime.compile and graph_mode() == "reduce-overhead":
-        return f"{GRAPH_MODE_ENV}=reduce-overhead: torch.compile graphs the forward and backward itself"
     return None
 
 
@@ -355,20 +342,13 @@ def build_step(model, optimizer, scaler, runtime, own_random_state: bool = False
         # DDP broadcasts BatchNorm buffers before each forward, which Dynamo cannot trace: one graph
         # break there, announced once per rank (pytorch/pytorch#141827); the model itself compiles.
         warnings.filterwarnings("ignore", message=".*_broadcast_coalesced")
-    mode = graph_mode() if runtime.cuda_graphs else None
-    if runtime.compile:
-        compile_mode = "reduce-overhead" if mode == "reduce-overhead" and runtime.device.type == "cuda" else None
-        forward = torch.compile(model, mode=compile_mode)
-    else:
-        forward = model
+    forward = torch.compile(model) if runtime.compile else model
     if not runtime.cuda_graphs:
         return PlainStep(model, forward, optimizer, scaler, runtime), (
             TimedEval(forward, model, runtime) if runtime.compile else forward)
     reason = graph_fallback_reason(runtime, own_random_state)
     if reason:
-        note = f"CUDA graphs: the step is not captured ({reason})"
-        if mode == "reduce-overhead" and runtime.compile:
-            note = "CUDA graphs by torch.compile(mode='reduce-overhead'), optimizer step eager"
-        return PlainStep(model, forward, optimizer, scaler, runtime, note=note), forward
+        return PlainStep(model, forward, optimizer, scaler, runtime,
+                         note=f"CUDA graphs: the step is not captured ({reason})"), forward
     step = GraphStep(model, forward, optimizer, scaler, runtime)
     return step, GraphedEval(forward, model, runtime)

@@ -4,7 +4,7 @@
     python train.py --model wrn16_4                          # WRN-16-4, Zagoruyko recipe
     python train.py --type normal --depth 18                 # the same PreResNet-110: 18 units per stage
     python train.py --model preresnet110 --seeds 0,1,2       # three seeds in one command, packed
-    python train.py --model preresnet20 --init DEFAULT --dataset folder --data-dir DIR   # fine-tune
+    python train.py --model preresnet20 --init DEFAULT --dataset folder --data-dir DIR   # fine-tune (recipe finetune)
     python train.py --resume runs/preresnet-110-cifar10-...  # continue a stopped run exactly
 """
 
@@ -69,29 +69,40 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                        help="start a new run (new optimizer and lr schedule, from epoch 0) from weights: a registry "
                             "entry (python -m preresnet.pretrained lists them), DEFAULT (the best entry of the "
                             "network), a state_dict file, or a train.py run folder or checkpoint (its model). The "
-                            "network must be the weights'; the classifier head (fc) is re-initialised when the data "
-                            "has another number of classes. Recorded in config.json; not with --resume PATH")
+                            "network must be the weights'; the classifier head (fc) keeps the weights' rows of the "
+                            "data's classes, matched by name, and is re-initialised when the weights do not classify "
+                            "every class of the data; the data is normalised with the weights' mean and std; the "
+                            "recipe is finetune unless --recipe names another. Recorded in config.json; not with "
+                            "--resume PATH")
     model.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                       help="run BN-ReLU-conv and the residual add in the Triton kernels of kernels/ (default off; "
-                            "same weights and checkpoints either way; on a CPU only with TRITON_INTERPRET=1)")
+                       help="run BN-ReLU-conv and the residual add in the Triton kernels of kernels/ (default off; on a "
+                            "GPU on only where a committed GPU report measured them correct and faster there, "
+                            "preresnet/gpu_defaults.json; same weights and checkpoints either way; on a CPU only with "
+                            "TRITON_INTERPRET=1)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("cifar10", "cifar100", "folder"),
                       help="cifar10 / cifar100 (official archives, downloaded into --data-dir when missing) or "
-                           "folder (DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*, 32x32 RGB); default cifar10")
-    data.add_argument("--data-dir", help="where the dataset lives (default ./data)")
+                           "folder (DATA_DIR/train/<class>/* and DATA_DIR/test/<class>/*, read as torchvision's "
+                           "ImageFolder reads them: image files only, converted to RGB; another size than 32x32 is "
+                           "resized and centre-cropped as the weights' transforms() do); default cifar10")
+    data.add_argument("--data-dir", help="where the dataset lives (default ./data); with --resume, a folder the run's "
+                                         "data moved to (checked to hold the same data)")
     data.add_argument("--loader", choices=("auto", "dali", "torch"),
                       help="augmentation pipeline: NVIDIA DALI or tensor ops in torch; both give the same batches. "
-                           "Default auto: torch on the CPU; on a GPU, DALI where it is installed and measured not "
-                           "slower on that GPU (preresnet/loader_choice.json), else torch; config.json records why")
+                           "Default auto: the torch loader (on the CPU DALI was measured no faster; on a GPU DALI's "
+                           "pipeline has not yet run: --loader dali takes it); config.json records why")
 
     recipe = parser.add_argument_group("recipe (every field overrides the chosen preset)")
     recipe.add_argument("--recipe", choices=tuple(RECIPES),
                         help="paper: He et al. 2016 (default for normal/bottleneck); wrn: Zagoruyko & Komodakis 2016 "
-                             "(default for wide)")
-    recipe.add_argument("--epochs", type=int, help="training epochs (paper 164, wrn 200); the lr milestones and the "
-                                                   "warm-up scale with it unless --milestones / --warmup-iters are "
-                                                   "given (the run's first lines print the lr schedule)")
+                             "(default for wide); finetune: lr 0.01, no warm-up, 15 epochs, lr /10 after 10 (default "
+                             "with --init)")
+    recipe.add_argument("--epochs", type=int, help="training epochs (paper 164, wrn 200, finetune 15); the lr milestones "
+                                                   "and the warm-up scale with it unless --milestones / --warmup-iters "
+                                                   "are given (the run's first lines print the lr schedule); with "
+                                                   "--resume, more or fewer epochs than the run's, checked as a new "
+                                                   "run's schedule is")
     recipe.add_argument("--batch-size", type=int, help="images per optimizer step (128)")
     recipe.add_argument("--lr", type=parse_values, help="learning rate after warm-up (0.1); a comma-separated "
                                                         "list trains one run per value (see --seeds)")
@@ -141,7 +152,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                           f"least {CPU_COMPILE_MIN_STEPS:,} steps, where its warm-up repays; a resumed run keeps its own")
     run.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                      help="capture the whole training step (forward, loss, backward, SGD) and the evaluation forward "
-                          "in CUDA graphs and replay them (default on for GPU, off for CPU; fp16 loss scaling and "
+                          "in CUDA graphs and replay them (default off; on a GPU on only where a committed GPU report "
+                          "measured it correct and faster there, preresnet/gpu_defaults.json; fp16 loss scaling and "
                           "multi-process runs fall back to the plain step, with the reason printed)")
     run.add_argument("--time-limit", type=float, metavar="SECONDS",
                      help="stop cleanly at the end of an epoch (checkpoint written) when the next epoch would end "

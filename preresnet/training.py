@@ -441,7 +441,7 @@ def epoch_will_pass(deadline: float | None, history: list[dict], epoch: int, fir
     """Whether another epoch would end after the deadline: expected to take as long as the longest
     epoch of this process less its one-off compilation and capture. The first epoch of a process
     always starts (a command that trains nothing makes no progress; one that overruns is stopped at
-    a step boundary by SIGTERM, as tools/gpu_plan does)."""
+    a step boundary by SIGTERM, as a batch scheduler's time limit does)."""
     if deadline is None:
         return False
     one_off = ("compile_seconds", "capture_seconds", "eval_compile_seconds", "eval_capture_seconds")

@@ -1,5 +1,5 @@
 """The layers of the repository, read from the code's own imports (docs/architecture.md draws them):
-preresnet.kernels <- preresnet <- bench, train.py, eval.py, hubconf.py <- tools/gpu_plan, with
+preresnet.kernels <- preresnet <- bench, train.py, eval.py, hubconf.py, with
 no import circle anywhere, function-local imports included, and no module over 600 lines."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"preresnet.kernels": 0, "preresnet": 1, "bench": 2, "train": 2, "eval": 2, "hubconf": 2, "tools": 3}
+LAYERS = {"preresnet.kernels": 0, "preresnet": 1, "bench": 2, "train": 2, "eval": 2, "hubconf": 2}
 MAX_LINES = 600
 # what a product module may import inside a function: optional dependencies, DALI and Triton (the
 # kernels: preresnet.models' fused path and the kernel package's own names load it on first use, so
@@ -20,7 +20,7 @@ DEFERRED_OK = ("nvidia", "triton", ".kernels", ".preact_conv")
 
 def module_files() -> dict[str, Path]:
     files = {}
-    for path in [*ROOT.glob("preresnet/**/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("tools/**/*.py"),
+    for path in [*ROOT.glob("preresnet/**/*.py"), *ROOT.glob("bench/*.py"),
                  *(ROOT / name for name in ("train.py", "eval.py", "hubconf.py"))]:
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         if parts[-1].startswith("test_") or "tests" in parts or parts[-1] == "conftest":

@@ -131,6 +131,9 @@ def stubbed_report(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_report, "torch_path_layers", lambda name, device: {"layer1.0.conv1": "torch"})
 
     def fake_train(command, **kwargs):
+        if "pytest" in command:  # the GPU tests
+            assert kwargs["env"]["TRITON_INTERPRET"] == "0"
+            return subprocess.CompletedProcess(command, 0, "3 passed in 1.0s\n", "")
         run_dir = Path(command[command.index("--out") + 1])
         run_dir.mkdir(parents=True)
         (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_error": 0.4, "images_per_second": 1e4}) + "\n")
@@ -141,28 +144,36 @@ def stubbed_report(tmp_path, monkeypatch):
 
     def run(budget: float) -> int:
         monkeypatch.setattr(sys, "argv", ["gpu_report", "--out", str(out), "--data-dir", "DATA",
-                                          "--budget-seconds", str(budget)])
+                                          "--time-limit", str(budget)])
         return gpu_report.main()
 
     return run, calls, out
 
 
 def test_report_runs_every_part_in_order(stubbed_report):
-    """main() end to end: each part's results land in report.json, the fresh layer-path table
-    reaches the fused rows and the real-data run, whose epochs are read back."""
+    """main() end to end: each section's results land in report.json in the order of the module's
+    docstring (the GPU tests first), the fresh layer-path table reaches the real-data run, whose
+    epochs are read back."""
     run, calls, out = stubbed_report
     assert run(600) == 0
     report = json.loads((out / "report.json").read_text())
+    sections = [key for key in report if key not in ("date", "command", "environment", "seconds")]
+    assert sections == ["tests", "correctness", "correctness_pass", "matrix", "conv_paths", "launch_configs",
+                        "real_data"]
+    assert report["tests"]["returncode"] == 0 and "test_kernel_stress.py" in report["tests"]["command"]
     assert len(report["correctness"]) == 6 and report["correctness_pass"]
     assert len(report["conv_paths"][ENV["gpu"]]["bfloat16"]) == 2
     assert json.loads((out / "conv_paths.json").read_text()) == report["conv_paths"]
     fused = [row for row in report["matrix"]["models"] if row["provider"] == "fused"]
     assert len(fused) == 3 and all(row["layers_on_torch_ops"] == 1 for row in fused)
     assert [row["provider"] for row in report["matrix"]["models"][:3]] == ["eager-fp32"] * 3  # baseline first
+    assert {row["model"] for row in report["matrix"]["models"]} == {"preresnet110", "preresnet164", "wrn16_4"}
     assert report["real_data"]["epochs"][0]["test_error"] == 0.4
-    assert "## Real-data run" in (out / "report.md").read_text()
-    # timed: 2 layers x 2 paths, 6 providers x 3 networks, 2 units x 2 parts x 2 passes x 3 providers
-    assert len(calls) == 2 * 2 + 6 * 3 + 2 * 2 * 2 * 3
+    text = (out / "report.md").read_text()
+    assert text.index("## GPU tests: PASS") < text.index("## Kernel correctness") < text.index("## Training step")
+    assert "## Real-data run" in text
+    # timed: 7 providers x 3 networks, 2 units x 2 parts x 2 passes x 3 providers, then 2 layers x 2 paths
+    assert len(calls) == 7 * 3 + 2 * 2 * 2 * 3 + 2 * 2
 
 
 def test_report_out_of_time_names_what_it_skipped(stubbed_report):
@@ -170,6 +181,7 @@ def test_report_out_of_time_names_what_it_skipped(stubbed_report):
     assert run(1) == 1  # unchecked kernels are not passed
     report = json.loads((out / "report.json").read_text())
     assert calls == []
+    assert report["tests"]["skipped"] == "time budget"
     assert all(row.get("skipped") == "time budget" for row in report["correctness"])
     assert all(entry == {"path": "triton", "skipped": "time budget"}
                for entry in report["conv_paths"][ENV["gpu"]]["bfloat16"].values())

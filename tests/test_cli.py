@@ -18,6 +18,7 @@ from PIL import Image
 from preresnet import run_setup
 from preresnet import train_cli as train
 from preresnet import UserError
+from preresnet.data import load_dataset
 from preresnet.loaders import auto_backend, dali_available
 from preresnet.recipes import resolve_recipe
 from preresnet.training import RunSpec
@@ -108,7 +109,8 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
     assert config["model"] == "PreResNet-8" and config["classes"] == list(CLASSES)
     assert config["recipe"]["epochs"] == 3 and config["recipe"]["lr"] == 0.1 and config["seed"] == 7
     runtime = config["runtime"]
-    reasons = {key: runtime.pop(key) for key in ("amp_reason", "channels_last_reason", "compile_reason", "loader_reason")}
+    reasons = {key: runtime.pop(key) for key in ("amp_reason", "channels_last_reason", "compile_reason", "loader_reason",
+                                                 "fused_reason", "cuda_graphs_reason")}
     assert runtime == {"device": "cpu", "amp": "off", "channels_last": True, "compile": False, "loader": "torch",
                        "fused": False, "sync_bn": False, "cuda_graphs": False, "processes": 1}
     # every auto choice names its rule; the CPU's flags are the tests' own (conftest: no native bf16)
@@ -116,7 +118,8 @@ def test_run_folder_holds_config_metrics_curves_and_checkpoint(finished_run):
                        "channels_last_reason": "auto: oneDNN's CPU convolutions are faster in NHWC",
                        "compile_reason": "auto: on a CPU compiling pays from 10,000 steps; this run's schedule has "
                                          "144 (under)",
-                       "loader_reason": "--loader torch"}
+                       "loader_reason": "--loader torch", "fused_reason": "auto: off on a CPU",
+                       "cuda_graphs_reason": "auto: off on a CPU"}
     metrics = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -205,6 +208,80 @@ def test_a_checkpoint_from_before_the_crop_padding_field_resumes_with_zeros(fini
     flags = train.build_parser().parse_args(["--resume", str(tmp_path), "--crop-padding", "reflect"])
     with pytest.raises(UserError, match="--crop-padding was 'zeros', not 'reflect'"):
         run_setup.resumed_run(flags, str(tmp_path))
+
+
+def test_resume_refuses_epochs_that_train_nothing_or_never_decay(finished_run, tmp_path):
+    """--resume --epochs is checked as a new run's schedule is: fewer epochs than the run has trained
+    would train none and leave config.json saying another schedule than the checkpoint; a milestone
+    after the new last epoch would never lower the lr. Both are one line, and nothing is written."""
+    before = (finished_run / "config.json").read_bytes()
+    assert_one_line_error(run("train.py", "--resume", finished_run, "--epochs", "2", "--no-progress"),
+                          "--resume --epochs 2: the run has trained 3 epochs of its 3, so it would train none")
+    assert (finished_run / "config.json").read_bytes() == before
+    # the run at epoch 1 of a 10-epoch schedule with milestones 5 and 8
+    checkpoint = torch.load(finished_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint["epoch"], checkpoint["iteration"] = 1, 48
+    checkpoint["recipe"].update(epochs=10, milestones=[5, 8])
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    flags = train.build_parser().parse_args(["--resume", str(tmp_path), "--epochs", "6"])
+    with pytest.raises(UserError, match="--resume --epochs 6: the run's milestone 8 is after the last epoch"):
+        run_setup.resumed_run(flags, str(tmp_path))
+    flags = train.build_parser().parse_args(["--resume", str(tmp_path), "--epochs", "8"])
+    assert run_setup.resumed_run(flags, str(tmp_path))[1].epochs == 8
+
+
+def copy_data(data_dir: Path, target: Path, changed: bool = False) -> Path:
+    """A copy of the shapes (its decode caches too); changed: with one pixel of one training image changed."""
+    shutil.copytree(data_dir, target)
+    if changed:
+        path = target / "train" / "square" / "000.png"
+        image = np.asarray(Image.open(path)).copy()
+        image[0, 0, 0] ^= 1
+        Image.fromarray(image).save(path)
+        load_dataset("folder", target)  # its decode cache again: stderr then holds only what train.py says
+    return target
+
+
+def test_resume_follows_its_data_to_another_folder_bit_identically(data_dir, finished_run, tmp_path):
+    """A run whose data folder moved continues with --data-dir naming the new one where it holds the
+    same data (the sha256 config.json records of the classes, labels and images): it ends with the
+    weights of the uninterrupted run, and its config names the new folder. Other data is one line."""
+    out = shutil.copytree(finished_run, tmp_path / "run")
+    shutil.copyfile(out / "checkpoint-prev.pt", out / "checkpoint.pt")  # back to epoch 2 of 3
+    assert load_weights(out)["epoch"] == 2
+    other = copy_data(data_dir, tmp_path / "other", changed=True)
+    assert_one_line_error(run("train.py", "--resume", out, "--data-dir", other, "--no-progress"),
+                          f"--data-dir {other} does not hold the data the run trained on in {data_dir}",
+                          "the sha256 of its classes, labels and images differ")
+    moved = copy_data(data_dir, tmp_path / "moved")
+    result = run("train.py", "--resume", out, "--data-dir", moved, "--no-progress", check=True)
+    assert f"note: the run's data moved from {data_dir} to {moved} (the same data" in result.stderr
+    resumed, reference = load_weights(out), load_weights(finished_run)
+    assert resumed["epoch"] == 3 and resumed["config"]["data_dir"] == str(moved)
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(moved)
+    for key, tensor in reference["model"].items():
+        assert torch.equal(resumed["model"][key], tensor), key
+
+
+def test_a_run_set_up_before_data_hashes_follows_the_same_data_only(data_dir, finished_run, tmp_path):
+    """A checkpoint written before config.json recorded data_sha256 (the runs in flight at 165a1bb)
+    resumes as it is, and with a moved --data-dir where the classes and the training images' mean
+    and std (its config's) are the same; other images are refused."""
+    checkpoint = torch.load(finished_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    checkpoint["config"].pop("data_sha256")
+    (tmp_path / "run").mkdir()
+    torch.save(checkpoint, tmp_path / "run" / "checkpoint.pt")
+    resume = str(tmp_path / "run")
+
+    def resumed(*flags):
+        return run_setup.resumed_run(train.build_parser().parse_args(["--resume", resume, *flags]), resume)[0]
+
+    assert resumed("--data-dir", str(data_dir)) == checkpoint["config"]
+    moved = copy_data(data_dir, tmp_path / "moved")
+    assert resumed("--data-dir", str(moved)) == {**checkpoint["config"], "data_dir": str(moved)}
+    other = copy_data(data_dir, tmp_path / "other", changed=True)
+    with pytest.raises(UserError, match="its classes and the per-channel mean and std of its training images"):
+        resumed("--data-dir", str(other))
 
 
 def test_a_short_run_scales_its_warm_up_and_prints_its_schedule(finished_run, data_dir, tmp_path):
@@ -354,6 +431,24 @@ def test_eval_round_trip(finished_run, data_dir):
     assert f"PreResNet-8 after 3 epochs, 64 test images of {data_dir.name}\n" in table
 
 
+def test_eval_reproduces_the_figure_a_bf16_run_printed(data_dir, tmp_path):
+    """eval.py evaluates a run as its training evaluated each epoch, in its recorded precision and
+    layout (bf16 autocast, channels-last): the same test loss and error, and the report says so;
+    --amp off evaluates in fp32, a figure of its own."""
+    out = tmp_path / "bf16"
+    run("train.py", *TINY, "--epochs", "1", "--amp", "bf16", "--out", out, data_dir=data_dir, check=True)
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    report = json.loads(run("eval.py", "--checkpoint", out, "--json", check=True).stdout)
+    assert (report["test_error"], report["test_loss"]) == (final["test_error"], final["test_loss"])
+    assert report["amp"] == "bf16"
+    assert report["precision"] == "bf16 autocast, as the run trained and evaluated, by its config.json; --amp off for fp32"
+    fp32 = json.loads(run("eval.py", "--checkpoint", out, "--json", "--amp", "off", check=True).stdout)
+    assert fp32["amp"] == "off" and fp32["precision"] == "fp32 (--amp off)"
+    assert fp32["test_loss"] != final["test_loss"]
+    table = run("eval.py", "--checkpoint", out, check=True).stdout
+    assert f"test loss {final['test_loss']:.4f}   (bf16 autocast, as the run trained and evaluated" in table
+
+
 def test_eval_rejects_bad_checkpoints(finished_run, tmp_path):
     assert_one_line_error(run("eval.py", "--checkpoint", tmp_path / "missing.pt"), "does not exist")
     truncated = tmp_path / "truncated.pt"
@@ -459,10 +554,14 @@ def test_model_names_a_registry_network_and_units_build_any(data_dir, tmp_path):
 def test_help_documents_every_flag():
     text = run("train.py", "--help", check=True).stdout
     words = " ".join(text.split())
-    # --loader's default is auto_backend's rule: torch on the CPU, DALI on a GPU only where measured not slower
-    assert auto_backend("cpu")[0] == "torch" and "DALI when installed" not in words
-    assert ("Default auto: torch on the CPU; on a GPU, DALI where it is installed and measured not slower on that GPU"
-            in words)
+    eval_words = " ".join(run("eval.py", "--help", check=True).stdout.split())
+    # --loader's default is auto_backend's rule: the torch loader, on the CPU and (DALI's GPU pipeline not yet
+    # run there) on a GPU
+    assert auto_backend("cpu")[0] == "torch" and auto_backend(torch.device("cuda"))[0] == "torch"
+    for help_words in (words, eval_words):
+        assert "DALI when installed" not in help_words and "measured not slower" not in help_words
+        assert "Default auto: the torch loader (on the CPU DALI was measured no faster; on a GPU DALI's pipeline has " \
+               "not yet run: --loader dali takes it)" in help_words
     for flag in ("--model", "--units", "--init", "--type", "--depth", "--width", "--dataset", "--data-dir", "--recipe",
                  "--epochs", "--batch-size", "--lr", "--weight-decay", "--out", "--resume", "--seed", "--device", "--amp", "--channels-last",
                  "--no-channels-last", "--compile", "--no-compile", "--fused", "--no-fused", "--crop-padding"):

@@ -2,15 +2,12 @@
 
 tests/test_docs.py checks that the documented commands parse and the links resolve; this file checks
 what the text says about them: the defaults and output of `python -m bench.launches` and the table
-quoted from its results file, the epoch times of the CPU reproduction and the command that gives
-them, the pretrained page's Python example (run as written, with each input it names), the facts it
+quoted from its results file, the pretrained page's Python example (run as written, with each input it names), the facts it
 lists, and what the front page says CI installs.
 """
 
 import json
 import re
-import shlex
-import statistics
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +19,7 @@ from bench.render_results import finished_seeds, row_statistics
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_README = ROOT / "bench" / "README.md"
-PLAN_README = ROOT / "tools" / "gpu_plan" / "README.md"
 LAUNCHES_RESULTS = ROOT / "bench" / "results" / "2026-12-03-cpu-launches" / "README.md"
-CPU_RUN = ROOT / "bench" / "results" / "reproduce" / "preresnet20-paper-cifar10-jpeg-cpu"
 
 
 def section(text: str, heading: str) -> str:
@@ -90,123 +85,6 @@ def test_the_launch_ratios_quoted_are_the_tables():
     assert len(quoted) == 3, quoted
     for model, ratio in quoted:
         assert f"{counts[model, 'fused'] / counts[model, 'eager-fp32']:.2f}" == ratio, model
-
-
-# --- the CPU reproduction ------------------------------------------------------------------------------
-
-def command_epochs(run: dict) -> list[tuple[int | None, range]]:
-    """(threads, epochs) of each command of the CPU run: run.json records each command's threads
-    (None: not recorded) and its epochs, or else the epochs done after it and its train.py command
-    line, found in train.log (the line after "$ ") with the epoch it resumed after."""
-    segments = re.split(r"^\$ ", (CPU_RUN / "train.log").read_text(), flags=re.MULTILINE)[1:]
-    found = []
-    # seed 0's commands: those that trained seeds added to the row later say nothing of its epochs
-    for command in [c for c in run["commands"] if "seed-0" in c.get("epochs", c.get("epochs_after", {}))]:
-        if "epochs" in command:
-            first, last = command["epochs"]["seed-0"]
-            found.append((command["threads"], range(first, last + 1)))
-            continue
-        for line in command["commands"]:  # in order: each is the next train.log command with this line
-            while not segments[0].splitlines()[0].endswith(line):
-                segments.pop(0)
-            resumed = int(re.search(r"resuming after epoch (\d+)", segments.pop(0)).group(1))
-            found.append((command["threads"], range(resumed + 1, command["epochs_after"]["seed-0"] + 1)))
-    return found
-
-
-def epoch_seconds_by_threads() -> dict[int | None, list[tuple[int, float]]]:
-    """(epoch, seconds) of the CPU run's epochs by the --threads of the command that trained them."""
-    run = json.loads((CPU_RUN / "run.json").read_text())
-    seconds = {row["epoch"]: row["epoch_seconds"]
-               for row in map(json.loads, (CPU_RUN / "seed-0" / "metrics.jsonl").read_text().splitlines())}
-    by_threads: dict[int | None, list[tuple[int, float]]] = {}
-    for threads, epochs in command_epochs(run):
-        by_threads.setdefault(threads, []).extend((epoch, seconds[epoch]) for epoch in epochs)
-    return by_threads
-
-
-def test_the_cpu_reproductions_epoch_times_are_its_metrics():
-    text = " ".join(PLAN_README.read_text().split())
-    claim = re.search(r"with 2 threads (\d+)-(\d+) s an epoch \(epochs (\d+)-(\d+), median (\d+) s: about (\d+) "
-                      r"hours for 164 epochs, at most (\d+)\)", text)
-    assert claim, "tools/gpu_plan/README.md's epoch times of the CPU reproduction with 2 threads"
-    low, high, first, last, median, hours, most = map(int, claim.groups())
-    two = epoch_seconds_by_threads()[2]
-    assert [epoch for epoch, _ in two] == list(range(first, last + 1))
-    times = [s for _, s in two]
-    assert (low, high, median) == (round(min(times)), round(max(times)), round(statistics.median(times)))
-    assert (hours, most) == (round(164 * statistics.median(times) / 3600), round(164 * max(times) / 3600))
-    assert 164 * max(times) < 36000  # "fits the 10 hours of --budget-seconds 36000"
-
-    claim = re.search(r"with the default 1 thread, .*? (\d+)-(\d+) s an epoch \(epochs (\d+)-(\d+) but a stalled one, "
-                      r"median (\d+) s: 164 epochs take about (\d+) hours, more than that budget", text)
-    assert claim, "tools/gpu_plan/README.md's epoch times of the CPU reproduction with 1 thread"
-    low, high, first, last, median, hours = map(int, claim.groups())
-    one = epoch_seconds_by_threads()[1]
-    assert [epoch for epoch, _ in one] == list(range(first, last + 1))
-    times = [s for _, s in one]
-    stalled = [s for s in times if s > 3 * statistics.median(times)]
-    steady = [s for s in times if s not in stalled]
-    assert len(stalled) == 1
-    assert (low, high, median) == (round(min(steady)), round(max(steady)), round(statistics.median(times)))
-    assert hours == round(164 * statistics.median(times) / 3600) and 164 * statistics.median(times) > 36000
-
-    claim = re.search(r"The finished run took (\d+\.\d) h of epoch time in all, slow epochs included \(median (\d+) s\)",
-                      text)
-    everything = [row["epoch_seconds"]
-                  for row in map(json.loads, (CPU_RUN / "seed-0" / "metrics.jsonl").read_text().splitlines())]
-    assert claim and len(everything) == 164
-    assert claim.groups() == (f"{sum(everything) / 3600:.1f}", f"{statistics.median(everything):.0f}")
-    recorded = sum(len(epochs) for threads, epochs in epoch_seconds_by_threads().items() if threads is not None)
-    unrecorded = re.search(r"`run.json` does not record the threads of its first (\d+) epochs and its last (\d+)", text)
-    assert unrecorded and int(unrecorded.group(1)) == first - 1 and \
-        int(unrecorded.group(1)) + recorded + int(unrecorded.group(2)) == 164
-
-
-def test_the_packed_seeds_epoch_times_are_their_metrics():
-    """Seeds 1 and 2 of the CPU run trained packed: an epoch of the two lasts as long as the slower
-    seed's; tools/gpu_plan/README.md quotes its median at each learning rate and the epochs' total."""
-    text = " ".join(PLAN_README.read_text().split())
-    claim = re.search(r"an epoch of the two took a median (\d+) s at lr 0\.1 \(epochs (\d+)-(\d+)\), (\d+) s at lr "
-                      r"0\.01 and (\d+) s at lr 0\.001 \(epochs (\d+)-(\d+): (\d+\.\d) h\)", text)
-    assert claim, "tools/gpu_plan/README.md's epoch times of the packed seeds 1 and 2"
-    at_01, first, last, at_001, at_0001, total_first, total_last, hours = claim.groups()
-    seconds, lrs = {}, {}
-    for seed in ("seed-1", "seed-2"):
-        for row in map(json.loads, (CPU_RUN / seed / "metrics.jsonl").read_text().splitlines()):
-            seconds[row["epoch"]] = max(seconds.get(row["epoch"], 0.0), row["epoch_seconds"])
-            lrs[row["epoch"]] = round(row["lr"], 6)
-    assert sorted(seconds) == list(range(1, 165))
-    # the quoted lr 0.1 epochs: all of them after the compiling and disturbed first ones
-    assert int(last) == max(e for e, lr in lrs.items() if lr == 0.1)
-    phases = {0.1: range(int(first), int(last) + 1),
-              **{lr: [e for e, v in lrs.items() if v == lr] for lr in (0.01, 0.001)}}
-    medians = {lr: round(statistics.median(seconds[e] for e in epochs)) for lr, epochs in phases.items()}
-    assert (int(at_01), int(at_001), int(at_0001)) == (medians[0.1], medians[0.01], medians[0.001])
-    assert (int(total_first), int(total_last)) == (7, 164)
-    assert hours == f"{sum(seconds[e] for e in range(7, 165)) / 3600:.1f}"
-
-
-def test_the_cpu_reproduction_command_runs_with_the_threads_it_was_timed_with():
-    from tools.gpu_plan.plan import build_parser
-
-    text = " ".join(PLAN_README.read_text().split())
-    command = re.search(r"`python -m tools\.gpu_plan (reproduce --model preresnet20 --device cpu [^`]*)`", text)
-    assert command, "tools/gpu_plan/README.md's CPU reproduction command"
-    args = build_parser().parse_args(shlex.split(command.group(1)))
-    assert args.threads == 2 and args.budget_seconds == 36000
-    assert build_parser().parse_args(["reproduce"]).threads == 1  # "--threads defaults to 1"
-
-
-def test_the_checkpoint_sizes_quoted_are_the_plans_estimate():
-    from tools.gpu_plan.reproduce import checkpoint_bytes
-
-    text = " ".join(PLAN_README.read_text().split())
-    quoted = re.search(r"`checkpoint_bytes`, weights and momentum in fp32: (\d+\.\d) MiB for PreResNet-110, "
-                       r"(\d+\.\d) for PreResNet-164, (\d+\.\d) for WRN-16-4", text)
-    assert quoted, "tools/gpu_plan/README.md's checkpoint sizes"
-    assert list(quoted.groups()) == [f"{checkpoint_bytes(name) / 2**20:.1f}"
-                                     for name in ("preresnet110", "preresnet164", "wrn16_4")]
 
 
 # --- the estimates on paper --------------------------------------------------------------------------------

@@ -89,8 +89,7 @@ def test_a_regular_install_holds_no_top_level_kernels(tmp_path, other_kernels):
 
 
 def test_a_checkout_serves_its_kernels_folder_as_preresnet_kernels(tmp_path, other_kernels):
-    """Run from the repository without installing (as the GPU plan runs on a machine that only has
-    the checkout): preresnet.kernels is the checkout's preresnet/kernels/ folder, and a `kernels`
+    """Run from the repository without installing (as on a machine that only has the checkout): preresnet.kernels is the checkout's preresnet/kernels/ folder, and a `kernels`
     package found first on the path is someone else's, untouched."""
     code = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in str(f)]\n" + IMPORTS
     seen = run_python(code, cwd=tmp_path, pythonpath=[other_kernels, ROOT])

@@ -232,12 +232,30 @@ def test_a_total_depth_is_refused_by_the_library_as_by_the_command_line():
 
 
 def test_dropout_sits_between_the_convs_of_wide_units():
-    model = build_model("wide", 1, 2, dropout=0.3)
-    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
-    assert len(dropouts) == 3 and all(d.p == 0.3 for d in dropouts)
-    model.eval()
-    x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(model(x), model(x))
+    """Zagoruyko & Komodakis (wide-resnet.lua 57-61): BN-ReLU, then dropout, then the second conv.
+    In train mode conv2 reads relu(bn2(.)) with each element either dropped (0) or kept and scaled
+    by 1/(1-p); the shortcut is untouched; in eval mode nothing is dropped."""
+    torch.manual_seed(0)
+    p = 0.3
+    model = build_model("wide", 1, 2, dropout=p)
+    unit = model.layer2[0]  # a projection unit: its shortcut reads the activation, not the dropped one
+    seen = {}
+    unit.bn2.register_forward_hook(lambda m, i, o: seen.__setitem__("activated", torch.relu(o)))
+    unit.conv2.register_forward_pre_hook(lambda m, i: seen.__setitem__("conv2_in", i[0]))
+    x = torch.randn(8, 32, 16, 16)
+    unit.train()
+    out = unit(x)
+    activated, read = seen["activated"], seen["conv2_in"]
+    live = activated > 0
+    dropped = live & (read == 0)
+    assert 0.2 < dropped.sum().item() / live.sum().item() < 0.4  # about p of the live elements
+    torch.testing.assert_close(read[live & ~dropped], activated[live & ~dropped] / (1 - p))
+    shortcut = unit.shortcut(torch.relu(unit.bn1(x)))
+    torch.testing.assert_close(out, unit.conv2(read) + shortcut)
+    unit.eval()
+    out = unit(x)
+    torch.testing.assert_close(seen["conv2_in"], seen["activated"])
+    assert not [m for m in build_model("wide", 1, 2).modules() if isinstance(m, nn.Dropout)]  # p = 0: no layer
 
 
 def test_get_model_passes_options():

@@ -76,7 +76,7 @@ def test_a_resumed_run_keeps_its_layout_and_compilation_under_auto():
     reasons = {"amp_reason": "auto: this CPU has no native bf16", "channels_last_reason": "--no-channels-last",
                "compile_reason": "--compile"}
     again = rt.resolve_runtime("cpu", "auto", loader="torch", saved={**saved, **reasons})
-    assert {key: value for key, value in again.reasons().items() if key != "loader_reason"} == reasons
+    assert {key: value for key, value in again.reasons().items() if key in reasons} == reasons
     flagged = rt.resolve_runtime("cpu", "off", channels_last=True, compile=False, loader="torch", saved=saved)
     assert (flagged.amp, flagged.channels_last, flagged.compile) == ("off", True, False)
 
@@ -96,6 +96,7 @@ def test_saved_runtime_reads_a_run_folder_a_checkpoint_or_a_packed_folder(tmp_pa
 
 def test_the_reasons_are_what_config_json_records():
     runtime = rt.settle_compile(rt.resolve_runtime("cpu", "off", loader="torch"), 10)
-    assert set(runtime.reasons()) == {"amp_reason", "channels_last_reason", "compile_reason", "loader_reason"}
+    assert set(runtime.reasons()) == {"amp_reason", "channels_last_reason", "compile_reason", "loader_reason",
+                                      "fused_reason", "cuda_graphs_reason"}
     assert all(runtime.reasons().values())
     assert runtime.device == torch.device("cpu")

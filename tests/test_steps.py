@@ -62,7 +62,11 @@ def assert_identical(a, b):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("network", list(NETWORKS))
-def test_capturable_step_matches_plain_step_bit_for_bit(network, fused):
+def test_the_body_a_gpu_would_capture_matches_the_plain_step_bit_for_bit(network, fused):
+    """On the CPU GraphStep captures nothing: it runs, uncaptured, the body a GPU would capture --
+    the batch copied into static buffers, the lr a device tensor the fused SGD reads, autocast
+    without its weight cache -- which must train exactly as the plain step. That the captured graph
+    replays the same is test_cuda_graph_replays_the_step's, on a GPU."""
     kind, depth, width, recipe_name = NETWORKS[network]
     torch.manual_seed(0)
     model = build_model(kind, depth, width, num_classes=4, fused=fused)
@@ -217,9 +221,9 @@ def test_cuda_graph_replays_the_step(fused):
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 def test_packed_captured_steps_on_their_streams_match_each_run_alone(fused):
     """On a GPU: 3 runs packed as train.py --seeds runs them -- each its own captured step replayed
-    on its own stream, queued in turn so that they overlap -- against each run trained alone. The
-    fused kernels keep a ticket-counter workspace per stream: a shared one, corrupted by two runs'
-    kernels at once, would show here as wrong batch statistics. The runs are the same kernels on the
+    on its own stream, queued in turn so that they overlap -- against each run trained alone. Each
+    run's step owns the fused kernels' ticket counters (preresnet.kernels.workspace): shared ones,
+    corrupted by two runs' kernels at once, would show here as wrong batch statistics. The runs are the same kernels on the
     same inputs, so only the order of independent work differs: the tolerance is tight."""
     from preresnet.kernels import INTERPRETED
 

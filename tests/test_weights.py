@@ -19,11 +19,12 @@ from PIL import Image
 
 import preresnet
 from preresnet import UserError, build_model, export, get_model, get_weights, list_weights, pretrained
-from preresnet.data import load_dataset
+from preresnet.data import load_dataset, load_split
 from preresnet.loaders import build_loader
 from preresnet.recipes import Recipe, resolve_recipe
 from preresnet.run_setup import prepare_config
 from preresnet.runfiles import CHECKPOINT_FORMAT, load_checkpoint
+from tests.test_data import pil_resized
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("a", "b", "c", "d")
@@ -96,7 +97,7 @@ def exported(tmp_path_factory):
         run = root / "runs" / name
         models[name] = rounded(finished_run(run, data_dir, type, depth, width, seed, prefix))
         export.export(run, registry, name, data=DATA, data_dir=str(data_dir), device="CPU (test)", commit="abc1234",
-                          reproduce=f"python -m tools.gpu_plan reproduce --seeds {seed}", source=f"runs/{name}")
+                      source=f"runs/{name}")
     return registry, data_dir, models
 
 
@@ -241,7 +242,7 @@ def test_export_refuses_an_unfinished_run_and_a_bad_name(exported, tmp_path):
         export.export(run, tmp_path / "registry", "x", data=DATA, data_dir="d", device="cpu")
     with pytest.raises(UserError, match="entry name 'DEFAULT'"):
         export.export(run, tmp_path / "registry", "DEFAULT", data=DATA, data_dir="d", device="cpu")
-    with pytest.raises(UserError, match="needs --name, --data, --data-dir, --device"):
+    with pytest.raises(UserError, match="needs --name, --data, --data-dir"):
         export.main(export.build_parser().parse_args([str(run)]))
     assert not (tmp_path / "registry").exists()
 
@@ -276,6 +277,38 @@ def test_transforms_take_what_torchvision_transforms_take(registry, exported):
     torch.testing.assert_close(model(normalize(Image.fromarray(images[0])).unsqueeze(0)), model(batch[:1]))
 
 
+def test_transforms_resize_other_sizes_as_torchvision_and_the_folder_loader_do(registry, tmp_path):
+    """Another size than 32x32 is resized and centre-cropped as torchvision's Resize(32) and
+    CenterCrop(32) do (PIL's antialiased bilinear: within one level of its rounding), for every input
+    form; the image folder loader gives the very same batch for the same image file; a PIL image of
+    another mode is converted to RGB, as ImageFolder loads it."""
+    entry = get_weights(S0)
+    transform = entry.transforms()
+    mean, std = torch.tensor(entry.meta["mean"])[:, None, None], torch.tensor(entry.meta["std"])[:, None, None]
+    one_level = 1.01 / (255 * float(std.min()))
+    rng = np.random.default_rng(3)
+    for height, width in ((64, 64), (40, 70), (96, 48), (16, 16)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        reference = (torch.from_numpy(pil_resized(image).copy()).permute(2, 0, 1) / 255.0 - mean) / std
+        chw = torch.from_numpy(image).permute(2, 0, 1)
+        for given in (image, Image.fromarray(image), chw, chw / 255.0, torch.from_numpy(image)[None]):
+            out = transform(given)
+            out = out[0] if out.dim() == 4 else out
+            assert out.shape == (3, 32, 32)
+            torch.testing.assert_close(out, reference, rtol=0, atol=one_level)
+        folder = tmp_path / f"{height}x{width}"
+        (folder / "test" / "a").mkdir(parents=True)
+        Image.fromarray(image).save(folder / "test" / "a" / "0.png")
+        split, _ = load_split("folder", folder, "test")
+        loader = build_loader(split.images, split.labels, batch_size=1, train=False, backend="torch",
+                              mean=entry.meta["mean"], std=entry.meta["std"])
+        assert torch.equal(next(iter(loader))[0][0], transform(Image.fromarray(image)))
+    gray = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    assert torch.equal(transform(Image.fromarray(gray)), transform(np.stack([gray] * 3, axis=-1)))
+    rgba = rng.integers(0, 256, (32, 32, 4), dtype=np.uint8)
+    assert torch.equal(transform(Image.fromarray(rgba)), transform(rgba[..., :3].copy()))
+
+
 @pytest.mark.parametrize("images, fragments", [
     (torch.full((3, 32, 32), 255.0), ["float images must be in [0, 1]", "from 255 to 255", "divide 0-255 images by 255"]),
     (torch.full((2, 3, 32, 32), -0.5), ["float images must be in [0, 1]", "from -0.5"]),
@@ -283,12 +316,11 @@ def test_transforms_take_what_torchvision_transforms_take(registry, exported):
     (np.full((32, 32, 3), 200.0), ["float images must be in [0, 1]"]),
     (torch.zeros(3, 32, 3, dtype=torch.uint8), ["shape (3, 32, 3)", "both the last and the third-from-last axis"]),
     (torch.zeros(32, 32, dtype=torch.uint8), ["shape (32, 32) has no channel axis of 3"]),
-    (Image.new("RGBA", (32, 32)), ["shape (32, 32, 4) has no channel axis of 3"]),
-    (Image.new("L", (32, 32)), ["shape (32, 32) has no channel axis of 3"]),
+    (np.zeros((32, 32, 4), dtype=np.uint8), ["shape (32, 32, 4) has no channel axis of 3"]),
     (torch.zeros(3, 32, 32, dtype=torch.int64), ["uint8 (0-255) or float in [0, 1], got torch.int64"]),
     (np.array([["a"]]), ["got a numpy array of <U1"]),
     ([[0, 1]], ["a PIL image, a numpy array or a tensor, got list"]),
-], ids=["float-0-255", "negative", "nan", "numpy-float-0-255", "ambiguous", "gray-tensor", "rgba", "gray-pil", "int64",
+], ids=["float-0-255", "negative", "nan", "numpy-float-0-255", "ambiguous", "gray-tensor", "rgba-array", "int64",
         "strings", "list"])
 def test_transforms_refuse_what_they_cannot_normalise(registry, images, fragments):
     with pytest.raises(UserError) as raised:
@@ -308,7 +340,8 @@ def load_hubconf():
 
 def test_torch_hub_loads_the_weights_from_a_checkout(registry):
     hubconf = load_hubconf()
-    assert hubconf.dependencies == ["torch"]
+    # what pretrained.py imports that torch does not install: numpy
+    assert hubconf.dependencies == ["torch", "numpy"]
     # the entry points torch.hub.list reports (it reads GitHub only): the public callables of hubconf
     assert sorted(name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")) == \
         sorted([*preresnet.list_models(), "get_weight", "list_weights"])
@@ -425,7 +458,7 @@ def test_the_card_holds_the_facts_and_regenerates(registry):
                  "| test error in training | 62.50%", f"--data-dir {meta['data']['data_dir']}",
                  f"mean {[round(m, 4) for m in meta['mean']]}", "| device | CPU (test) |", "| commit | abc1234 |",
                  meta["file"], meta["sha256"], export.STORAGE, f"![training curves]({S0}-curves.png)",
-                 meta["commands"]["reproduce"], meta["commands"]["train"], meta["commands"]["evaluate"],
+                 meta["commands"]["train"], meta["commands"]["evaluate"],
                  f'preresnet.get_model("preresnet20", weights="{S0}")',
                  f'torch.hub.load("path/to/preresnet", "preresnet20", source="local", weights="{S0}")',
                  *(f"| {cls} | {100 * accuracy:.2f}% |" for cls, accuracy in zip(CLASSES, meta["per_class_accuracy"]))):
@@ -464,8 +497,8 @@ def test_the_train_command_trains_the_same_run(registry):
     recipe = resolve_recipe(args.recipe, **{name: getattr(args, name) for name in run_setup.RECIPE_FLAGS})
     settings = meta["recipe_settings"]
     assert recipe == Recipe(**{**settings, "milestones": tuple(settings["milestones"])})
-    assert (args.type, args.depth, args.seed, args.dataset, args.data_dir) == \
-        ("normal", 1, 0, "folder", meta["data"]["data_dir"])
+    assert run_setup.network(args) == ("normal", 1, 1)
+    assert (args.seed, args.dataset, args.data_dir) == (0, "folder", meta["data"]["data_dir"])
     assert (args.device, args.amp, args.loader, args.channels_last, args.compile, args.fused, args.cuda_graphs) == \
         ("cpu", "off", "torch", True, False, False, False)
 
