@@ -3,6 +3,9 @@ python train.py --help says what it trains and how."""
 
 if __name__ == "__main__":  # stop signals are handled from the first line on, before torch is imported
     import os
+    import time
+
+    STARTED = time.monotonic()  # the command's start: --time-limit counts from here
 
     from preresnet import faults
 
@@ -14,9 +17,9 @@ from preresnet.train_cli import build_parser, main  # noqa: E402, F401  (tests a
 from preresnet.train_cli import cli as package_cli  # noqa: E402
 
 
-def cli(argv: list[str] | None = None) -> int:
-    return package_cli(argv, prog="train.py")
+def cli(argv: list[str] | None = None, started: float | None = None) -> int:
+    return package_cli(argv, prog="train.py", started=started)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(cli(started=STARTED))

@@ -63,19 +63,8 @@ class PreActBasicBlock(nn.Module):
     def forward_fused(self, x: torch.Tensor, stats):
         """The same unit in fused kernels; stats are x's batch mean and variance when known.
         Returns the output and its statistics."""
-        batchnorm_moments, fused_conv, fused_conv_carrying = fused_layers()
-        if self.activate_before_split:
-            # both paths read the activation, so it is materialised once, by the module itself, and
-            # conv1 is a plain conv of it
-            out, out_stats, residual = fused_conv_carrying(torch.relu(self.bn1(x)), None, self.conv1,
-                                                           emit_stats=self.training)
-        else:
-            bn1 = batchnorm_moments(self.bn1, x, stats)
-            if self.shortcut is None:  # the identity reads x, carried through conv1's layer
-                out, out_stats, residual = fused_conv_carrying(x, bn1, self.conv1, emit_stats=self.training)
-            else:
-                residual = fused_conv(x, bn1.read_only(), self.shortcut, emit_stats=False)[0]
-                out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
+        out, out_stats, residual = fused_first_layer(self, x, stats)
+        batchnorm_moments, fused_conv, _ = fused_layers()
         return fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2, residual,
                           emit_stats=self.training)
 
@@ -87,6 +76,7 @@ class PreActBottleneck(nn.Module):
     1, 1, stride, stride, 0, 0), then the 3x3 at 1, 1)."""
 
     expansion = 4
+    activate_before_split = False  # He et al.'s bottleneck networks start with a projection
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, fused: bool = False):
         super().__init__()
@@ -111,17 +101,28 @@ class PreActBottleneck(nn.Module):
         return out + residual
 
     def forward_fused(self, x: torch.Tensor, stats):
-        batchnorm_moments, fused_conv, fused_conv_carrying = fused_layers()
-        bn1 = batchnorm_moments(self.bn1, x, stats)
-        if self.shortcut is None:  # the identity reads x, carried through conv1's layer
-            out, out_stats, residual = fused_conv_carrying(x, bn1, self.conv1, emit_stats=self.training)
-        else:
-            residual = fused_conv(x, bn1.read_only(), self.shortcut, emit_stats=False)[0]
-            out, out_stats = fused_conv(x, bn1, self.conv1, emit_stats=self.training)
+        out, out_stats, residual = fused_first_layer(self, x, stats)
+        batchnorm_moments, fused_conv, _ = fused_layers()
         out, out_stats = fused_conv(out, batchnorm_moments(self.bn2, out, out_stats), self.conv2,
                                     emit_stats=self.training)
         return fused_conv(out, batchnorm_moments(self.bn3, out, out_stats), self.conv3, residual,
                           emit_stats=self.training)
+
+
+def fused_first_layer(unit: PreActBasicBlock | PreActBottleneck, x: torch.Tensor, stats):
+    """A unit's BN1-ReLU-conv1 and its shortcut in fused kernels: (conv1's output, its statistics,
+    the residual the unit's last conv adds)."""
+    batchnorm_moments, fused_conv, fused_conv_carrying = fused_layers()
+    if unit.activate_before_split:
+        # both paths read the activation, so it is materialised once, by the module itself, and conv1
+        # is a plain conv of it
+        return fused_conv_carrying(torch.relu(unit.bn1(x)), None, unit.conv1, emit_stats=unit.training)
+    bn1 = batchnorm_moments(unit.bn1, x, stats)
+    if unit.shortcut is None:  # the identity reads x, carried through conv1's layer
+        return fused_conv_carrying(x, bn1, unit.conv1, emit_stats=unit.training)
+    residual = fused_conv(x, bn1.read_only(), unit.shortcut, emit_stats=False)[0]
+    out, out_stats = fused_conv(x, bn1, unit.conv1, emit_stats=unit.training)
+    return out, out_stats, residual
 
 
 def make_shortcut(in_channels: int, out_channels: int, stride: int) -> nn.Conv2d | None:

@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +27,24 @@ from .runtime import Runtime, cpu_name
 ROOT = Path(__file__).resolve().parents[1]  # the checkout, where the package is run from one
 # what the benchmark and reproduction tools write into the checkout: no change to the code that ran
 OUTPUT_PATHS = ("bench/results", "preresnet/weights")
-COMMAND_START = time.monotonic()  # this process's start, near enough: the package is imported first
-# the same moment as a date: every run a command trains (packed seeds) records one start, so that a
-# results table can tell the runs of one command from commands of their own
-COMMAND_STARTED = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+@dataclass(frozen=True)
+class Command:
+    """The command that trains: when it started, on a monotonic clock (--time-limit and its wall time
+    count from it) and as a date (every run it trains, packed seeds too, records the same one, so a
+    results table tells the runs of one command from commands of their own), and its command line.
+    train.py makes it first thing and passes it down."""
+
+    clock: float
+    date: str
+    argv: tuple[str, ...]
+
+    @classmethod
+    def starting(cls, clock: float | None = None, argv: list[str] | None = None) -> "Command":
+        """A command starting at clock (time.monotonic(); default now) with argv (default sys.argv)."""
+        return cls(time.monotonic() if clock is None else clock, time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                   tuple(sys.argv if argv is None else argv))
 
 
 def git_commit(root: Path = ROOT) -> str | None:
@@ -62,11 +77,11 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({cpu_name()})"
 
 
-def command_record(runtime: Runtime, argv: list[str] | None = None) -> dict:
+def command_record(runtime: Runtime, command: Command) -> dict:
     """This command as a run's commands.jsonl records it (epochs and times are added as it trains)."""
     return {
-        "started": COMMAND_STARTED,
-        "argv": list(sys.argv if argv is None else argv),
+        "started": command.date,
+        "argv": list(command.argv),
         "commit": git_commit(),
         "host": platform.node(),
         "device": device_name(runtime.device),
@@ -93,7 +108,8 @@ def commands_text(records: list[dict]) -> str:
     return "".join(json.dumps(record) + "\n" for record in records)
 
 
-def this_command(record: dict, history: list[dict], first_epoch: int, stopped_in: dict | None = None) -> dict:
+def this_command(record: dict, history: list[dict], first_epoch: int, command: Command,
+                 stopped_in: dict | None = None) -> dict:
     """record, with what this command has trained so far: the epochs after first_epoch in history
     (those it finished), their step and epoch times, the command's wall time until now, and where
     inside an epoch it stopped (stopped_in: epoch and step), if it did."""
@@ -102,5 +118,5 @@ def this_command(record: dict, history: list[dict], first_epoch: int, stopped_in
             "epochs": [mine[0]["epoch"], mine[-1]["epoch"]] if mine else [],
             "train_seconds": round(sum(m.get("train_seconds", 0.0) for m in mine), 1),
             "epoch_seconds": round(sum(m.get("epoch_seconds", 0.0) for m in mine), 1),
-            "wall_seconds": round(time.monotonic() - COMMAND_START, 1),
+            "wall_seconds": round(time.monotonic() - command.clock, 1),
             "pid": os.getpid()}

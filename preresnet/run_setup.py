@@ -159,7 +159,7 @@ def moved_data(config: dict, data_dir: str) -> dict:
     return {**config, "data_dir": data_dir}
 
 
-def train_one(args: argparse.Namespace, runtime, resume: str | None, deadline: float | None) -> dict:
+def train_one(args: argparse.Namespace, runtime, resume: str | None, deadline: float | None, command=None) -> dict:
     dist = runtime.dist
     if resume:
         config, recipe, out, checkpoint = resumed_run(args, resume)
@@ -178,7 +178,7 @@ def train_one(args: argparse.Namespace, runtime, resume: str | None, deadline: f
     spec = RunSpec(config, recipe, out, checkpoint, keep_previous)
     if dist.is_main:
         say_start([spec], dataset)
-    [run] = train_runs([spec], runtime, dataset, progress=args.progress, deadline=deadline)
+    [run] = train_runs([spec], runtime, dataset, progress=args.progress, deadline=deadline, command=command)
     faults.finished()  # every epoch is saved: a signal from now on changes nothing
     final = run.history[-1] if run.history else {}
     if final and dist.is_main and run.status == "paused":

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -64,8 +63,6 @@ def synchronize(device: torch.device) -> None:
 class PlainStep:
     """forward, loss, backward and optimizer step, run eagerly (the model may be compiled)."""
 
-    captured = False
-
     def __init__(self, model, forward, optimizer, scaler, runtime, note: str | None = None):
         self.model, self.forward, self.optimizer, self.scaler, self.runtime = model, forward, optimizer, scaler, runtime
         self.note = note  # why the step is not captured, when it was asked to be
@@ -73,7 +70,7 @@ class PlainStep:
         self.counters = new_counters(runtime.device) if runtime.fused else None
         self.calls = 0
         self.first_step_seconds = None  # time to the first step's end: compilation included
-        self.capture_seconds = 0.0
+        self.capture = None  # GraphCapture, where the step is captured
         self._lr = None
 
     def set_lr(self, lr: float) -> None:
@@ -111,17 +108,67 @@ class PlainStep:
     def describe(self) -> str:
         return self.note or "plain step (not captured)"
 
+    @property
+    def captured(self) -> bool:
+        return self.capture is not None and self.capture.graph is not None
+
     def take_timings(self) -> dict:
         """compile_seconds (the first step: compilation, autotuning and warm-up included) and
         capture_seconds (recording the graph), each reported once, by the epoch in which it happened."""
-        timings = {}
-        if self.first_step_seconds is not None:
-            timings["compile_seconds"] = self.first_step_seconds
-            self.first_step_seconds = None
-        if self.captured and not getattr(self, "_capture_reported", False):
-            timings["capture_seconds"] = self.capture_seconds
-            self._capture_reported = True
+        timings = {} if self.first_step_seconds is None else {"compile_seconds": self.first_step_seconds}
+        self.first_step_seconds = None
+        if self.capture is not None:
+            timings.update(self.capture.take_seconds("capture_seconds", "capture_seconds"))
         return timings
+
+
+class GraphCapture:
+    """A function run eagerly on a side stream for its first `warmup` calls (compilation, autotuning,
+    buffers it allocates), then captured into a CUDA graph on that stream and replayed from then on:
+    the one capture mechanism of the training step and of the evaluation forward."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.stream = torch.cuda.Stream(device)
+        self.graph = self.outputs = None
+        self.calls = 0
+        self.first_call_seconds = None  # the first eager call, compilation included, until reported
+        self.capture_seconds = None  # recording the graph, until reported (take_seconds)
+
+    def __call__(self, function, before_capture=None):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        synchronize(self.device)
+        start = time.perf_counter()
+        if self.calls < self.warmup:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                out = function()
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            synchronize(self.device)
+            if self.calls == 0:
+                self.first_call_seconds = time.perf_counter() - start
+            self.calls += 1
+            return out
+        if before_capture is not None:
+            before_capture()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            outputs = function()
+        synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        self.graph, self.outputs = graph, outputs
+        graph.replay()  # the capture recorded the call; this runs it
+        return outputs
+
+    def take_seconds(self, attribute: str, key: str) -> dict:
+        """{key: the first call's or the capture's seconds (attribute)}, once, after it happened."""
+        seconds = getattr(self, attribute)
+        if seconds is None:
+            return {}
+        setattr(self, attribute, None)
+        return {key: seconds}
 
 
 class GraphStep(PlainStep):
@@ -131,12 +178,8 @@ class GraphStep(PlainStep):
         super().__init__(model, forward, optimizer, scaler, runtime)
         device = runtime.device
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=device)
-        # warm-up and capture: the same stream, whose fused-kernel workspace the warm-up allocates
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.capture = GraphCapture(device, WARMUP_STEPS) if device.type == "cuda" else None
         self.static_x = self.static_y = None
-        self.graph = None
-        self.outputs = None
-        self.captured = False
 
     def set_lr(self, lr: float) -> None:
         if lr != self._lr:
@@ -163,35 +206,14 @@ class GraphStep(PlainStep):
             return PlainStep.__call__(self, x, y)  # never in training (partial batches are dropped)
         self.static_x.copy_(x)
         self.static_y.copy_(y)
-        if self.runtime.device.type != "cuda":  # nothing to capture: the step that would be captured, run directly
+        if self.capture is None:  # nothing to capture on a CPU: the step that would be captured, run directly
             return PlainStep.__call__(self, self.static_x, self.static_y)
-        if self.graph is not None:
-            self.graph.replay()
-            self.calls += 1
-            return self.outputs
-        device = self.runtime.device
-        synchronize(device)
-        start = time.perf_counter()
-        if self.calls < WARMUP_STEPS:
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self.stream):
-                out = self.static_step()
-            torch.cuda.current_stream(device).wait_stream(self.stream)
-            synchronize(device)
-            if self.calls == 0:
-                self.first_step_seconds = time.perf_counter() - start
-            self.calls += 1
-            return out
-        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients it writes
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            outputs = self.static_step()
-        synchronize(device)
-        self.capture_seconds += time.perf_counter() - start
-        self.graph, self.outputs, self.captured = graph, outputs, True
-        self.graph.replay()  # the capture recorded the step; this runs it
+        # the captured backward allocates the gradients it writes
+        out = self.capture(self.static_step, before_capture=lambda: self.optimizer.zero_grad(set_to_none=True))
+        if self.calls == 0:
+            self.first_step_seconds = self.capture.first_call_seconds
         self.calls += 1
-        return self.outputs
+        return out
 
     def describe(self) -> str:
         if self.runtime.device.type != "cuda":
@@ -239,67 +261,40 @@ class TimedEval(EvalForward):
 
 class GraphedEval(EvalForward):
     """The evaluation forward for the fixed evaluation batch, captured in a CUDA graph on a GPU
-    (after one eager warm-up call on a side stream); any other batch shape (the last partial batch)
+    (GraphCapture, after one eager warm-up call); any other batch shape (the last partial batch)
     runs the forward directly. The graph reads the weights and running statistics in place, so it
     stays valid while training updates them. Under torch.compile the forward it captures is the
     compiled one."""
 
     def __init__(self, forward, model, runtime):
         self.forward, self.model, self.runtime = forward, model, runtime
-        # warm-up and capture (see GraphStep)
-        self.stream = torch.cuda.Stream(runtime.device) if runtime.device.type == "cuda" else None
-        self.graph = self.static_x = self.output = None
-        self.calls = 0
-        self.capture_seconds = 0.0
-        self.first_batch_seconds = None
+        self.capture = GraphCapture(runtime.device, 1) if runtime.device.type == "cuda" else None
+        self.static_x = None
         self.counters = new_counters(runtime.device) if runtime.fused else None  # its graph's (see PlainStep)
 
-    def _forward(self, x):
+    def _forward(self):
         with launching_with(self.counters):
             if self.runtime.amp == "off":
-                return self.forward(x)
+                return self.forward(self.static_x)
             with torch.autocast(self.runtime.device.type, dtype=self.runtime.amp_dtype, cache_enabled=False):
-                return self.forward(x)
+                return self.forward(self.static_x)
 
     def __call__(self, x):
-        device = self.runtime.device
-        if self.graph is not None and x.shape == self.static_x.shape and x.stride() == self.static_x.stride():
-            self.static_x.copy_(x)
-            self.graph.replay()
-            return self.output
-        if self.graph is not None or device.type != "cuda" or torch.is_grad_enabled():
+        if self.capture is None or torch.is_grad_enabled():
             return self.forward(x)
-        synchronize(device)
-        start = time.perf_counter()
-        if self.calls == 0:  # warm-up: compilation (eval mode is its own graph) and autotuning
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(self.stream):
-                out = self._forward(x)
-            torch.cuda.current_stream(device).wait_stream(self.stream)
-            synchronize(device)
-            self.first_batch_seconds = time.perf_counter() - start
-            self.calls += 1
-            return out
-        static_x = x.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            output = self._forward(static_x)
-        synchronize(device)
-        self.capture_seconds += time.perf_counter() - start
-        self.graph, self.static_x, self.output = graph, static_x, output
-        self.graph.replay()
-        self.calls += 1
-        return self.output
+        if self.static_x is None:
+            self.static_x = x.clone()
+        if x.shape != self.static_x.shape or x.stride() != self.static_x.stride():
+            return self.forward(x)
+        self.static_x.copy_(x)
+        return self.capture(self._forward)
 
     def take_timings(self) -> dict:
-        timings = {}
-        if self.first_batch_seconds is not None:
-            timings["eval_compile_seconds"] = self.first_batch_seconds
-            self.first_batch_seconds = None
-        if self.graph is not None and not getattr(self, "_capture_reported", False):
-            timings["eval_capture_seconds"] = self.capture_seconds
-            self._capture_reported = True
-        return timings
+        """eval_compile_seconds (the warm-up call) and eval_capture_seconds, each reported once."""
+        if self.capture is None:
+            return {}
+        return {**self.capture.take_seconds("first_call_seconds", "eval_compile_seconds"),
+                **self.capture.take_seconds("capture_seconds", "eval_capture_seconds")}
 
 
 def graph_fallback_reason(runtime, own_random_state: bool = False) -> str | None:
@@ -338,10 +333,6 @@ def build_step(model, optimizer, scaler, runtime, own_random_state: bool = False
     Returns (step, eval_forward): step(x, y) -> (loss, logits) with step.set_lr(lr),
     step.take_timings() and step.describe(); eval_forward(x) -> logits, with .eval() and, when
     graphed, take_timings()."""
-    if runtime.compile and runtime.dist.enabled:
-        # DDP broadcasts BatchNorm buffers before each forward, which Dynamo cannot trace: one graph
-        # break there, announced once per rank (pytorch/pytorch#141827); the model itself compiles.
-        warnings.filterwarnings("ignore", message=".*_broadcast_coalesced")
     forward = torch.compile(model) if runtime.compile else model
     if not runtime.cuda_graphs:
         return PlainStep(model, forward, optimizer, scaler, runtime), (

@@ -163,7 +163,8 @@ def run_flags(args: argparse.Namespace, run: GridRun) -> argparse.Namespace:
                                  "seeds": None})
 
 
-def train_packed(args: argparse.Namespace, runtime, runs: list[GridRun], folder: Path, deadline: float | None) -> dict:
+def train_packed(args: argparse.Namespace, runtime, runs: list[GridRun], folder: Path, deadline: float | None,
+                 command=None) -> dict:
     """The runs of --seeds (and lists) in one process, each in its own run folder of the command's
     folder (resumed where it holds a checkpoint, else started); summary.json after every epoch, and
     the table over seeds at the end."""
@@ -199,6 +200,7 @@ def train_packed(args: argparse.Namespace, runtime, runs: list[GridRun], folder:
         if specs:
             say_start(specs, dataset)
             trained = train_runs(specs, runtime, dataset, progress=args.progress, deadline=deadline, packed=True,
+                                 command=command,
                                  after_epoch=lambda _: write_summary(folder, runs))
             faults.finished()
     finally:

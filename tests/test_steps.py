@@ -208,7 +208,7 @@ def test_cuda_graph_replays_the_step(fused):
             losses.append(step(x, y)[0].item())
         results.append((m, losses, step))
     (plain, plain_losses, _), (graphed, graph_losses, step) = results
-    assert step.captured and step.graph is not None
+    assert step.captured and step.capture.graph is not None
     assert graph_losses == pytest.approx(plain_losses, rel=2e-2)
     for (key, a), b in zip(plain.state_dict().items(), graphed.state_dict().values()):
         if a.is_floating_point():
