@@ -19,8 +19,8 @@ setup(
     # the Triton kernels are the subpackage preresnet.kernels: no generic top-level name (the
     # Hugging Face `kernels` package on PyPI imports as `kernels`)
     packages=find_packages(include=["preresnet", "preresnet.*"]),
-    # measured per GPU: which layers leave the Triton kernel, and each kernel's launch configuration
-    package_data={"preresnet.kernels": ["conv_paths.json", "launch_configs.json"],
+    # measured per GPU: which layers leave the Triton kernel
+    package_data={"preresnet.kernels": ["conv_paths.json"],
                   # per GPU: the loader --loader auto takes; the pretrained weights registry (preresnet/pretrained.py)
                   "preresnet": ["gpu_defaults.json", "weights/*.json", "weights/*.pt", "weights/*.md", "weights/*.png"]},
     install_requires=[

@@ -8,8 +8,8 @@ dtypes are those of a real step, no arithmetic is done, so any machine measures 
 
 It also gives the fused backward's largest transient buffer: the fp32 partials of the weight
 gradient's split (`preresnet.kernels.preact_conv.wgrad_grid`), allocated per launch and sized by the
-GPU's multiprocessors (--multiprocessors; default an H100's or H200's 132) and the launch
-configuration that GPU uses.
+GPU's multiprocessors (--multiprocessors; default an H100's or H200's 132) and the weight
+gradient's launch configuration.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import json
 
 import torch
 
-from bench.compile_audit import EMULATED_GPU, EMULATED_MULTIPROCESSORS
+from bench.compile_audit import EMULATED_MULTIPROCESSORS
 from preresnet import get_model, list_models
-from preresnet.kernels import launch_configs
+from preresnet.kernels.launch_configs import CONV_WGRAD, DEFAULTS
 from preresnet.kernels.paths import ConvSignature, conv_signatures
 from preresnet.kernels.preact_conv import conv_output_size, wgrad_grid
 
@@ -60,17 +60,15 @@ def output_pixels(signature: ConvSignature, batch_size: int) -> int:
             * conv_output_size(signature.width, kernel, stride, padding))
 
 
-def wgrad_scratch(name: str, batch_size: int, multiprocessors: int = EMULATED_MULTIPROCESSORS,
-                  dtype: torch.dtype = torch.bfloat16, gpu: str = EMULATED_GPU) -> dict:
-    """The fused model's weight-gradient launch with the most fp32 scratch at batch_size, on the GPU
-    `gpu` (its launch configurations) with that many multiprocessors: its layer, splits, programs
-    and scratch bytes."""
+def wgrad_scratch(name: str, batch_size: int, multiprocessors: int = EMULATED_MULTIPROCESSORS) -> dict:
+    """The fused model's weight-gradient launch with the most fp32 scratch at batch_size on a GPU
+    with that many multiprocessors: its layer, splits, programs and scratch bytes."""
+    config = DEFAULTS[CONV_WGRAD]
     with torch.device("meta"):
         model = get_model(name, fused=True)
     launches = []
     for signature in sorted(set(conv_signatures(model).values()), key=lambda s: s.key):
         pixels = output_pixels(signature, batch_size)
-        config = launch_configs.launch_config(launch_configs.CONV_WGRAD, signature.key, dtype, gpu)
         grid = wgrad_grid(pixels, signature.kernel ** 2, signature.in_channels, signature.out_channels,
                           config.block("BLOCK_M", pixels), config.block("BLOCK_C", signature.in_channels),
                           config.block("BLOCK_CO", signature.out_channels), multiprocessors)

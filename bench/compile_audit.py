@@ -3,14 +3,14 @@ that are not here, with its registers, spills, shared memory and tensor-core ins
 
     python -m bench.compile_audit                  # registry networks + benchmark shapes, sm_90 and sm_80, 3 dtypes
     python -m bench.compile_audit --quick          # one launch per distinct kernel/constexpr combination
-    python -m bench.compile_audit --search-space   # also every config of kernels.launch_configs.SEARCH_SPACE
     python -m bench.compile_audit --json FILE      # the rows as JSON
 
 How: a child process, under TRITON_INTERPRET=1 (so the launchers accept CPU tensors), replaces every
 Triton kernel of `kernels.preact_conv` by a proxy whose `kernel[grid](*args, **kwargs)` records the
-launch and runs nothing, then runs a fused training step (forward + backward, batch 128) of every
-registry network, an eval forward, and the benchmark workloads of `bench.workloads`, under
-autocast bf16 / fp16 and in fp32. Each launch becomes a compile signature through Triton's own
+launch and runs nothing, and the launchers' `launch_target` by an H100's (so they choose the GPU's
+tiles and weight-gradient split), then runs a fused training step (forward + backward, batch 128)
+of every registry network, an eval forward, and the benchmark workloads of `bench.workloads`,
+under autocast bf16 / fp16 and in fp32. Each launch becomes a compile signature through Triton's own
 JIT binder for a CUDA target (pointer dtypes, the specialisation of integers equal to 1 or divisible
 by 16, constexprs, num_warps / num_stages), so the audit follows the launchers whatever their
 argument lists. The distinct specializations are then compiled with `triton.compile` for sm_90 and
@@ -48,7 +48,7 @@ ARCHS = {"sm_90": 90, "sm_80": 80}
 # compiled with more fails at launch ("out of resource: shared memory"), which ptxas does not report
 SHARED_LIMIT = {"sm_90": 232448, "sm_80": 166912}
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-EMULATED_GPU = "NVIDIA H100 80GB HBM3"  # the table lookups while recording (its defaults, unless the table names it)
+EMULATED_GPU = "NVIDIA H100 80GB HBM3"  # the GPU whose launches are recorded
 EMULATED_MULTIPROCESSORS = 132  # that GPU's (an H200's too): the weight gradient's split is sized to them
 BATCH = 128
 
@@ -160,15 +160,24 @@ def _record_layer(recorder: _Recorder) -> None:
     layers.record = record
 
 
+def _launch_as_on_the_gpu() -> None:
+    """Make the launchers size every launch as on EMULATED_GPU, whatever the tensors' device: its
+    multiprocessors split the weight gradient, and its tiles are the launch configurations' (the
+    interpreter's are larger, for the CPU's speed)."""
+    import preresnet.kernels.preact_conv as preact_conv
+
+    gpu = preact_conv.LaunchTarget(multiprocessors=EMULATED_MULTIPROCESSORS, interpreter=False)
+    preact_conv.launch_target = lambda device: gpu
+
+
 def record_launches(dtypes=tuple(DTYPES), networks=None, batch: int = BATCH, benchmarks: bool = True) -> list[dict]:
-    """The distinct kernel launches (compile specs) of the workloads; must run with TRITON_INTERPRET=1."""
+    """The distinct kernel launches (compile specs) of the workloads; must run with TRITON_INTERPRET=1,
+    in a process of its own (it replaces the kernels and the launchers' `launch_target`)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("record_launches needs TRITON_INTERPRET=1 set before triton is imported")
     import torch
     import torch.nn.functional as F
 
-    import preresnet.kernels.preact_conv as preact_conv
-    from preresnet.kernels import launch_configs
     from preresnet import get_model
 
     recorder = _Recorder()
@@ -176,13 +185,11 @@ def record_launches(dtypes=tuple(DTYPES), networks=None, batch: int = BATCH, ben
     if not kernels_found:
         raise RuntimeError(f"no Triton kernels found in {KERNEL_MODULES}")
     _record_layer(recorder)
-    # the interpreter's few weight-gradient splits are for CPU speed; the GPU's are what gets compiled
-    # (pixel tiles follow the launch configs while emulate_device is active)
-    preact_conv.INTERPRETER_MULTIPROCESSORS = EMULATED_MULTIPROCESSORS
+    _launch_as_on_the_gpu()
     networks = list(networks or distinct_networks())
     torch.set_flush_denormal(True)  # the tensors are uninitialised: denormal garbage would be slow
     torch.manual_seed(0)
-    with launch_configs.emulate_device(EMULATED_GPU), torch.inference_mode(False):
+    with torch.inference_mode(False):
         for short in dtypes:
             dtype = getattr(torch, DTYPES[short])
             recorder.dtype = short
@@ -307,57 +314,6 @@ def backend_missing() -> str | None:
     return None
 
 
-# --- search space ---------------------------------------------------------------------------------------
-
-
-def search_space_specs(specs: list[dict]) -> list[dict]:
-    """Every recorded conv/elementwise launch re-specialised with every config of its kind's search
-    space (blocks clamped to the launch's dimensions as Config.fit does, num_warps / num_stages set).
-    A config field that the kernel does not take is an error row for conv kinds: the table would not
-    reach the kernel."""
-    from preresnet.kernels.launch_configs import ELEMENTWISE, configs_for_audit, kernel_kind
-
-    out: dict[str, dict] = {}
-    for spec in specs:
-        kind = kernel_kind(spec["kernel"])
-        for config in configs_for_audit(kind):
-            fitted = config.fit(kind, spec.get("sizes", {}))
-            constexprs = dict(spec["constexprs"])
-            missing = [name for name in fitted if name not in constexprs]
-            if missing and kind != ELEMENTWISE:
-                fitted = {}
-                error = f"config fields {missing} are not constexprs of {spec['kernel']} ({sorted(constexprs)})"
-            else:
-                error = None
-            for name, value in fitted.items():
-                if name in constexprs:
-                    constexprs[name] = value
-            new = {**spec, "constexprs": constexprs, "options": {**spec["options"], **config.options},
-                   "config": str(config), "kind": kind}
-            if error:
-                new["error"] = error
-            key = json.dumps({k: new[k] for k in ("module", "kernel", "dtype", "signature", "constexprs", "attrs",
-                                                   "options")}, sort_keys=True)
-            if key not in out:
-                out[key] = {**new, "contexts": dict(spec["contexts"]), "layers": dict(spec["layers"])}
-            else:
-                out[key]["contexts"].update(spec["contexts"])
-                out[key]["layers"].update(spec["layers"])
-    return list(out.values())
-
-
-def dedupe(specs: list[dict]) -> list[dict]:
-    """Drop exact duplicates (a recorded launch is also its default config's search-space entry)."""
-    seen, unique = set(), []
-    for spec in specs:
-        key = json.dumps({k: spec[k] for k in ("kernel", "dtype", "signature", "constexprs", "attrs", "options")},
-                         sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            unique.append(spec)
-    return unique
-
-
 def quick_subset(specs: list[dict]) -> list[dict]:
     """One spec per distinct (kernel, dtype, pointer types, constexprs, options): integer
     divisibility aside, that is everything that changes the generated code."""
@@ -390,12 +346,12 @@ def ci_subset(specs: list[dict], low_archs=(("bf16", "sm_90"), ("fp16", "sm_80")
 
 
 def worst_cases(specs: list[dict]) -> list[dict]:
-    """Per kernel, dtype, conv geometry (KH, STRIDE) and config: the launch with the largest blocks
-    and the most epilogue work (the most constexpr flags on), the one most likely to spill."""
+    """Per kernel, dtype and conv geometry (KH, STRIDE): the launch with the largest blocks and the
+    most epilogue work (the most constexpr flags on), the one most likely to spill."""
     best: dict[str, dict] = {}
     for spec in specs:
         c = spec["constexprs"]
-        key = json.dumps([spec["kernel"], spec["dtype"], c.get("KH"), c.get("STRIDE"), spec.get("config")], sort_keys=True)
+        key = json.dumps([spec["kernel"], spec["dtype"], c.get("KH"), c.get("STRIDE")], sort_keys=True)
         blocks = 1
         for name, value in c.items():
             if name.startswith("BLOCK") and isinstance(value, int):
@@ -539,11 +495,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-benchmarks", action="store_true", help="only the registry networks")
     parser.add_argument("--quick", action="store_true",
                         help="one launch per distinct kernel / dtype / constexpr / options combination")
-    parser.add_argument("--search-space", action="store_true",
-                        help="compile every config of kernels.launch_configs.SEARCH_SPACE at every recorded launch")
-    parser.add_argument("--only-search-space", action="store_true", help="the search space alone (implies --search-space)")
     parser.add_argument("--worst-cases", action="store_true",
-                        help="per kernel, dtype, conv geometry and config only the launch with the largest blocks")
+                        help="per kernel, dtype and conv geometry only the launch with the largest blocks")
     parser.add_argument("--ci", action="store_true", help="the CI test's subset (see ci_subset)")
     parser.add_argument("--kernels", help="comma-separated kernel names to audit (default: all)")
     parser.add_argument("--jobs", type=int, default=2)
@@ -566,9 +519,6 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     specs = run_recorder(dtypes, networks, args.batch, not args.no_benchmarks)
     recorded = len(specs)
-    if args.search_space or args.only_search_space:
-        space = search_space_specs(specs)
-        specs = space if args.only_search_space else dedupe(specs + space)
     if args.kernels:
         specs = [spec for spec in specs if spec["kernel"] in args.kernels.split(",")]
     if args.worst_cases:
@@ -578,7 +528,8 @@ def main(argv=None) -> int:
     if args.ci:
         specs = ci_subset(specs)
     archs = [a for a in args.archs.split(",") if a]
-    print(f"compile audit: {recorded} recorded specializations, {len(specs)} compiled for {', '.join(archs)} "
+    print(f"compile audit: {recorded} specializations recorded as launched on {EMULATED_GPU} "
+          f"({EMULATED_MULTIPROCESSORS} multiprocessors), {len(specs)} compiled for {', '.join(archs)} "
           f"(triton {triton.__version__}, {args.jobs} processes)", flush=True)
     rows = audit(specs, archs, args.jobs)
     if args.json:

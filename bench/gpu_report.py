@@ -6,7 +6,7 @@
    at the same precision, both against float64;
 3. the training-step matrix: train.py's own step for those networks in every execution variant
    (eager fp32, eager bf16 channels-last, compile, fused, fused + compile, CUDA graphs);
-4. the per-GPU tables: which layers leave the Triton kernel, and the kernels' launch configurations;
+4. the per-GPU table of which layers leave the Triton kernel;
 5. a short real-data run (with --data-dir).
 
     python -m bench.gpu_report --out bench/results/DATE-GPU [--data-dir data/cifar10-jpeg] [--time-limit 450]
@@ -15,7 +15,7 @@ Writes DIR/report.json and DIR/report.md, downloading nothing. Each section keep
 --time-limit: what did not fit is named in the report, never left out silently. A failed GPU test,
 a kernel whose error exceeds the bound (FAIL) or one left unchecked for lack of time (INCOMPLETE)
 makes the exit status 1. `python -m bench.render_results` turns committed reports into the README's
-performance table, the per-GPU tables and what `auto` turns on for that GPU.
+performance table, the per-GPU layer paths and what `auto` turns on for that GPU.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from bench.floors import fraction_of_floor
 from bench.render_results import provider_label
 from bench.workloads import (MODELS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused, layer_signatures,
                              make_unit, skip_reason, time_step, torch_path_layers, train_py_step, unit_shapes, unit_step)
-from bench import config_search
-from preresnet.kernels import launch_configs
 from preresnet.kernels.paths import TABLE_ENV
 
 TIME_LIMIT = 7.5 * 60
@@ -46,7 +44,6 @@ TESTS_END = 0.2
 CORRECTNESS_END = 0.35
 MATRIX_END = 0.6  # 0.7 without --data-dir
 PATHS_END = 0.7
-LAUNCH_CONFIGS_END = 0.75  # bench.config_search (a longer search: python -m bench.config_search)
 GPU_TESTS = ("tests/test_kernel_stress.py", "tests/test_kernels.py", "tests/test_steps.py")
 MODEL_ROW_SECONDS = 45  # one model row may compile a whole network
 TORCH_PATH_MARGIN = 0.95  # PyTorch's ops replace the Triton kernel only when at least 5% faster: it keeps more memory
@@ -278,7 +275,6 @@ def markdown(report: dict) -> str:
                     lines.append(f"| {key} | {entry['triton_ms']:.3f} | {entry['torch_ms']:.3f} | {entry['path']} |")
                 else:
                     lines.append(f"| {key} | {entry.get('skipped') or entry.get('error')} | | {entry['path']} |")
-    lines += config_search.markdown_lines(report.get("launch_configs", {}))
     if "matrix" in report:
         lines += ["", "## Training step (images/s)", "",
                   "| model | provider | images/s | vs eager-fp32 | vs compile | of floor | peak memory |",
@@ -342,13 +338,7 @@ def main() -> int:
     benchmark_matrix(clock, args.batch_size, MATRIX_END if args.data_dir else PATHS_END, report["matrix"], save)
     report["conv_paths"] = choose_conv_paths(clock, args.batch_size)
     (out / "conv_paths.json").write_text(json.dumps(report["conv_paths"], indent=1) + "\n")
-    save()
-    # launch configurations per layer (those left on the Triton kernel), in this section's share
-    os.environ[TABLE_ENV] = str((out / "conv_paths.json").resolve())  # the search and the run use the fresh table
-    report["launch_configs"] = config_search.run_on_gpu(clock.until(LAUNCH_CONFIGS_END), args.batch_size)
-    (out / "launch_configs.json").write_text(launch_configs.table_json(config_search.table_from(report["launch_configs"])))
-    os.environ[launch_configs.TABLE_ENV] = str((out / "launch_configs.json").resolve())
-    launch_configs.clear_cache()
+    os.environ[TABLE_ENV] = str((out / "conv_paths.json").resolve())  # the real-data run uses the fresh table
     save()
     if args.data_dir:
         report["real_data"] = real_data_run(args.data_dir, out, clock)

@@ -1,8 +1,7 @@
 """Regenerate what is derived from the results under bench/results/: from the GPU reports
 (`python -m bench.gpu_report`) the README's performance table, the fused layers' path table
-preresnet/kernels/conv_paths.json, the launch configurations preresnet/kernels/launch_configs.json
-and preresnet/gpu_defaults.json (what `auto` turns on per GPU); from the rows under
-bench/results/reproduce/*/run.json the README's results table.
+preresnet/kernels/conv_paths.json and preresnet/gpu_defaults.json (what `auto` turns on per GPU);
+from the rows under bench/results/reproduce/*/run.json the README's results table.
 
     python -m bench.render_results                      # rewrite them all
     python -m bench.render_results --check              # exit 1 if one is not up to date
@@ -31,7 +30,6 @@ from preresnet.wording import counted, percent
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV_PATHS = ROOT / "preresnet" / "kernels" / "conv_paths.json"
-LAUNCH_CONFIGS = ROOT / "preresnet" / "kernels" / "launch_configs.json"
 START, END = "<!-- performance-table:start -->", "<!-- performance-table:end -->"
 RUNS_START, RUNS_END = "<!-- results-table:start -->", "<!-- results-table:end -->"
 GPU_DEFAULTS = ROOT / "preresnet" / "gpu_defaults.json"
@@ -84,26 +82,6 @@ def conv_paths(reports: list[dict]) -> str:
                     if "skipped" not in entry or key not in known:
                         known[key] = entry
     return json.dumps(table, indent=1, sort_keys=True) + "\n"
-
-
-def launch_configs(reports: list[dict]) -> str:
-    """The launch-config table of kernels.launch_configs: per GPU, dtype and layer, the configs
-    (other than the defaults) of the newest report whose bench.config_search measured that layer;
-    a layer it measured at the defaults leaves the table, one it skipped keeps the older entry."""
-    table: dict = {}
-    for report in reports:
-        for gpu, dtypes in report.get("launch_configs", {}).items():
-            for dtype, entries in dtypes.items():
-                known = table.setdefault(gpu, {}).setdefault(dtype, {})
-                for key, entry in entries.items():
-                    if "configs" not in entry:
-                        continue
-                    if entry["configs"]:
-                        known[key] = entry["configs"]
-                    else:
-                        known.pop(key, None)
-    table = {gpu: {dtype: entries for dtype, entries in dtypes.items() if entries} for gpu, dtypes in table.items()}
-    return json.dumps({gpu: dtypes for gpu, dtypes in table.items() if dtypes}, indent=1, sort_keys=True) + "\n"
 
 
 # the steps gpu_defaults chooses among: (fused, CUDA graphs) of each, all compiled (the GPU's auto)
@@ -214,7 +192,7 @@ SAME_COMMAND_SECONDS = 60  # records of one process started this close together 
 def command_keys(records: list[dict]) -> dict[tuple, tuple]:
     """One key per train.py command for the (pid, started) of every record that has both: records of
     one process whose starts lie within SAME_COMMAND_SECONDS of the command's first are that
-    command's (train.py before provenance.COMMAND_STARTED stamped each packed run when it was set
+    command's (train.py before provenance.Command stamped each packed run when it was set
     up, a second or so apart; a pid comes back only after much longer)."""
     stamps = sorted({(record["pid"], record["started"]) for record in records
                      if record.get("started") and record.get("pid")},
@@ -374,8 +352,7 @@ def main() -> int:
             return 2
     reports = load_reports(Path(args.results))
     readme = render_runs(render((ROOT / "README.md").read_text(), reports), load_runs(Path(args.results)))
-    outputs = {ROOT / "README.md": readme, CONV_PATHS: conv_paths(reports), LAUNCH_CONFIGS: launch_configs(reports),
-               GPU_DEFAULTS: gpu_defaults(reports)}
+    outputs = {ROOT / "README.md": readme, CONV_PATHS: conv_paths(reports), GPU_DEFAULTS: gpu_defaults(reports)}
     stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:

@@ -158,8 +158,7 @@ def test_report_runs_every_part_in_order(stubbed_report):
     assert run(600) == 0
     report = json.loads((out / "report.json").read_text())
     sections = [key for key in report if key not in ("date", "command", "environment", "seconds")]
-    assert sections == ["tests", "correctness", "correctness_pass", "matrix", "conv_paths", "launch_configs",
-                        "real_data"]
+    assert sections == ["tests", "correctness", "correctness_pass", "matrix", "conv_paths", "real_data"]
     assert report["tests"]["returncode"] == 0 and "test_kernel_stress.py" in report["tests"]["command"]
     assert len(report["correctness"]) == 6 and report["correctness_pass"]
     assert len(report["conv_paths"][ENV["gpu"]]["bfloat16"]) == 2

@@ -125,7 +125,7 @@ def test_ranks_leave_together_after_training(monkeypatch, fails):
 
     calls = []
 
-    def train(args, dist):
+    def train(args, dist, command):
         calls.append("train")
         if fails:
             raise RuntimeError("failed")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from preresnet import build_model
 from preresnet.kernels import INTERPRETED, BnState, bn_relu_conv
-from preresnet.kernels import launch_configs, preact_conv
+from preresnet.kernels import preact_conv
+from preresnet.kernels.launch_configs import CONV_WGRAD, DEFAULTS
 from preresnet.kernels.workspace import counters_for_launch, launching_with, new_counters
 from preresnet.recipes import resolve_recipe
 from preresnet.runtime import Runtime
@@ -182,7 +183,7 @@ def recorded_counters(monkeypatch):
 def test_two_owners_interleaved_on_cpu():
     device = torch.device("cpu")
     owners = [Owner(make_layer(3, 16, 8, torch.float32, device, seed), device) for seed in (0, 1)]
-    assert wgrad_splits(device, 16, 8, torch.float32, batch=3) == 3
+    assert wgrad_splits(device, 16, 8, batch=3) == 3
     eager_rounds(owners, 2)
     assert_bookkeeping_held(owners, torch.float32)
 
@@ -259,10 +260,9 @@ def test_a_training_step_owns_the_counters_of_its_launches(recorded_counters):
 # --- on a GPU ---------------------------------------------------------------------------------------------
 
 
-def wgrad_splits(device: torch.device, channels: int, size: int, dtype: torch.dtype, batch: int = 128) -> int:
+def wgrad_splits(device: torch.device, channels: int, size: int, batch: int = 128) -> int:
     """The splits of the layer's weight gradient as the launcher sizes them on device."""
-    key = launch_configs.layer_key(channels, size, size, channels, 3, 1, True, False)
-    config = launch_configs.launch_config(launch_configs.CONV_WGRAD, key, dtype, device)
+    config = DEFAULTS[CONV_WGRAD]
     pixels = batch * size * size
     return preact_conv.wgrad_grid(pixels, 9, channels, channels, config.block("BLOCK_M", pixels),
                                   config.block("BLOCK_C", channels), config.block("BLOCK_CO", channels),
@@ -276,7 +276,7 @@ def wgrad_splits(device: torch.device, channels: int, size: int, dtype: torch.dt
 def test_two_streams_at_once_on_gpu(channels, size, dtype):
     device = torch.device("cuda")
     owners = [Owner(make_layer(128, channels, size, dtype, device, seed), device) for seed in (0, 1)]
-    assert channels != 160 or wgrad_splits(device, channels, size, dtype) > 1, \
+    assert channels != 160 or wgrad_splits(device, channels, size) > 1, \
         "the first stage's weight gradient should split on this GPU, so that its tickets are exercised"
     torch.cuda.synchronize()  # the inputs, made on the default stream, before the owners' streams read them
     eager_rounds(owners, STRESS_ROUNDS)

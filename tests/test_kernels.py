@@ -273,7 +273,7 @@ def test_wide_network_weight_gradient_scratch_is_one_weight_per_split():
     tiles: 9 x 640 x 640 x 4 B), not 64 splits' 944 MB."""
     from bench.activation_memory import wgrad_scratch
 
-    largest = wgrad_scratch("wrn28_10", 128, 132, gpu="a GPU the launch-config table does not name")
+    largest = wgrad_scratch("wrn28_10", 128, 132)
     assert largest["layer"].startswith("640x8x8->640 k3 s1")
     assert (largest["splits"], largest["programs"], largest["scratch_bytes"]) == (1, 900, 9 * 640 * 640 * 4)
 
@@ -449,10 +449,10 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(bn_relu_conv_op, (x.detach(), None, None, None, None, *args[5:], None, None, None, None))
     dy = channels_last(torch.randn(2, 16, 6, 6))
     backward = (dy, x.detach(), mean, var, gamma.detach(), beta.detach(), weight, 1, padding, EPS, True, True, 0)
-    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, None, True))
-    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, channels_last(torch.randn(2, 16, 6, 6)), False))
+    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, None))
+    torch.library.opcheck(bn_relu_conv_backward_op, (*backward, channels_last(torch.randn(2, 16, 6, 6))))
     plain = (dy, x.detach(), None, None, None, None, weight, 1, padding, EPS, False, True, 0)
-    torch.library.opcheck(bn_relu_conv_backward_op, (*plain, channels_last(torch.randn(2, 16, 6, 6)), False))
+    torch.library.opcheck(bn_relu_conv_backward_op, (*plain, channels_last(torch.randn(2, 16, 6, 6))))
 
 
 def test_fused_model_trains_under_inductor():

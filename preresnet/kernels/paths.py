@@ -15,6 +15,7 @@ not name run the Triton kernel.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,8 +23,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from .tables import device_name, read_json, table_path
 
 PATHS = ("triton", "torch")
 TABLE = Path(__file__).with_name("conv_paths.json")
@@ -81,12 +80,23 @@ def conv_signatures(model: nn.Module, image_shape=(3, 32, 32)) -> dict[str, Conv
     return {names[conv]: signature for conv, signature in found.items()}
 
 
+def device_name(device) -> str:
+    """The table's name of a device (a torch.device, "cuda:0", or a GPU name, returned as it is):
+    the GPU's name, or the device type, "cpu" for the interpreter (tests)."""
+    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
+        return device
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def load_table(path: str | os.PathLike | None = None) -> dict:
-    """{gpu name: {dtype name: {signature key: {"path": ..., "triton_ms": ..., "torch_ms": ...}}}}."""
-    path = table_path(path, TABLE_ENV, TABLE)
-    table = read_json(path)
-    if table is None:
+    """{gpu name: {dtype name: {signature key: {"path": ..., "triton_ms": ..., "torch_ms": ...}}}}
+    from path, else the file named by $PRERESNET_CONV_PATHS, else conv_paths.json here; {} when
+    the file does not exist."""
+    path = Path(path or os.environ.get(TABLE_ENV) or TABLE)
+    if not path.is_file():
         return {}
+    table = json.loads(path.read_text())
     for gpu, dtypes in table.items():
         for dtype, entries in dtypes.items():
             for key, entry in entries.items():

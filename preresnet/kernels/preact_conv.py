@@ -33,6 +33,10 @@ more, since every split costs a tile of fp32 scratch written and read again.
 The kernels index tensors with int32 offsets: a launch whose tensors reach 2^31 elements is
 refused (`check_int32_offsets`) rather than wrapped.
 
+A launcher sizes its launch from its shapes, its kernel kind's configuration
+(kernels.launch_configs.DEFAULTS) and what `launch_target` says of the tensors' device (its
+multiprocessors, whether the interpreter runs it), nothing else.
+
 Layers: Triton kernels (preact_conv_jit.py) -> launchers (checks, block sizes) -> torch.library custom ops with autograd
 (torch.compile sees one opaque op per layer) -> `kernels.layers` (modules and the statistics chain).
 `bn_relu_conv_ref` is what the kernels compute, in plain PyTorch.
@@ -48,7 +52,7 @@ import torch.nn.functional as F
 import triton
 from torch import nn
 
-from . import launch_configs
+from .launch_configs import CONV_DGRAD, CONV_FWD, CONV_WGRAD, DEFAULTS, ELEMENTWISE, MIN_BLOCK, Config
 from .workspace import counters_for_launch
 # called through this module's names, which bench/launches.py and the compile audit replace
 from .preact_conv_jit import (_bn_backward_apply_kernel, _bn_relu_conv_dgrad_kernel, _bn_relu_conv_fwd_kernel,
@@ -57,17 +61,16 @@ from .preact_conv_jit import (_bn_backward_apply_kernel, _bn_relu_conv_dgrad_ker
 # triton.jit reads this when a kernel is defined: CPU tensors work only if it was set before import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Block sizes, warps and stages come from kernels.launch_configs (per GPU, dtype and layer shape).
-# Under the interpreter, which runs one program at a time in Python, the pixel tiles are enlarged
-# to up to INTERPRETER_BLOCK_M (a batch-4 32x32 unit conv: 6x faster at 4096 than at 128) and the
-# channel blocks to up to INTERPRETER_BLOCK_C (fewer channel loops and programs); the op-level
-# tests set 64 and None (the config's channel blocks) to cover the multi-tile statistics merge and
-# the channel loops. Read at call time.
+# Block sizes, warps and stages come from kernels.launch_configs.DEFAULTS. Under the interpreter,
+# which runs one program at a time in Python, the pixel tiles are enlarged to up to
+# INTERPRETER_BLOCK_M (a batch-4 32x32 unit conv: 6x faster at 4096 than at 128) and the channel
+# blocks to up to INTERPRETER_BLOCK_C (fewer channel loops and programs); the op-level tests set 64
+# and None (the config's channel blocks) to cover the multi-tile statistics merge and the channel
+# loops. Read at call time.
 INTERPRETER_BLOCK_M = 4096
 INTERPRETER_BLOCK_C: int | None = 256
 # The multiprocessors the weight gradient's split is sized for on the CPU: one program at a time
-# runs there, so few splits (the op-level tests raise it to split small layers; the compile audit
-# sets the emulated GPU's count). Read at call time.
+# runs there, so few splits (the op-level tests raise it to split small layers). Read at call time.
 INTERPRETER_MULTIPROCESSORS = 1
 WGRAD_PROGRAMS_PER_MULTIPROCESSOR = 2  # about two waves of weight-gradient programs, then no more splits
 INT32_OFFSET_LIMIT = 2**31  # elements a tensor the kernels index must stay under (int32 offsets)
@@ -82,35 +85,38 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _config(kind: str, x: torch.Tensor, weight: torch.Tensor, stride: int, prologue: bool, residual: bool):
-    """The launch configuration of one kernel of a layer (kernels.launch_configs: the measured
-    table's entry for this GPU, dtype and layer, else the default)."""
-    c_out, c_in, kernel, _ = weight.shape
-    key = launch_configs.layer_key(c_in, x.shape[2], x.shape[3], c_out, kernel, stride, prologue, residual)
-    return launch_configs.launch_config(kind, key, x.dtype, x.device)
+def multiprocessors(device: torch.device) -> int:
+    """The streaming multiprocessors of device (INTERPRETER_MULTIPROCESSORS on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_MULTIPROCESSORS
 
 
-def _block(config, name: str, size: int) -> int:
-    """The config's block for a dimension of `size`, enlarged under the interpreter (unless the
-    compile audit is recording the GPU's launches): BLOCK_M up to INTERPRETER_BLOCK_M, the channel
-    blocks up to INTERPRETER_BLOCK_C."""
-    if INTERPRETED and not launch_configs.auditing():
+class LaunchTarget(NamedTuple):
+    """What a launch's sizes depend on besides its shapes and kernel kind: the device it runs on."""
+
+    multiprocessors: int  # the weight gradient's split fills them
+    interpreter: bool  # Triton's interpreter runs one program at a time in Python: larger tiles pay
+
+
+def launch_target(device: torch.device) -> LaunchTarget:
+    """What the launchers size a launch on device for."""
+    return LaunchTarget(multiprocessors(device), INTERPRETED)
+
+
+def block_size(config: Config, name: str, size: int, target: LaunchTarget) -> int:
+    """The config's block for a dimension of `size`; under the interpreter enlarged, BLOCK_M up to
+    INTERPRETER_BLOCK_M and the channel blocks up to INTERPRETER_BLOCK_C."""
+    if target.interpreter:
         limit = INTERPRETER_BLOCK_M if name == "BLOCK_M" else INTERPRETER_BLOCK_C
         if limit is not None:
-            return max(launch_configs.MIN_BLOCK, min(limit, triton.next_power_of_2(size)))
+            return max(MIN_BLOCK, min(limit, triton.next_power_of_2(size)))
     return config.block(name, size)
 
 
 def no_tickets(device: torch.device) -> torch.Tensor:
     """The counter argument of a launch that takes no ticket (no statistics to merge): never read."""
     return torch.empty(1, dtype=torch.int32, device=device)
-
-
-def multiprocessors(device: torch.device) -> int:
-    """The streaming multiprocessors of device (INTERPRETER_MULTIPROCESSORS on the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_MULTIPROCESSORS
 
 
 def wgrad_splits(multiprocessors: int, tiles: int, row_blocks: int) -> int:
@@ -198,10 +204,10 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
     prologue = mean is not None
     y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
-    config = _config(launch_configs.CONV_FWD, x, weight, stride, prologue, residual is not None)
-    block_m = _block(config, "BLOCK_M", m)
-    block_n = _block(config, "BLOCK_N", c_out)
-    block_k = _block(config, "BLOCK_K", c_in)
+    config, target = DEFAULTS[CONV_FWD], launch_target(x.device)
+    block_m = block_size(config, "BLOCK_M", m, target)
+    block_n = block_size(config, "BLOCK_N", c_out, target)
+    block_k = block_size(config, "BLOCK_K", c_in, target)
     tiles, columns = triton.cdiv(m, block_m), triton.cdiv(c_out, block_n)
     scratch = torch.empty((2, tiles, c_out) if emit_stats else (1,), device=x.device, dtype=torch.float32)
     y_mean = torch.empty((c_out,) if emit_stats else (0,), device=x.device, dtype=torch.float32)
@@ -222,13 +228,13 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
 
 
 def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, padding: int, eps: float,
-                          batch_stats: bool, need_dx: bool, sync_count: int = 0, dx_add=None, residual: bool = False):
+                          batch_stats: bool, need_dx: bool, sync_count: int = 0, dx_add=None):
     """Gradients of conv(relu(bn(x))) [+ residual]: (dx, dgamma, dbeta, dweight); BN terms are None
     without a prologue (mean None), dx is None when not needed. dx_add: x's gradient along another
-    path (the identity shortcut that carried x), added into dx in the same pass. residual: the
-    forward added one (for the launch-configuration lookup). sync_count > 0: the statistics
-    spanned all ranks (that many values per channel), so the normalisation terms of dx use sums over
-    all ranks; dgamma and dbeta stay local, as DistributedDataParallel averages parameter gradients."""
+    path (the identity shortcut that carried x), added into dx in the same pass. sync_count > 0:
+    the statistics spanned all ranks (that many values per channel), so the normalisation terms of
+    dx use sums over all ranks; dgamma and dbeta stay local, as DistributedDataParallel averages
+    parameter gradients."""
     dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
     if dx_add is not None:
         dx_add = dx_add.contiguous(memory_format=torch.channels_last)
@@ -239,14 +245,15 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     _, _, ho, wo = dy.shape
     bn = (mean, var, gamma, beta) if prologue else (dy,) * 4
     precision = dot_precision(x.dtype)
+    target = launch_target(x.device)
 
     # weight gradient, split over output-pixel ranges; the last split of each tile sums them
     m_out = n * ho * wo
-    config = _config(launch_configs.CONV_WGRAD, x, weight, stride, prologue, residual)
-    block_out = _block(config, "BLOCK_M", m_out)
-    block_c = _block(config, "BLOCK_C", c_in)
-    block_co = _block(config, "BLOCK_CO", c_out)
-    wgrad = wgrad_grid(m_out, kh * kw, c_in, c_out, block_out, block_c, block_co, multiprocessors(x.device))
+    config = DEFAULTS[CONV_WGRAD]
+    block_out = block_size(config, "BLOCK_M", m_out, target)
+    block_c = block_size(config, "BLOCK_C", c_in, target)
+    block_co = block_size(config, "BLOCK_CO", c_out, target)
+    wgrad = wgrad_grid(m_out, kh * kw, c_in, c_out, block_out, block_c, block_co, target.multiprocessors)
     check_int32_offsets(input=x.numel(), output_gradient=dy.numel(), weight_gradient_scratch=wgrad.scratch_elements)
     dweight = torch.empty_like(weight)  # in the weight's layout and dtype, as the fake implementation says
     scratch = torch.empty((wgrad.splits, kh, kw, c_in, c_out), device=x.device, dtype=torch.float32)
@@ -262,10 +269,10 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
 
     # gradient at the BatchNorm output with dbeta and dgamma, or, for a plain conv, dx
     m_in = n * h * w
-    config = _config(launch_configs.CONV_DGRAD, x, weight, stride, prologue, residual)
-    block_in = _block(config, "BLOCK_M", m_in)
-    block_c = _block(config, "BLOCK_C", c_in)
-    block_co = _block(config, "BLOCK_CO", c_out)
+    config = DEFAULTS[CONV_DGRAD]
+    block_in = block_size(config, "BLOCK_M", m_in, target)
+    block_c = block_size(config, "BLOCK_C", c_in, target)
+    block_co = block_size(config, "BLOCK_CO", c_out, target)
     tiles, columns = triton.cdiv(m_in, block_in), triton.cdiv(c_in, block_c)
     if prologue:
         gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
@@ -291,8 +298,8 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
             torch.distributed.all_reduce(sums)
             count = sync_count
         dx = torch.empty_like(x, memory_format=torch.channels_last)
-        apply = _config(launch_configs.ELEMENTWISE, x, weight, stride, prologue, residual)
-        block_m, block_c = _block(apply, "BLOCK_M", m_in), _block(apply, "BLOCK_C", c_in)
+        apply = DEFAULTS[ELEMENTWISE]
+        block_m, block_c = block_size(apply, "BLOCK_M", m_in, target), block_size(apply, "BLOCK_C", c_in, target)
         tiles, columns = triton.cdiv(m_in, block_m), triton.cdiv(c_in, block_c)
         _bn_backward_apply_kernel[(tiles, columns)](
             gz, x, mean, var, gamma, *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), eps,
@@ -337,18 +344,17 @@ def _(x, mean, var, gamma, beta, weight, residual, stride, padding, emit_stats, 
 def bn_relu_conv_backward_op(
     dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor | None, var: torch.Tensor | None,
     gamma: torch.Tensor | None, beta: torch.Tensor | None, weight: torch.Tensor, stride: int, padding: int,
-    eps: float, batch_stats: bool, need_dx: bool, sync_count: int, dx_add: torch.Tensor | None, residual: bool,
+    eps: float, batch_stats: bool, need_dx: bool, sync_count: int, dx_add: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dgamma, dbeta, dweight = bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride, padding, eps,
-                                                       batch_stats, need_dx, sync_count, dx_add, residual)
+                                                       batch_stats, need_dx, sync_count, dx_add)
     empty = x.new_empty(0)
     return (dx if dx is not None else empty, dgamma if dgamma is not None else empty.clone(),
             dbeta if dbeta is not None else empty.clone(), dweight)
 
 
 @bn_relu_conv_backward_op.register_fake
-def _(dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, need_dx, sync_count, dx_add,
-      residual):
+def _(dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, need_dx, sync_count, dx_add):
     prologue = mean is not None
     return (torch.empty_like(x, memory_format=torch.channels_last) if need_dx else x.new_empty(0),
             torch.empty_like(gamma) if prologue else x.new_empty(0),
@@ -381,7 +387,7 @@ class BnReluConv(torch.autograd.Function):
         prologue = mean is not None
         dx, dgamma, dbeta, dweight = bn_relu_conv_backward_op(
             dy, x, mean, var, gamma, beta, weight, stride, padding, eps, batch_stats, ctx.needs_input_grad[0],
-            sync_count, dx_carried, has_residual)
+            sync_count, dx_carried)
         return (dx if ctx.needs_input_grad[0] else None, None, None, dgamma if prologue else None,
                 dbeta if prologue else None, dweight, dy if has_residual else None, *(None,) * 11)
 
