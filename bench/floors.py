@@ -67,16 +67,6 @@ def count_forward(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return counter.get_total_flops(), conv_elements
 
 
-def forward_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs (2 per multiply-add) of model(x)."""
-    return count_forward(model, x)[0]
-
-
-def conv_output_elements(model: nn.Module, x: torch.Tensor) -> int:
-    """Elements written by all the nn.Conv2d layers of model(x)."""
-    return count_forward(model, x)[1]
-
-
 @functools.lru_cache(maxsize=None)
 def per_image_counts(name: str) -> tuple[int, int]:
     """(forward FLOPs, conv output elements) of one 32x32 image through the registered model,

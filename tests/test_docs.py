@@ -236,14 +236,6 @@ def test_relative_links_and_their_anchors_resolve(path):
     assert not problems, f"{path.relative_to(ROOT)}: " + "; ".join(problems)
 
 
-@pytest.mark.parametrize("path", PAGES, ids=lambda p: p.name)
-def test_each_page_starts_with_what_a_reader_uses_it_for(path):
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    assert lines[0].startswith("# "), f"{path.name}: the first line is its title"
-    assert "Use this page" in lines[1] or path.name == "pretrained.md", \
-        f"{path.name}: the paragraph after the title says what a reader uses the page for"
-
-
 def test_models_table_counts_are_the_networks():
     """The front page's parameter counts (ours) are those of the registered networks."""
     import torch

@@ -73,9 +73,8 @@ def test_classes_in_another_order_are_mapped_onto_the_networks(registry, exporte
     edit_entry(registry, S0, classes=["b", "a", "c", "d"])
     swapped = copy_data(exported[1], tmp_path / "swapped", renamed={"a": "b", "b": "a"})
     after, err = evaluate_json(capsys, "--weights", S0, "--data-dir", swapped, "--save-logits", tmp_path / "after.npz")
-    assert err.strip().splitlines() == [
-        "note: swapped holds the classes of PreResNet-20 in another order; its labels are mapped onto the network's "
-        "order (b, a, c, d)"]
+    [note] = err.strip().splitlines()
+    assert note.startswith("note: swapped ") and "another order" in note and "(b, a, c, d)" in note
     assert after["classes"] == ["b", "a", "c", "d"]
     assert (after["test_error"], after["per_class_accuracy"]) == (before["test_error"], before["per_class_accuracy"])
     assert after["test_loss"] == pytest.approx(before["test_loss"], rel=1e-6)
@@ -98,9 +97,8 @@ def test_data_with_some_of_the_classes_is_scored_on_those(registry, exported, tm
     (some / ".preresnet-cache-test.npz").unlink()
     load_split("folder", some, "test")
     report, err = evaluate_json(capsys, "--weights", S0, "--data-dir", some, "--save-logits", tmp_path / "some.npz")
-    assert err.strip().splitlines() == [
-        "note: some holds 2 of the 4 classes of PreResNet-20 (b, d): it is scored on those, a prediction of another "
-        "class counting as an error"]
+    [note] = err.strip().splitlines()
+    assert note.startswith("note: some ") and "2 of the 4 classes" in note and "(b, d)" in note
     saved = read_logits(tmp_path / "full.npz")
     kept = np.isin(saved["labels"], [1, 3])
     expected_error = float((saved["logits"][kept].argmax(1) != saved["labels"][kept]).mean())
@@ -115,10 +113,10 @@ def test_data_with_some_of_the_classes_is_scored_on_those(registry, exported, tm
 
 def test_an_entry_is_evaluated_as_its_error_was_measured(registry, capsys):
     report, _ = evaluate_json(capsys, "--weights", S0)
-    assert report["amp"] == "off" and report["precision"] == "fp32, as the entry's test error was measured"
+    assert report["amp"] == "off" and report["precision"].startswith("fp32") and "measured" in report["precision"]
     assert report["test_error"] == get_weights(S0).test_error
     report, _ = evaluate_json(capsys, "--weights", S0, "--amp", "bf16")
-    assert report["amp"] == "bf16" and report["precision"] == "bf16 autocast (--amp bf16)"
+    assert report["amp"] == "bf16" and report["precision"].startswith("bf16") and "--amp bf16" in report["precision"]
 
 
 @pytest.mark.parametrize("source", ["weights", "checkpoint"])
@@ -178,8 +176,7 @@ def test_a_seeds_folder_evaluates_each_run_and_their_statistics(seeds_folder, tm
     status, out, _ = evaluate(capsys, "--checkpoint", seeds_folder, "--save-logits", tmp_path / "logits.npz")
     assert status == 0
     lines = out.splitlines()
-    assert lines[0] == f"PreResNet-8, 3 runs in {seeds_folder}, on the test images of data (fp32, as the run trained " \
-                       f"and evaluated, by its config.json)"
+    assert lines[0].startswith(f"PreResNet-8, 3 runs in {seeds_folder}, ") and "(fp32" in lines[0]
     for line, seed, error in zip(lines[1:3], (0, 1), errors):
         assert line.split()[:7] == [f"seed-{seed}", "epoch", "2", "test", "error", f"{100 * error:.2f}%", "test"], line
         assert line.endswith(f"logits {tmp_path / f'logits-seed-{seed}.npz'}")

@@ -92,9 +92,9 @@ def test_init_from_an_entry_takes_the_rows_of_the_datas_classes_and_the_weights_
     is finetune (no warm-up)."""
     out, stderr = from_entry
     entry = pretrained.get_weights(ENTRY)
-    assert (f"init: PreResNet-8 weights of entry {ENTRY}; classifier head (fc) loaded, its rows matched by name to the "
-            f"data's 3 classes (the weights classify 4); inputs normalised with the weights' mean and std; new "
-            f"optimizer and lr schedule from epoch 0") in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("init: ")]
+    for fragment in (f"entry {ENTRY}", "head (fc) loaded", "3 classes", "classify 4", "the weights' mean and std"):
+        assert fragment in line, (fragment, line)
     config = json.loads((out / "config.json").read_text())
     init = config["init"]
     assert init == {"source": "DEFAULT", "kind": "registry", "entry": ENTRY, "sha256": entry.meta["sha256"],
@@ -118,8 +118,8 @@ def test_init_onto_classes_of_other_names_reinitialises_the_head(source_run, ren
     as it is would start from a head that is wrong for every image)."""
     out = tmp_path / "renamed"
     result = run("train.py", *TINY, *FROZEN, "--init", source_run, "--out", out, data_dir=renamed_class, check=True)
-    assert ("classifier head (fc) re-initialised: the weights do not classify the data's 'zcircle' (theirs: 'circle', "
-            "'cross', 'square', 'stripes')") in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "head (fc)" in line]
+    assert "re-initialised" in line and "'zcircle'" in line
     init = json.loads((out / "config.json").read_text())["init"]
     assert (init["head"], init["head_rows"], init["classes"]) == ("re-initialised", None, list(CLASSES))
     torch.manual_seed(0)  # the run's seed: its network is built first thing

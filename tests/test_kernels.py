@@ -19,7 +19,7 @@ from torch import nn
 from preresnet.kernels import INTERPRETED, BnState, bn_relu_conv, bn_relu_conv_ref
 from preresnet.kernels.layers import batchnorm_moments
 from preresnet.kernels.paths import assign_paths, conv_signatures, device_name, load_table
-from preresnet import build_model
+from preresnet import build_model, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 1e-5
@@ -40,10 +40,31 @@ CONV_SHAPES = [
     pytest.param(32, 128, 1, 1, id="bottleneck-expand-128"),
     pytest.param(128, 256, 1, 2, id="bottleneck-projection-256"),
     pytest.param(256, 64, 1, 1, id="bottleneck-reduce-256"),
+    pytest.param(16, 16, 1, 1, id="bottleneck-first-reduce"),
+    pytest.param(64, 256, 1, 1, id="bottleneck-expand-256"),
+    pytest.param(128, 32, 1, 1, id="bottleneck-reduce-128"),
     pytest.param(16, 64, 3, 1, id="wide-64"),
+    pytest.param(32, 64, 1, 2, id="projection-64"),
+    pytest.param(64, 128, 1, 2, id="wide-projection-128"),
+    pytest.param(64, 128, 3, 2, id="wide-down-128"),
+    pytest.param(128, 128, 3, 1, id="wide-128"),
+    pytest.param(128, 256, 3, 2, id="wide-down-256"),
+    pytest.param(256, 256, 3, 1, id="wide-256"),
     pytest.param(24, 40, 3, 1, id="non-power-of-two"),
     pytest.param(40, 24, 3, 2, id="non-power-of-two-down"),
 ]
+def test_the_shapes_cover_every_conv_of_the_three_networks():
+    """Every (C_IN, C_OUT, kernel, stride) of a conv of PreResNet-110, PreResNet-164 and WRN-16-4 is
+    one of CONV_SHAPES, so each is compared with the reference on its own, not only inside a network."""
+    networks = set()
+    for name in ("preresnet110", "preresnet164", "wrn16_4"):
+        with torch.device("meta"):
+            model = get_model(name)
+        networks |= {(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0])
+                     for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert networks <= {tuple(param.values) for param in CONV_SHAPES}
+
+
 SPATIAL = [pytest.param(2, 8, 8, id="2x8x8"), pytest.param(1, 7, 7, id="1x7x7"), pytest.param(3, 5, 9, id="3x5x9")]
 
 

@@ -18,11 +18,6 @@ from .preact_conv import BnState, bn_relu_conv
 
 Stats = tuple[torch.Tensor, torch.Tensor] | None  # batch mean and biased variance, fp32, per channel
 
-# how a BatchNorm normalises in one forward pass (mean, var, gamma, beta, batch_stats, eps,
-# sync_count, update: the module whose running statistics the first reader updates), as
-# `bn_relu_conv` takes it; the name this module has always given it
-BatchNormApplied = BnState
-
 
 def batchnorm_moments(bn: nn.BatchNorm2d, x: torch.Tensor, stats: Stats) -> BnState:
     """How bn normalises x in this forward pass. In training, the first fused_conv that reads the
