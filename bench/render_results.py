@@ -319,7 +319,7 @@ def runs_table(runs: list[dict]) -> str:
             ips = f"{run['images_per_second']:,.0f}" if run.get("images_per_second") else "-"
             lines.append(f"| {run['network']} | {run['recipe']} | {run['data']} | {error_cell(run)} | "
                          f"{len(finished_seeds(run))} | {paper} | {duration(run.get('training_seconds'))} | {ips} | "
-                         f"{devices_cell(run)} | {run.get('torch')} / {run.get('triton')} | {commits_cell(run)} | "
+                         f"{devices_cell(run)} | {run.get('torch')} / {run.get('triton') or '-'} | {commits_cell(run)} | "
                          f"{', '.join(entries) or '-'} |")
     training = [f"- {in_progress_line(run)}" for run in runs if run.get("in_progress")]
     lines += ["", *training] if training else []
