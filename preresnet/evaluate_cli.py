@@ -104,11 +104,11 @@ def weights_source(name: str, model_name: str | None) -> Source:
                         f"with --model NAME (one of {', '.join(list_models())})")
     entry = get_weights(name, model_name)
     meta = entry.meta
-    type, units, width = entry.architecture
+    model_type, units, width = entry.architecture
     precision = meta["measured"]["precision"]
     recorded = {"amp": AMP_OF_PRECISION.get(precision, "off"), "channels_last": False,
                 "where": "as the entry's test error was measured"}
-    return Source(build_model(type, units=units, width=width, weights=entry), meta["classes"], meta["mean"], meta["std"],
+    return Source(build_model(model_type, units=units, width=width, weights=entry), meta["classes"], meta["mean"], meta["std"],
                   meta["epochs"], meta["data"]["dataset"], meta["data"]["data_dir"],
                   {"weights": entry.name, "recorded_test_error": entry.test_error}, recorded, entry)
 

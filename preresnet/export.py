@@ -42,6 +42,8 @@ from .wording import percent
 # eval-mode normalisation and are a small part of the size, stay fp32. The error an entry reports is
 # measured on this rounded file.
 STORAGE = "bf16 parameters, fp32 BatchNorm statistics"
+
+
 def train_command(config: dict, data_dir: str) -> str:
     """The train.py command that trains a run of config (a run folder's config.json) again: the
     network (by its registry name where it has one), data, the weights it started from, the recipe

@@ -99,22 +99,22 @@ def fit(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, row
         raise UserError(f"--init {source} does not fit {model.paper_name}: {detail[:300]}") from None
 
 
-def resolve_init(source: str, type: str, depth: int, width: int, classes: list[str]) -> dict:
+def resolve_init(source: str, model_type: str, depth: int, width: int, classes: list[str]) -> dict:
     """config["init"] of a new run of (type, depth, width) on data of these classes, starting from
     source: a registry entry, DEFAULT (the best entry of the network), a state_dict file, or a
     train.py checkpoint or run folder (its model). Weights of another network are refused. The
     record keeps the weights' class names and normalisation where they have them (a registry entry,
     a checkpoint): the run normalises its data with the weights' mean and std, and its head takes
     the weights' rows of the data's classes (head_rows)."""
-    network = paper_name(type, depth, width)
+    network = paper_name(model_type, depth, width)
     if is_entry(source):
-        entry = resolve_weights(source, type, depth, width, None)  # refuses another network's
+        entry = resolve_weights(source, model_type, depth, width, None)  # refuses another network's
         state, facts = entry.get_state_dict(), entry.meta
         record = {"source": source, "kind": "registry", "entry": entry.name, "sha256": entry.meta["sha256"],
                   "network": entry.meta["network"]}
     else:
         state, facts, path = read_weights_file(source)
-        if facts is not None and (facts["type"], facts["depth"], facts["width"]) != (type, depth, width):
+        if facts is not None and (facts["type"], facts["depth"], facts["width"]) != (model_type, depth, width):
             raise UserError(f"--init {source} holds a {facts['model']} (its checkpoint's config), not the {network} "
                             f"this run builds: choose that network, or other weights")
         record = {"source": source, "kind": "checkpoint" if facts else "state_dict", "path": str(path.resolve()),
@@ -123,9 +123,9 @@ def resolve_init(source: str, type: str, depth: int, width: int, classes: list[s
     weights_classes = facts.get("classes")
     rows = head_rows(state, weights_classes, classes)
     with torch.device("meta"):  # the shapes only: nothing is allocated
-        model = build_model(type, units=depth, width=width, num_classes=len(classes))
+        model = build_model(model_type, units=depth, width=width, num_classes=len(classes))
     fit(model, state, source, rows, on_meta=True)
-    return {**record, "architecture": [type, depth, width],
+    return {**record, "architecture": [model_type, depth, width],
             "num_classes": state["fc.weight"].shape[0] if "fc.weight" in state else None,
             "classes": weights_classes, "mean": facts.get("mean"), "std": facts.get("std"),
             "head": "re-initialised" if rows is None else "loaded", "head_rows": rows}

@@ -228,7 +228,7 @@ def fused_layers():
 
 
 def build_model(
-    type: str,
+    model_type: str,
     depth: int | None = None,
     width: int = 1,
     num_classes: int | None = None,
@@ -239,7 +239,7 @@ def build_model(
     units: int | None = None,
     pretrained=None,
 ) -> PreActResNet:
-    """Build a pre-activation network: `type` normal | bottleneck | wide, `depth` units per stage.
+    """Build a pre-activation network: `model_type` normal | bottleneck | wide, `depth` units per stage.
 
     A depth that is the total depth of one of the papers' networks of the type (110, 164, 16, ...)
     is refused, naming the call meant (build_model("normal", 110) would build PreResNet-662);
@@ -256,13 +256,14 @@ def build_model(
     if (depth is None) == (units is None):
         raise UserError("give the residual units per stage once: depth (a papers' total depth is refused) or units= "
                         "(taken as given)")
-    check_model_args(type, depth if units is None else units, width, 10 if num_classes is None else num_classes, dropout)
+    check_model_args(model_type, depth if units is None else units, width,
+                     10 if num_classes is None else num_classes, dropout)
     if units is None:
-        check_depth_meant(type, depth, width)
+        check_depth_meant(model_type, depth, width)
         units = depth
     entry = None
     if weights is not None:
-        entry = resolve_weights(weights, type, units, width, num_classes)
+        entry = resolve_weights(weights, model_type, units, width, num_classes)
         num_classes = entry.meta["num_classes"]
     if fused:
         if dropout > 0:
@@ -271,10 +272,10 @@ def build_model(
             fused_layers()
         except ImportError as exc:
             raise UserError(f"fused=True needs Triton and the kernels package ({exc}); use fused=False") from None
-    block = PreActBottleneck if type == "bottleneck" else PreActBasicBlock
+    block = PreActBottleneck if model_type == "bottleneck" else PreActBasicBlock
     model = PreActResNet(block, units, width, 10 if num_classes is None else num_classes, dropout,
-                         paper_name(type, units, width), fused, activate_before_first_split=type != "wide",
-                         init=DEFAULT_INIT[type])
+                         paper_name(model_type, units, width), fused, activate_before_first_split=model_type != "wide",
+                         init=DEFAULT_INIT[model_type])
     if entry is not None:
         load_weights(model, entry)
         model.eval()
@@ -286,10 +287,10 @@ def build_model(
 
 def _builder(name: str, doc: str):
     """get_model's builder of a MODEL_ARCHS name, registered, with the docstring torch.hub shows."""
-    type, depth, width = MODEL_ARCHS[name]
+    model_type, depth, width = MODEL_ARCHS[name]
 
     def build(**kwargs) -> PreActResNet:
-        return build_model(type, units=depth, width=width, **kwargs)
+        return build_model(model_type, units=depth, width=width, **kwargs)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = doc

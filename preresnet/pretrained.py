@@ -262,16 +262,16 @@ def get_weights(name: str, model: str | None = None) -> WeightsEntry:
     return entry
 
 
-def resolve_weights(weights, type: str, depth: int, width: int, num_classes: int | None) -> WeightsEntry:
-    """The entry build_model(type, depth, width, num_classes, weights=weights) loads. weights: a
+def resolve_weights(weights, model_type: str, depth: int, width: int, num_classes: int | None) -> WeightsEntry:
+    """The entry build_model(model_type, depth, width, num_classes, weights=weights) loads. weights: a
     WeightsEntry, an entry name, or "DEFAULT": the entry with the lowest test error for this network
     (each entry's error is its own last epoch's; the choice among entries is by that error)."""
-    network = paper_name(type, depth, width)
+    network = paper_name(model_type, depth, width)
     if isinstance(weights, WeightsEntry):
         entry = weights
     elif weights == "DEFAULT":
         entries = registry_entries()
-        fitting = [entry for entry in entries if entry.architecture == (type, depth, width)
+        fitting = [entry for entry in entries if entry.architecture == (model_type, depth, width)
                    and num_classes in (None, entry.meta["num_classes"])]
         if not fitting:
             classes = "" if num_classes is None else f" with {num_classes} classes"
@@ -281,7 +281,7 @@ def resolve_weights(weights, type: str, depth: int, width: int, num_classes: int
         entry = get_weights(weights)
     else:
         raise UserError(f"weights must be None, 'DEFAULT', an entry name or a WeightsEntry, got {weights!r}")
-    if entry.architecture != (type, depth, width):
+    if entry.architecture != (model_type, depth, width):
         raise UserError(f"weights {entry.name} are for {entry.meta['network']}, not {network}")
     if num_classes is not None and num_classes != entry.meta["num_classes"]:
         raise UserError(f"weights {entry.name} classify {entry.meta['num_classes']} classes, not num_classes="

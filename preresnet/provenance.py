@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .kernels.dispatch import device_name
 from .runfiles import COMMANDS_NAME
 from .runtime import Runtime, cpu_name
 
@@ -70,11 +71,9 @@ def triton_version() -> str | None:
         return None
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({cpu_name()})"
+def device_description(device: torch.device) -> str:
+    """The GPU's name, as the kernels' per-GPU tables name it, or the CPU's model name."""
+    return f"CPU ({cpu_name()})" if device.type == "cpu" else device_name(device)
 
 
 def command_record(runtime: Runtime, command: Command) -> dict:
@@ -84,7 +83,7 @@ def command_record(runtime: Runtime, command: Command) -> dict:
         "argv": list(command.argv),
         "commit": git_commit(),
         "host": platform.node(),
-        "device": device_name(runtime.device),
+        "device": device_description(runtime.device),
         "threads": torch.get_num_threads(),
         "processes": runtime.dist.world_size,
         "torch": torch.__version__,

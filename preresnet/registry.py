@@ -45,11 +45,11 @@ GET_MODEL_ARGUMENTS = ("num_classes", "fused", "dropout", "weights")
 PAPER_UNITS = {"normal": (3, 5, 7, 9, 18, 200), "bottleneck": (18, 111), "wide": (2, 3, 4, 6)}
 
 
-def paper_name(type: str, depth: int, width: int = 1) -> str:
+def paper_name(model_type: str, depth: int, width: int = 1) -> str:
     """The name the papers give the network: PreResNet-110, PreResNet-164, WRN-16-4."""
-    if type == "normal":
+    if model_type == "normal":
         return f"PreResNet-{6 * depth + 2}"
-    if type == "bottleneck":
+    if model_type == "bottleneck":
         return f"PreResNet-{9 * depth + 2}"
     return f"WRN-{6 * depth + 4}-{width}"
 
@@ -85,9 +85,9 @@ def model_arch(name: str) -> tuple[str, int, int]:
     return MODEL_ARCHS[name]
 
 
-def registry_name(type: str, depth: int, width: int) -> str | None:
+def registry_name(model_type: str, depth: int, width: int) -> str | None:
     """The list_models() name of a network, None for one outside the registry."""
-    return next((name for name, arch in MODEL_ARCHS.items() if arch == (type, depth, width)), None)
+    return next((name for name, arch in MODEL_ARCHS.items() if arch == (model_type, depth, width)), None)
 
 
 def get_model(name: str, **kwargs):
@@ -99,51 +99,51 @@ def get_model(name: str, **kwargs):
     unknown = [key for key in kwargs if key not in GET_MODEL_ARGUMENTS]
     if unknown:
         raise UserError(f"get_model({name!r}) takes {', '.join(GET_MODEL_ARGUMENTS)}, not {', '.join(unknown)} (its "
-                        f"name fixes the network; build_model(type, depth, width) builds others)")
+                        f"name fixes the network; build_model(model_type, depth, width) builds others)")
     if name not in _BUILDERS:
         raise UserError(f"{name} has no builder yet: call preresnet.get_model, which imports preresnet.models")
     return _BUILDERS[name](**kwargs)
 
 
-def check_model_args(type: str, depth: int, width: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
+def check_model_args(model_type: str, depth: int, width: int = 1, num_classes: int = 10, dropout: float = 0.0) -> None:
     """Raise UserError for combinations that do not describe a network of the papers."""
-    if type not in MODEL_TYPES:
-        raise UserError(f"unknown model type {type!r}: choose one of {', '.join(MODEL_TYPES)}")
+    if model_type not in MODEL_TYPES:
+        raise UserError(f"unknown model type {model_type!r}: choose one of {', '.join(MODEL_TYPES)}")
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
         raise UserError(f"depth must be a positive number of residual units per stage, got {depth!r}")
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
         raise UserError(f"width must be a positive integer, got {width!r}")
-    if type != "wide" and width != 1:
-        raise UserError(f"width {width} is only for --type wide; {type} networks have width 1")
+    if model_type != "wide" and width != 1:
+        raise UserError(f"width {width} is only for --type wide; {model_type} networks have width 1")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise UserError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"dropout must be in [0, 1), got {dropout!r}")
-    if dropout > 0 and type != "wide":
+    if dropout > 0 and model_type != "wide":
         raise UserError("dropout is defined for wide networks only (--type wide)")
 
 
-def paper_depths(type: str) -> dict[int, int]:
+def paper_depths(model_type: str) -> dict[int, int]:
     """Total depth -> units per stage, of the papers' networks of type: {20: 3, 32: 5, ...} for normal."""
-    layers = {"normal": (6, 2), "bottleneck": (9, 2), "wide": (6, 4)}[type]  # per unit, outside the units
-    return {layers[0] * units + layers[1]: units for units in PAPER_UNITS[type]}
+    layers = {"normal": (6, 2), "bottleneck": (9, 2), "wide": (6, 4)}[model_type]  # per unit, outside the units
+    return {layers[0] * units + layers[1]: units for units in PAPER_UNITS[model_type]}
 
 
-def check_depth_meant(type: str, depth: int, width: int = 1, command_line: bool = False) -> None:
+def check_depth_meant(model_type: str, depth: int, width: int = 1, command_line: bool = False) -> None:
     """Refuse a depth (units per stage) that is the total depth of one of the papers' networks of
     this type: depth 110 would build PreResNet-662, not PreResNet-110. The one rule of the library
     (build_model's depth; its units= takes a count as given) and of train.py (--depth; --units),
     worded for the one or the other."""
-    units = paper_depths(type).get(depth) if type in MODEL_TYPES else None
+    units = paper_depths(model_type).get(depth) if model_type in MODEL_TYPES else None
     if units is None:
         return
-    meant, built, name = paper_name(type, units, width), paper_name(type, depth, width), registry_name(type, units, width)
+    meant, built, name = paper_name(model_type, units, width), paper_name(model_type, depth, width), registry_name(model_type, units, width)
     if command_line:
-        flags = f"--type {type} --depth {units}" + (f" --width {width}" if type == "wide" else "")
+        flags = f"--type {model_type} --depth {units}" + (f" --width {width}" if model_type == "wide" else "")
         instead, on_purpose = (f"--model {name} (or {flags})" if name else flags), f"give --units {depth} instead of --depth"
         given = f"--depth {depth}"
     else:
-        call = f"build_model({type!r}, {units}" + (f", {width}" if type == "wide" else "") + ")"
+        call = f"build_model({model_type!r}, {units}" + (f", {width}" if model_type == "wide" else "") + ")"
         instead, on_purpose = (f"get_model({name!r}) (or {call})" if name else call), f"pass units={depth} instead of depth"
         given = f"depth {depth}"
     raise UserError(f"{given} counts residual units per stage and would build {built}; for {meant} use {instead}; "

@@ -40,27 +40,27 @@ def new_run(args: argparse.Namespace, out: Path | None = None, dataset=None):
     """Config, recipe, output folder and dataset of a fresh run, from the flags (out: the folder a
     packed command gives it; dataset: the data already loaded for another run of the command)."""
 
-    type, depth, width = network(args)
+    model_type, depth, width = network(args)
     dropout = 0.0 if args.dropout is None else args.dropout
-    check_model_args(type, depth, width, dropout=dropout)
+    check_model_args(model_type, depth, width, dropout=dropout)
     # a run from weights fine-tunes them unless a recipe is named: the from-scratch lr would undo them
-    recipe_name = args.recipe or (FINETUNE_RECIPE if args.init is not None else DEFAULT_RECIPE[type])
+    recipe_name = args.recipe or (FINETUNE_RECIPE if args.init is not None else DEFAULT_RECIPE[model_type])
     recipe = resolve_recipe(recipe_name, **{name: getattr(args, name) for name in RECIPE_FLAGS})
     seed = 0 if args.seed is None else args.seed
     if seed < 0:
         raise UserError(f"--seed must be non-negative, got {seed}")
     dataset_name = args.dataset or "cifar10"
     data_dir = str(Path(args.data_dir or "data").resolve())
-    name = paper_name(type, depth, width)
+    name = paper_name(model_type, depth, width)
     if out is None:  # under torchrun every process must agree on the folder: rank 0's clock names it
         out = Path(broadcast_object(args.out or default_out(name, dataset_name)))
     if (out / CHECKPOINT_NAME).exists():
         raise UserError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
     dataset = dataset or load_dataset(dataset_name, data_dir)
     check_schedule(recipe, steps_per_epoch(len(dataset.train.labels), recipe.batch_size))
-    init = {} if args.init is None else {"init": resolve_init(args.init, type, depth, width, dataset.classes)}
+    init = {} if args.init is None else {"init": resolve_init(args.init, model_type, depth, width, dataset.classes)}
     config = prepare_config(
-        dataset, model=name, type=type, depth=depth, width=width, dropout=recipe.dropout,
+        dataset, model=name, type=model_type, depth=depth, width=width, dropout=recipe.dropout,
         dataset=dataset_name, data_dir=data_dir, recipe_name=recipe_name, seed=seed, **init,
     )
     return config, recipe, out, dataset

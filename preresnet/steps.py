@@ -1,31 +1,20 @@
-"""The training step as one capturable unit: CUDA graphs of the whole step, and of evaluation.
+"""The training step and the evaluation forward a run calls: plain (the model may be compiled), or
+on static buffers and captured in a CUDA graph (`--cuda-graphs`; the capture itself is
+`preresnet.cuda_graphs`).
 
-At batch 128 a PreResNet-110 step launches some 900 to 2,000 kernels of a few microseconds each, so
-on a GPU the CPU's launch overhead, not arithmetic, bounds the step. `--cuda-graphs` captures the
-whole step -- forward, loss, backward and the SGD update (momentum, weight decay, Nesterov) -- once,
-and replays it:
-
-- the batch is copied into static input and label buffers (one device-to-device copy each), which
-  the captured kernels read;
-- the learning rate is a 0-dim float32 tensor on the device that the optimizer reads
-  (`torch.optim.SGD(fused=True)` takes a Tensor lr and reads it on the device, with no host
-  synchronisation); `set_lr` writes it with `fill_` outside the graph, only when it changes, so
-  the warm-up and the decays need no recapture;
-- BatchNorm running statistics and `num_batches_tracked` are updated in place inside the graph;
-- the first `WARMUP_STEPS` steps run eagerly on a side stream (torch.compile compiles there, the
-  Triton kernels and cuDNN pick their configurations there, the optimizer creates its momentum
-  buffers); they are real training steps, so the run's trajectory does not change. The next step
-  is captured (capture records, it does not execute) and then replayed; every later step is one
-  replay.
+The capturable step copies the batch into static input and label buffers (one device-to-device
+copy each), which the captured kernels read; its learning rate is a 0-dim float32 tensor on the
+device that the optimizer reads (`torch.optim.SGD(fused=True)` takes a Tensor lr and reads it on
+the device, with no host synchronisation); `set_lr` writes it with `fill_` outside the graph, only
+when it changes, so the warm-up and the decays need no recapture. BatchNorm running statistics and
+`num_batches_tracked` are updated in place inside the graph.
 
 On the CPU the "capturable" step is the same function run directly (no capture): what
 tests/test_steps.py compares with the plain step, bit for bit.
 
-Where capture cannot work the step falls back to the plain step and says why: fp16 loss scaling
-(GradScaler decides on the host whether to skip a step), multi-process runs (DDP's gradient
-all-reduce is launched from autograd hooks on its own schedule), packed runs with dropout (each
-draws from its own generator state, which the host swaps in around its steps), and any batch
-whose shape differs from the captured one (never in training: the last partial batch is dropped).
+Where capture cannot work the step falls back to the plain step and says why
+(`cuda_graphs.graph_fallback_reason`), and any batch whose shape differs from the captured one runs
+the plain step (never in training: the last partial batch is dropped).
 
 Each step of a fused model, and each captured evaluation forward, owns the ticket counters its
 kernels take (preresnet.kernels.workspace), allocated before anything is captured; a graph keeps
@@ -41,10 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .cuda_graphs import WARMUP_STEPS, GraphCapture, graph_fallback_reason, synchronize
 from .kernels.workspace import launching_with, new_counters
-
-WARMUP_STEPS = 3  # eager steps on a side stream before capture (PyTorch's whole-network example uses 3)
-
 
 def make_optimizer(model: torch.nn.Module, recipe, device: torch.device) -> torch.optim.SGD:
     """The recipe's SGD, fused (one kernel for the whole update, on CUDA and CPU): it takes a
@@ -53,11 +40,6 @@ def make_optimizer(model: torch.nn.Module, recipe, device: torch.device) -> torc
     fused = device.type in ("cuda", "cpu")
     return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
                            weight_decay=recipe.weight_decay, fused=fused)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PlainStep:
@@ -122,55 +104,6 @@ class PlainStep:
         return timings
 
 
-class GraphCapture:
-    """A function run eagerly on a side stream for its first `warmup` calls (compilation, autotuning,
-    buffers it allocates), then captured into a CUDA graph on that stream and replayed from then on:
-    the one capture mechanism of the training step and of the evaluation forward."""
-
-    def __init__(self, device: torch.device, warmup: int):
-        self.device, self.warmup = device, warmup
-        self.stream = torch.cuda.Stream(device)
-        self.graph = self.outputs = None
-        self.calls = 0
-        self.first_call_seconds = None  # the first eager call, compilation included, until reported
-        self.capture_seconds = None  # recording the graph, until reported (take_seconds)
-
-    def __call__(self, function, before_capture=None):
-        if self.graph is not None:
-            self.graph.replay()
-            return self.outputs
-        synchronize(self.device)
-        start = time.perf_counter()
-        if self.calls < self.warmup:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                out = function()
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
-            synchronize(self.device)
-            if self.calls == 0:
-                self.first_call_seconds = time.perf_counter() - start
-            self.calls += 1
-            return out
-        if before_capture is not None:
-            before_capture()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            outputs = function()
-        synchronize(self.device)
-        self.capture_seconds = time.perf_counter() - start
-        self.graph, self.outputs = graph, outputs
-        graph.replay()  # the capture recorded the call; this runs it
-        return outputs
-
-    def take_seconds(self, attribute: str, key: str) -> dict:
-        """{key: the first call's or the capture's seconds (attribute)}, once, after it happened."""
-        seconds = getattr(self, attribute)
-        if seconds is None:
-            return {}
-        setattr(self, attribute, None)
-        return {key: seconds}
-
-
 class GraphStep(PlainStep):
     """The whole step on static buffers with a device-tensor lr; captured into a CUDA graph on a GPU."""
 
@@ -219,7 +152,6 @@ class GraphStep(PlainStep):
         if self.runtime.device.type != "cuda":
             return "capturable step on static buffers, run without capture (CUDA graphs need a CUDA GPU)"
         return f"whole step captured in a CUDA graph after {WARMUP_STEPS} eager warm-up steps"
-
 
 
 class EvalForward:
@@ -295,19 +227,6 @@ class GraphedEval(EvalForward):
             return {}
         return {**self.capture.take_seconds("first_call_seconds", "eval_compile_seconds"),
                 **self.capture.take_seconds("capture_seconds", "eval_capture_seconds")}
-
-
-def graph_fallback_reason(runtime, own_random_state: bool = False) -> str | None:
-    """Why the whole step cannot be captured with these settings, or None."""
-    if own_random_state:
-        return ("packed runs with dropout: each draws from its own generator state, swapped in by the host around "
-                "its steps, which a captured step would not see")
-    if runtime.amp == "fp16":
-        return ("fp16 loss scaling: GradScaler decides on the host whether to skip each step (a synchronisation "
-                "a graph cannot hold); use --amp bf16 for graphs")
-    if runtime.dist.enabled:
-        return "multi-process training: DDP launches its gradient all-reduce from autograd hooks, outside a graph"
-    return None
 
 
 def random_state(device: torch.device) -> dict:

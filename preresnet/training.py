@@ -30,7 +30,7 @@ from .finetune import load_init_weights
 from .loaders import MODEL_STREAM, BaseLoader, build_loader, epoch_seed
 from .models import build_model
 from .provenance import Command, command_record, commands_text, read_commands, this_command
-from .kernels.paths import assign_paths
+from .kernels.dispatch import assign_paths
 from .recipes import Recipe, learning_rate
 from .reporting import command_folder, epoch_line, interrupted, packed_epoch_line, start_lines, step_timings
 from .runfiles import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, COMMANDS_NAME, CURVES_NAME, DIVERGED_NAME, METRICS_NAME,
@@ -89,6 +89,76 @@ def build_network(config: dict, runtime: Runtime, fresh: bool) -> tuple[torch.nn
     if runtime.fused and not runtime.sync_bn:
         on_torch_ops = assign_paths(model, runtime.device, runtime.amp_dtype or torch.float32)
     return model, on_torch_ops
+
+
+class EpochSums:
+    """A rank's running sums of the epoch in progress (loss, errors, images, seconds), kept on the
+    device so that a step never waits for it."""
+
+    def __init__(self, device: torch.device, dist: distributed.Dist):
+        self.device, self.dist = device, dist
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.errors = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen, self.earlier_seconds = 0, 0.0
+        self.start = time.perf_counter()
+
+    @classmethod
+    def resumed(cls, resume_at: dict | None, dist: distributed.Dist, device: torch.device) -> EpochSums:
+        """The sums where a checkpoint's position left them (None: a new epoch). With as many
+        processes as then, each rank continues its own sums and dropout draws; with another number,
+        rank 0 takes the epoch's totals and the dropout draws are new."""
+        sums = cls(device, dist)
+        if resume_at:
+            ranks = resume_at["ranks"]
+            if len(ranks) == dist.world_size:
+                mine = ranks[dist.rank]
+                sums.loss_sum.fill_(mine["loss_sum"])
+                sums.errors.fill_(mine["errors"])
+                sums.seen = mine["seen"]
+                restore_random_state(mine["random"], device)
+            elif dist.is_main:
+                sums.loss_sum.fill_(sum(r["loss_sum"] for r in ranks))
+                sums.errors.fill_(sum(r["errors"] for r in ranks))
+                sums.seen = sum(r["seen"] for r in ranks)
+            sums.earlier_seconds = resume_at["train_seconds"]
+        sums.start = time.perf_counter()
+        return sums
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().double() * len(y)
+        self.errors += (logits.detach().argmax(1) != y).sum()
+        self.seen += len(y)
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.start
+
+    def agree(self, stop: bool, where: str) -> tuple[float, bool]:
+        """At a progress point: this rank's mean loss so far (waits for the device), and whether to
+        stop. Every rank decides together, or one would stop while the others wait in a collective:
+        on a non-finite loss (NonFiniteLoss), and on a stop signal that reached any of them."""
+        mean_loss = float(self.loss_sum) / self.seen
+        flags = distributed.all_reduce_sum(torch.tensor([float(not math.isfinite(mean_loss)), float(stop)],
+                                                        device=self.device))
+        diverged, stop = (bool(flag) for flag in flags.tolist())
+        if diverged:
+            raise NonFiniteLoss(f"the training loss became {mean_loss} {where}")
+        return mean_loss, stop
+
+    def position(self) -> dict:
+        """What a checkpoint inside the epoch keeps of this rank's sums."""
+        return {"loss_sum": float(self.loss_sum), "errors": int(self.errors), "seen": self.seen,
+                "random": random_state(self.device), "train_seconds": self.seconds()}
+
+    def metrics(self, lr: float) -> dict:
+        """The epoch's training metrics over all ranks (waits for the device)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        seconds = self.seconds()
+        totals = distributed.all_reduce_sum(torch.stack([self.loss_sum, self.errors.double(), torch.tensor(
+            float(self.seen), device=self.device, dtype=torch.float64)]))
+        seen = int(totals[2])
+        return {"lr": lr, "train_loss": float(totals[0]) / seen, "train_error": int(totals[1]) / seen,
+                "train_seconds": seconds, "images_per_second": seen / seconds}
 
 
 class TrainingRun:
@@ -181,7 +251,7 @@ class TrainingRun:
             return False
         self.epoch_start = time.perf_counter()
         self.shown = self.position["step"] if self.position else 0
-        self.steps = self.epoch_steps()
+        self.steps = self.epoch_steps()  # a generator: it runs inside active(), step by step
         return True
 
     def epoch_steps(self):
@@ -191,75 +261,35 @@ class TrainingRun:
         Continues after a checkpoint's position inside this epoch as if the run had never stopped.
         Raises StoppedInEpoch when a stop signal reached any rank (see faults), NonFiniteLoss when
         the loss is not finite at a progress point."""
-        model, step_fn, loader, recipe, epoch = self.wrapped, self.step_fn, self.train_loader, self.recipe, self.epoch
-        runtime = self.runtime
-        device, dist = runtime.device, runtime.dist
+        model, step_fn, loader, epoch, dist = self.wrapped, self.step_fn, self.train_loader, self.epoch, self.runtime.dist
         resume_at, self.position = self.position, None
         model.train()
         first = resume_at["step"] if resume_at else 0
         loader.set_epoch(epoch, first)
         torch.manual_seed(epoch_seed(loader.seed, epoch, MODEL_STREAM, dist.rank))  # dropout draws, own per rank
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        errors = torch.zeros((), dtype=torch.int64, device=device)
-        seen, earlier_seconds = 0, 0.0
-        if resume_at:
-            ranks = resume_at["ranks"]
-            if len(ranks) == dist.world_size:  # each rank continues its own sums and dropout draws
-                mine = ranks[dist.rank]
-                loss_sum.fill_(mine["loss_sum"])
-                errors.fill_(mine["errors"])
-                seen = mine["seen"]
-                restore_random_state(mine["random"], device)
-            elif dist.is_main:  # another number of processes: the epoch's sums are right, its dropout draws new
-                loss_sum.fill_(sum(r["loss_sum"] for r in ranks))
-                errors.fill_(sum(r["errors"] for r in ranks))
-                seen = sum(r["seen"] for r in ranks)
-            earlier_seconds = resume_at["train_seconds"]
+        sums = EpochSums.resumed(resume_at, dist, self.runtime.device)
         check_replicas = os.environ.get("PRERESNET_CHECK_REPLICAS") == "1"
-        start = time.perf_counter()
         for step, (x, y) in enumerate(loader, start=first):
-            lr = learning_rate(recipe, epoch, self.iteration)
+            lr = learning_rate(self.recipe, epoch, self.iteration)
             step_fn.set_lr(lr)  # preresnet.steps: a float, or a device tensor a captured step reads
             loss, logits = step_fn(x, y)
-            loss_sum += loss.detach().double() * len(y)
-            errors += (logits.detach().argmax(1) != y).sum()
-            seen += len(y)
+            sums.add(loss, logits, y)
             self.iteration += 1
             if check_replicas and not distributed.replicas_agree(model):
                 raise RuntimeError(f"rank {dist.rank}: parameters differ across ranks after step {step + 1}")
             stop = faults.stop_requested() is not None  # a Python flag: no wait for the device
             mean_loss = None
             if (step + 1) % PROGRESS_EVERY == 0 or step + 1 == len(loader):
-                mean_loss = float(loss_sum) / seen  # waits for the device
-                # every rank decides together, or one would stop while the others wait in a collective:
-                # on a non-finite loss, and on a stop signal that reached any of them
-                flags = distributed.all_reduce_sum(torch.tensor([float(not math.isfinite(mean_loss)), float(stop)],
-                                                                device=device))
-                diverged, stop = (bool(flag) for flag in flags.tolist())
-                if diverged:
-                    raise NonFiniteLoss(f"the training loss became {mean_loss} in epoch {epoch + 1} (step {step + 1})")
+                mean_loss, stop = sums.agree(stop, f"in epoch {epoch + 1} (step {step + 1})")
             elif dist.enabled:
                 stop = False  # ranks stop only at a step where they have agreed to (latency: PROGRESS_EVERY steps)
             if stop and step + 1 < len(loader):  # at the last step the epoch ends, is evaluated and saved first
-                raise StoppedInEpoch({"step": step + 1, "iteration": self.iteration, "loss_sum": float(loss_sum),
-                                      "errors": int(errors), "seen": seen, "random": random_state(device),
-                                      "train_seconds": earlier_seconds + time.perf_counter() - start})
+                raise StoppedInEpoch({"step": step + 1, "iteration": self.iteration, **sums.position()})
             yield step + 1, mean_loss
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()
-        seconds = earlier_seconds + time.perf_counter() - start
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum, errors.double(), torch.tensor(
-            float(seen), device=device, dtype=torch.float64)]))
-        loss_sum, errors, seen = totals[0], totals[1], int(totals[2])
+        metrics = sums.metrics(lr)
         if not distributed.replicas_agree(model):
             raise RuntimeError(f"rank {dist.rank}: parameters differ across ranks after epoch {epoch + 1}")
-        return {
-            "lr": lr,
-            "train_loss": float(loss_sum) / seen,
-            "train_error": int(errors) / seen,
-            "train_seconds": seconds,
-            "images_per_second": seen / seconds,
-        }
+        return metrics
 
     def end_epoch(self, train_metrics: dict) -> dict:
         """Evaluate the epoch just trained and save it (checkpoint, metrics, curves); its metrics."""
@@ -340,95 +370,27 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
     records it) while the others go on. after_epoch(runs) is called after each round. command: the
     command that trains them (what their commands.jsonl records; default: one starting now)."""
     command = Command.starting() if command is None else command
-    config = specs[0].config
-    if dataset.num_classes != config["num_classes"]:
-        raise UserError(f"the data has {dataset.num_classes} classes but the run was set up for {config['num_classes']}")
-    disable_bar = None if progress is None else not progress
-    device, dist = runtime.device, runtime.dist
-    say = print if dist.is_main else (lambda *args, **kwargs: None)
-    batch_sizes = {spec.recipe.batch_size for spec in specs}
-    if len(batch_sizes) > 1:
-        raise UserError(f"the packed runs of one command share the data order's batch size, not {sorted(batch_sizes)}")
-    batch_size = batch_sizes.pop()
-    paddings = {spec.recipe.crop_padding for spec in specs}
-    if len(paddings) > 1:
-        raise UserError(f"the packed runs of one command share the training images and their crop padding, not "
-                        f"{sorted(paddings)}")
-    if batch_size % dist.world_size:
-        raise UserError(f"batch size {batch_size} (the global batch) does not split evenly over {dist.world_size} processes")
-    common = dict(backend=runtime.loader, device=device, channels_last=runtime.channels_last,
-                  mean=config["mean"], std=config["std"], rank=dist.rank, world_size=dist.world_size)
-    # the images on the device once: each run's loader shares them with its own seed
-    train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=batch_size // dist.world_size,
-                                train=True, seed=config["seed"], crop_padding=paddings.pop(), **common)
-    test_loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
-                               **common)
+    train_loader, test_loader = build_loaders(specs, runtime, dataset)
     runs = [TrainingRun(spec, runtime, train_loader.reseeded(spec.config["seed"]), test_loader, packed, command)
             for spec in specs]
+    say = print if runtime.dist.is_main else (lambda *args, **kwargs: None)
     for line in start_lines(runs, dataset, runtime, packed):
         say(line, file=sys.stderr)
-
-    def stop_agreed() -> bool:
-        """Whether a stop signal reached any process (one small all-reduce, at start-up and after each epoch)."""
-        return bool(distributed.all_reduce_sum(torch.tensor(float(faults.stop_requested() is not None),
-                                                            device=device)).item())
-
-    if stop_agreed():  # a signal during start-up: every checkpoint is current
+    if stop_agreed(runtime.device):  # a signal during start-up: every checkpoint is current
         raise interrupted(runs, packed)
-    batch_images = batch_size // dist.world_size
     while True:
-        stepping = []
-        for run in runs:
-            if run.status == "training":
-                with run.active():
-                    if run.begin_epoch(deadline):
-                        stepping.append(run)
+        stepping = [run for run in runs if run.status == "training" and run.begin_epoch(deadline)]
         if not stepping:
             break
         round_start = time.perf_counter()
-        epochs = sorted({run.epoch + 1 for run in stepping})
-        bar = tqdm(total=sum(len(run.train_loader) for run in stepping), initial=sum(run.shown for run in stepping),
-                   desc=f"epoch {'/'.join(map(str, epochs))}/{runs[0].recipe.epochs}", unit="batch",
-                   disable=disable_bar if dist.is_main else True, leave=False, dynamic_ncols=True)
-        done: list[TrainingRun] = []
-        running, round_steps = list(stepping), 0
-        while running:  # a step of every run in turn
-            for run in list(running):
-                with run.active():
-                    try:
-                        steps, mean_loss = next(run.steps)
-                    except StopIteration as finished:
-                        running.remove(run)
-                        run.train_metrics = finished.value
-                        done.append(run)
-                        continue
-                    except StoppedInEpoch as stopped:
-                        running.remove(run)
-                        run.stop_in_epoch(stopped.position)
-                        continue
-                    except NonFiniteLoss as exc:
-                        if not packed:
-                            bar.close()
-                            raise
-                        running.remove(run)
-                        run.diverge(exc)
-                        say(f"{run.name}: stopped: {exc}; its last checkpoint was left as it was; the other runs go on",
-                            file=sys.stderr)
-                        continue
-                if mean_loss is not None:
-                    bar.update(steps - run.shown)
-                    round_steps += steps - run.shown
-                    run.shown = steps
-                    bar.set_postfix({f"loss {run.name}" if packed else "loss": f"{mean_loss:.3f}", "img_s":
-                                     f"{round_steps * batch_images / (time.perf_counter() - round_start):.0f}"})
-        bar.close()
+        done = train_round(stepping, runtime, packed, progress, say)
         for run in done:
             with run.active():
                 run.metrics = run.end_epoch(run.train_metrics)
         # a signal during the evaluation or the save: the checkpoints are current. Decided before the
         # epoch's line is printed, so that a signal sent once it is out lands in the next epoch's steps.
         stop = (any(run.epoch < run.recipe.epochs for run in done) or any(run.status == "stopped" for run in runs)) \
-            and stop_agreed()
+            and stop_agreed(runtime.device)
         if done and packed:
             say(packed_epoch_line(done, time.perf_counter() - round_start), flush=True)
         elif done:
@@ -449,6 +411,83 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
         if run.status == "training":
             run.status = "finished"
     return runs
+
+
+def build_loaders(specs: list[RunSpec], runtime: Runtime, dataset: Dataset) -> tuple[BaseLoader, BaseLoader]:
+    """The training and test loaders the runs share (each run reseeds the training one): the
+    images on the device once. The runs must agree on what the loaders fix."""
+    config, dist = specs[0].config, runtime.dist
+    if dataset.num_classes != config["num_classes"]:
+        raise UserError(f"the data has {dataset.num_classes} classes but the run was set up for {config['num_classes']}")
+    batch_sizes = {spec.recipe.batch_size for spec in specs}
+    if len(batch_sizes) > 1:
+        raise UserError(f"the packed runs of one command share the data order's batch size, not {sorted(batch_sizes)}")
+    batch_size = batch_sizes.pop()
+    paddings = {spec.recipe.crop_padding for spec in specs}
+    if len(paddings) > 1:
+        raise UserError(f"the packed runs of one command share the training images and their crop padding, not "
+                        f"{sorted(paddings)}")
+    if batch_size % dist.world_size:
+        raise UserError(f"batch size {batch_size} (the global batch) does not split evenly over {dist.world_size} processes")
+    common = dict(backend=runtime.loader, device=runtime.device, channels_last=runtime.channels_last,
+                  mean=config["mean"], std=config["std"], rank=dist.rank, world_size=dist.world_size)
+    train_loader = build_loader(dataset.train.images, dataset.train.labels, batch_size=batch_size // dist.world_size,
+                                train=True, seed=config["seed"], crop_padding=paddings.pop(), **common)
+    test_loader = build_loader(dataset.test.images, dataset.test.labels, batch_size=EVAL_BATCH_SIZE, train=False,
+                               **common)
+    return train_loader, test_loader
+
+
+def stop_agreed(device: torch.device) -> bool:
+    """Whether a stop signal reached any process (one small all-reduce, at start-up and after each epoch)."""
+    return bool(distributed.all_reduce_sum(torch.tensor(float(faults.stop_requested() is not None),
+                                                        device=device)).item())
+
+
+def train_round(stepping: list[TrainingRun], runtime: Runtime, packed: bool, progress: bool | None,
+                say) -> list[TrainingRun]:
+    """One epoch of every run in stepping, a step of each in turn, with a progress bar; the runs
+    whose epoch ended (their train_metrics set). A run stopped inside its epoch saves its position;
+    a packed run whose loss is not finite stops alone (else NonFiniteLoss ends the command)."""
+    round_start = time.perf_counter()
+    batch_images = stepping[0].recipe.batch_size // runtime.dist.world_size
+    epochs = sorted({run.epoch + 1 for run in stepping})
+    bar = tqdm(total=sum(len(run.train_loader) for run in stepping), initial=sum(run.shown for run in stepping),
+               desc=f"epoch {'/'.join(map(str, epochs))}/{stepping[0].recipe.epochs}", unit="batch",
+               disable=(None if progress is None else not progress) if runtime.dist.is_main else True, leave=False,
+               dynamic_ncols=True)
+    done: list[TrainingRun] = []
+    running, round_steps = list(stepping), 0
+    with contextlib.closing(bar):
+        while running:
+            for run in list(running):
+                with run.active():
+                    try:
+                        steps, mean_loss = next(run.steps)
+                    except StopIteration as finished:
+                        running.remove(run)
+                        run.train_metrics = finished.value
+                        done.append(run)
+                        continue
+                    except StoppedInEpoch as stopped:
+                        running.remove(run)
+                        run.stop_in_epoch(stopped.position)
+                        continue
+                    except NonFiniteLoss as exc:
+                        if not packed:
+                            raise
+                        running.remove(run)
+                        run.diverge(exc)
+                        say(f"{run.name}: stopped: {exc}; its last checkpoint was left as it was; the other runs go on",
+                            file=sys.stderr)
+                        continue
+                if mean_loss is not None:
+                    bar.update(steps - run.shown)
+                    round_steps += steps - run.shown
+                    run.shown = steps
+                    bar.set_postfix({f"loss {run.name}" if packed else "loss": f"{mean_loss:.3f}", "img_s":
+                                     f"{round_steps * batch_images / (time.perf_counter() - round_start):.0f}"})
+    return done
 
 
 def epoch_will_pass(deadline: float | None, history: list[dict], epoch: int, first_epoch: int) -> bool:

@@ -76,7 +76,7 @@ def test_conv_path_table_takes_each_gpus_newest_measurement():
                          ids=["residual", "projection", "stem"])
 def test_both_layer_paths_time_the_same_layer(fields):
     """The benchmark of the two paths (interpreted here, so only the results are checked) computes the same output."""
-    from preresnet.kernels.paths import ConvSignature
+    from preresnet.kernels.dispatch import ConvSignature
 
     c_in, c_out, kernel, stride, prologue, residual = fields
     signature = ConvSignature(c_in, c_out, kernel, stride, 8, 8, prologue, residual)

@@ -19,9 +19,9 @@ IMPORTS = """
 import importlib, json, sys
 kernels = importlib.import_module("kernels")  # the other project's
 import preresnet
-import preresnet.kernels.layers, preresnet.kernels.paths
+import preresnet.kernels.layers, preresnet.kernels.dispatch
 print(json.dumps({"other": kernels.WHO, "layers": preresnet.kernels.layers.__file__,
-                  "tables": [p.name for p in preresnet.kernels.paths.TABLE.parent.glob("*.json")],
+                  "tables": [p.name for p in preresnet.kernels.dispatch.TABLE.parent.glob("*.json")],
                   "top_level_kernels": sys.modules["kernels"].__file__}))
 """
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from preresnet.kernels import INTERPRETED, BnState, bn_relu_conv, bn_relu_conv_ref
 from preresnet.kernels.layers import batchnorm_moments
-from preresnet.kernels.paths import assign_paths, conv_signatures, device_name, load_table
+from preresnet.kernels.dispatch import assign_paths, conv_signatures, device_name, load_table
 from preresnet import build_model, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,7 +365,7 @@ WITH_PATHS = [*(pytest.param(*m.values, "triton", id=m.id) for m in MODELS),
 
 @pytest.mark.parametrize("type, depth, width, paths", WITH_PATHS)
 def test_fused_model_matches_reference_model(type, depth, width, paths):
-    """paths "mixed": half the layer shapes on PyTorch's ops (kernels.paths), statistics passing
+    """paths "mixed": half the layer shapes on PyTorch's ops (kernels.dispatch), statistics passing
     between the two implementations."""
     reference, fused = twin_models(type, depth, width)
     if paths == "mixed":

@@ -65,8 +65,9 @@ def run_layer(residual: bool):
     x = torch.randn(2, 64, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     mean, var, gamma, beta = torch.zeros(64), torch.ones(64), torch.ones(64), torch.zeros(64)
     weight = torch.randn(64, 64, 3, 3)
-    preact_conv.bn_relu_conv_forward(x, mean, var, gamma, beta, weight, x if residual else None, 1, 1, 1e-5, True)
-    preact_conv.bn_relu_conv_backward(x, x, mean, var, gamma, beta, weight, 1, 1, 1e-5, True, True)
+    bn = preact_conv.BnState(mean, var, gamma, beta, batch_stats=True)
+    preact_conv.bn_relu_conv_forward(x, bn, weight, x if residual else None, 1, 1, True)
+    preact_conv.bn_relu_conv_backward(x, x, bn, weight, 1, 1, True)
 
 
 def launched(records) -> dict:

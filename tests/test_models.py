@@ -264,16 +264,16 @@ def test_get_model_passes_options():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(type="plain", depth=3), "unknown model type"),
-    (dict(type="normal", depth=0), "depth"),
-    (dict(type="normal", depth=2.5), "depth"),
-    (dict(type="normal", depth=3, width=2), "width 2 is only for --type wide"),
-    (dict(type="bottleneck", depth=3, width=4), "width 4 is only for --type wide"),
-    (dict(type="wide", depth=2, width=0), "width"),
-    (dict(type="normal", depth=3, dropout=0.3), "dropout"),
-    (dict(type="wide", depth=2, width=4, dropout=1.0), "dropout"),
-    (dict(type="normal", depth=3, num_classes=1), "num_classes"),
-    (dict(type="wide", depth=1, width=2, dropout=0.3, fused=True), "do not apply dropout"),
+    (dict(model_type="plain", depth=3), "unknown model type"),
+    (dict(model_type="normal", depth=0), "depth"),
+    (dict(model_type="normal", depth=2.5), "depth"),
+    (dict(model_type="normal", depth=3, width=2), "width 2 is only for --type wide"),
+    (dict(model_type="bottleneck", depth=3, width=4), "width 4 is only for --type wide"),
+    (dict(model_type="wide", depth=2, width=0), "width"),
+    (dict(model_type="normal", depth=3, dropout=0.3), "dropout"),
+    (dict(model_type="wide", depth=2, width=4, dropout=1.0), "dropout"),
+    (dict(model_type="normal", depth=3, num_classes=1), "num_classes"),
+    (dict(model_type="wide", depth=1, width=2, dropout=0.3, fused=True), "do not apply dropout"),
 ])
 def test_bad_arguments_raise_user_error(kwargs, message):
     with pytest.raises(UserError, match=message):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batchnorm import is_synchronising, merge_across_ranks, update_running_stats
-from .paths import record
+from .dispatch import record
 from .preact_conv import BnState, bn_relu_conv
 
 Stats = tuple[torch.Tensor, torch.Tensor] | None  # batch mean and biased variance, fp32, per channel
@@ -52,7 +52,7 @@ def fused_conv(x: torch.Tensor, bn: BnState | None, conv: nn.Conv2d, residual: t
                emit_stats: bool = True) -> tuple[torch.Tensor, Stats]:
     """conv(relu(bn(x))) [+ residual] in one kernel (bn None: conv(x)); with emit_stats, also the
     batch mean and variance of the result for the BatchNorm that reads it next. A conv whose
-    `fused_path` is "torch" (see kernels.paths) runs PyTorch's ops instead, with the same results."""
+    `fused_path` is "torch" (see kernels.dispatch) runs PyTorch's ops instead, with the same results."""
     y, stats, _ = _fused_conv(x, bn, conv, residual, emit_stats, carry=False)
     return y, stats
 

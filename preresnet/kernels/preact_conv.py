@@ -183,15 +183,35 @@ def check_inputs(x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor | 
             raise ValueError(f"all inputs must be on {x.device}, got one on {t.device}")
 
 
+class BnState(NamedTuple):
+    """The BatchNorm a fused layer applies to its input, as `bn_relu_conv` takes it (see
+    `kernels.layers.batchnorm_moments`, which makes one per BatchNorm and forward)."""
+
+    mean: torch.Tensor  # the statistics the BatchNorm normalises with (fp32)
+    var: torch.Tensor
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    batch_stats: bool  # mean/var are the input's own batch statistics (training mode)
+    eps: float = 1e-5
+    sync_count: int = 0  # > 0: statistics over all ranks' batches, this many values per channel
+    # the module whose running statistics the next layer that reads this BatchNorm updates from
+    # mean/var (in its kernel); None once done, or in eval mode
+    update: nn.BatchNorm2d | None = None
+
+    def read_only(self) -> BnState:
+        """The same normalisation for a second layer reading it: the running statistics are updated once."""
+        return self._replace(update=None)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: int, padding: int, eps: float,
-                         emit_stats: bool, running=None, momentum: float | None = 0.1, count: int = 0):
-    """y = conv(relu(bn(x))) [+ residual] in x's dtype (bn None when mean is None), with y's batch
-    mean and biased variance per channel (fp32) when emit_stats. running: the BatchNorm's
-    (running_mean, running_var, num_batches_tracked) to update from mean/var over count values."""
+def bn_relu_conv_forward(x, bn: BnState | None, weight, residual, stride: int, padding: int, emit_stats: bool,
+                         running=None, momentum: float | None = 0.1, count: int = 0):
+    """y = conv(relu(bn(x))) [+ residual] in x's dtype (bn None: a plain conv), with y's batch mean
+    and biased variance per channel (fp32) when emit_stats. running: the BatchNorm's
+    (running_mean, running_var, num_batches_tracked) to update from bn's mean/var over count values."""
     check_inputs(x, weight, residual)
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -201,7 +221,8 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
     if residual is not None and tuple(residual.shape) != (n, c_out, ho, wo):
         raise ValueError(f"residual of shape {tuple(residual.shape)} does not match the output {(n, c_out, ho, wo)}")
     check_int32_offsets(input=x.numel(), output=n * c_out * ho * wo)
-    prologue = mean is not None
+    prologue = bn is not None
+    eps = bn.eps if prologue else 0.0
     y = torch.empty((n, c_out, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     m = n * ho * wo
     config, target = DEFAULTS[CONV_FWD], launch_target(x.device)
@@ -216,7 +237,7 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
     running_mean, running_var, tracked = running if running is not None else (dummy, dummy, dummy)
     tickets = counters_for_launch(x.device, columns) if emit_stats else no_tickets(x.device)
     _bn_relu_conv_fwd_kernel[(tiles, columns)](
-        x, *((mean, var, gamma, beta) if prologue else (dummy,) * 4), running_mean, running_var, tracked,
+        x, *(bn[:4] if prologue else (dummy,) * 4), running_mean, running_var, tracked,
         weight, residual if residual is not None else dummy, y, scratch, y_mean if emit_stats else dummy,
         y_var if emit_stats else dummy, tickets,
         m, h, w, c_in, ho, wo, c_out, *weight.stride(), eps, 0.0 if momentum is None else momentum, float(count),
@@ -227,11 +248,10 @@ def bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride: in
     return y, y_mean, y_var
 
 
-def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, padding: int, eps: float,
-                          batch_stats: bool, need_dx: bool, sync_count: int = 0, dx_add=None):
+def bn_relu_conv_backward(dy, x, bn: BnState | None, weight, stride: int, padding: int, need_dx: bool, dx_add=None):
     """Gradients of conv(relu(bn(x))) [+ residual]: (dx, dgamma, dbeta, dweight); BN terms are None
-    without a prologue (mean None), dx is None when not needed. dx_add: x's gradient along another
-    path (the identity shortcut that carried x), added into dx in the same pass. sync_count > 0:
+    for a plain conv (bn None), dx is None when not needed. dx_add: x's gradient along another
+    path (the identity shortcut that carried x), added into dx in the same pass. bn.sync_count > 0:
     the statistics spanned all ranks (that many values per channel), so the normalisation terms of
     dx use sums over all ranks; dgamma and dbeta stay local, as DistributedDataParallel averages
     parameter gradients."""
@@ -239,11 +259,12 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     if dx_add is not None:
         dx_add = dx_add.contiguous(memory_format=torch.channels_last)
     check_inputs(x, weight, dy, dx_add)
-    prologue = mean is not None
+    prologue = bn is not None
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     _, _, ho, wo = dy.shape
-    bn = (mean, var, gamma, beta) if prologue else (dy,) * 4
+    eps = bn.eps if prologue else 0.0
+    bn_terms = bn[:4] if prologue else (dy,) * 4  # mean, var, gamma, beta
     precision = dot_precision(x.dtype)
     target = launch_target(x.device)
 
@@ -259,7 +280,7 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     scratch = torch.empty((wgrad.splits, kh, kw, c_in, c_out), device=x.device, dtype=torch.float32)
     grid = wgrad.grid
     _bn_relu_conv_wgrad_kernel[grid](
-        x, *bn, dy, scratch, dweight, counters_for_launch(x.device, grid[0] * grid[1]),
+        x, *bn_terms, dy, scratch, dweight, counters_for_launch(x.device, grid[0] * grid[1]),
         m_out, h, w, c_in, ho, wo, c_out, wgrad.rows_per_split, *weight.stride(), eps,
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=precision,
         BLOCK_M=block_out, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
@@ -277,13 +298,13 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     if prologue:
         gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
         scratch = torch.empty((2, tiles, c_in), device=x.device, dtype=torch.float32)
-        dbeta, dgamma = torch.empty_like(beta), torch.empty_like(gamma)
+        dbeta, dgamma = torch.empty_like(bn.beta), torch.empty_like(bn.gamma)
     else:
         gz = torch.empty_like(x, memory_format=torch.channels_last)  # dx itself
         scratch = dbeta = dgamma = dy
     tickets = counters_for_launch(x.device, columns) if prologue else no_tickets(x.device)
     _bn_relu_conv_dgrad_kernel[(tiles, columns)](
-        dy, weight, x, *bn, gz, scratch, dbeta, dgamma, tickets, dy if dx_add is None else dx_add,
+        dy, weight, x, *bn_terms, gz, scratch, dbeta, dgamma, tickets, dy if dx_add is None else dx_add,
         m_in, h, w, c_in, ho, wo, c_out, *weight.stride(), eps,
         STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_ADD=dx_add is not None, PRECISION=precision,
         BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
@@ -293,17 +314,17 @@ def bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride: int, pa
     dx = None
     if need_dx:
         sums, count = (dbeta, dgamma), m_in
-        if batch_stats and sync_count:
+        if bn.batch_stats and bn.sync_count:
             sums = torch.stack([dbeta, dgamma]).float()
             torch.distributed.all_reduce(sums)
-            count = sync_count
+            count = bn.sync_count
         dx = torch.empty_like(x, memory_format=torch.channels_last)
         apply = DEFAULTS[ELEMENTWISE]
         block_m, block_c = block_size(apply, "BLOCK_M", m_in, target), block_size(apply, "BLOCK_C", c_in, target)
         tiles, columns = triton.cdiv(m_in, block_m), triton.cdiv(c_in, block_c)
         _bn_backward_apply_kernel[(tiles, columns)](
-            gz, x, mean, var, gamma, *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), eps,
-            BATCH_STATS=batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=block_m,
+            gz, x, *bn[:3], *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), eps,
+            BATCH_STATS=bn.batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=block_m,
             BLOCK_C=block_c, **apply.options,
         )
     # dgamma/dbeta of the BN parameters: d(scale * x + shift)/dgamma = xhat, /dbeta = 1
@@ -325,8 +346,8 @@ def bn_relu_conv_op(
     arguments are `bn_relu_conv`'s BnState spread into tensors and scalars, as custom ops take them."""
     running = (running_mean, running_var, num_batches_tracked) if running_mean is not None else None
     count = sync_count or x.numel() // x.shape[1]
-    return bn_relu_conv_forward(x, mean, var, gamma, beta, weight, residual, stride, padding, eps, emit_stats,
-                                running, momentum, count)
+    bn = BnState(mean, var, gamma, beta, True, eps, sync_count) if mean is not None else None  # batch_stats unread
+    return bn_relu_conv_forward(x, bn, weight, residual, stride, padding, emit_stats, running, momentum, count)
 
 
 @bn_relu_conv_op.register_fake
@@ -346,8 +367,8 @@ def bn_relu_conv_backward_op(
     gamma: torch.Tensor | None, beta: torch.Tensor | None, weight: torch.Tensor, stride: int, padding: int,
     eps: float, batch_stats: bool, need_dx: bool, sync_count: int, dx_add: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, dgamma, dbeta, dweight = bn_relu_conv_backward(dy, x, mean, var, gamma, beta, weight, stride, padding, eps,
-                                                       batch_stats, need_dx, sync_count, dx_add)
+    bn = BnState(mean, var, gamma, beta, batch_stats, eps, sync_count) if mean is not None else None
+    dx, dgamma, dbeta, dweight = bn_relu_conv_backward(dy, x, bn, weight, stride, padding, need_dx, dx_add)
     empty = x.new_empty(0)
     return (dx if dx is not None else empty, dgamma if dgamma is not None else empty.clone(),
             dbeta if dbeta is not None else empty.clone(), dweight)
@@ -390,26 +411,6 @@ class BnReluConv(torch.autograd.Function):
             sync_count, dx_carried)
         return (dx if ctx.needs_input_grad[0] else None, None, None, dgamma if prologue else None,
                 dbeta if prologue else None, dweight, dy if has_residual else None, *(None,) * 11)
-
-
-class BnState(NamedTuple):
-    """The BatchNorm a fused layer applies to its input, as `bn_relu_conv` takes it (see
-    `kernels.layers.batchnorm_moments`, which makes one per BatchNorm and forward)."""
-
-    mean: torch.Tensor  # the statistics the BatchNorm normalises with (fp32)
-    var: torch.Tensor
-    gamma: torch.Tensor
-    beta: torch.Tensor
-    batch_stats: bool  # mean/var are the input's own batch statistics (training mode)
-    eps: float = 1e-5
-    sync_count: int = 0  # > 0: statistics over all ranks' batches, this many values per channel
-    # the module whose running statistics the next layer that reads this BatchNorm updates from
-    # mean/var (in its kernel); None once done, or in eval mode
-    update: nn.BatchNorm2d | None = None
-
-    def read_only(self) -> BnState:
-        """The same normalisation for a second layer reading it: the running statistics are updated once."""
-        return self._replace(update=None)
 
 
 def bn_relu_conv(x: torch.Tensor, bn: BnState | None, weight: torch.Tensor, residual: torch.Tensor | None = None,

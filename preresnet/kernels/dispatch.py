@@ -1,4 +1,4 @@
-"""Which implementation runs each fused layer: the Triton kernel, or PyTorch's ops (cuDNN).
+"""Dispatch of each fused layer: the Triton kernel, or PyTorch's ops (cuDNN), by a per-GPU table.
 
 The Triton conv need not beat cuDNN at every shape. Where it loses, the fused model keeps the
 faster correct path for that shape: the same BN -> ReLU -> conv [+ residual] with the same
