@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
 from bench.compile_audit import EMULATED_MULTIPROCESSORS
 from preresnet import get_model, list_models
 from preresnet.kernels.launch_configs import CONV_WGRAD, DEFAULTS
-from preresnet.kernels.paths import ConvSignature, conv_signatures
+from preresnet.kernels.dispatch import conv_signatures
 from preresnet.kernels.preact_conv import conv_output_size, wgrad_grid
 
 
@@ -53,13 +54,6 @@ def measure(name: str, batch_size: int, dtype: torch.dtype = torch.float32) -> d
     return result
 
 
-def output_pixels(signature: ConvSignature, batch_size: int) -> int:
-    """N x H_out x W_out of a fused conv (3x3 convs pad 1, 1x1 convs 0)."""
-    kernel, stride, padding = signature.kernel, signature.stride, signature.kernel // 2
-    return (batch_size * conv_output_size(signature.height, kernel, stride, padding)
-            * conv_output_size(signature.width, kernel, stride, padding))
-
-
 def wgrad_scratch(name: str, batch_size: int, multiprocessors: int = EMULATED_MULTIPROCESSORS) -> dict:
     """The fused model's weight-gradient launch with the most fp32 scratch at batch_size on a GPU
     with that many multiprocessors: its layer, splits, programs and scratch bytes."""
@@ -68,7 +62,9 @@ def wgrad_scratch(name: str, batch_size: int, multiprocessors: int = EMULATED_MU
         model = get_model(name, fused=True)
     launches = []
     for signature in sorted(set(conv_signatures(model).values()), key=lambda s: s.key):
-        pixels = output_pixels(signature, batch_size)
+        padding = signature.kernel // 2  # 3x3 convs pad 1, 1x1 convs 0
+        pixels = batch_size * math.prod(conv_output_size(size, signature.kernel, signature.stride, padding)
+                                        for size in (signature.height, signature.width))  # N x H_out x W_out
         grid = wgrad_grid(pixels, signature.kernel ** 2, signature.in_channels, signature.out_channels,
                           config.block("BLOCK_M", pixels), config.block("BLOCK_C", signature.in_channels),
                           config.block("BLOCK_CO", signature.out_channels), multiprocessors)

@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -40,6 +42,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_MODULES = ("preresnet.kernels.preact_conv",)
@@ -57,21 +61,10 @@ BATCH = 128
 
 
 def _jsonable(value):
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    return {"repr": repr(value)}
+    return value if isinstance(value, (bool, int, float, str)) or value is None else {"repr": repr(value)}
 
 
-class _Recorder:
-    def __init__(self):
-        self.launches: dict[str, dict] = {}  # spec key -> spec
-        self.context = ""
-        self.dtype = ""
-        self.layer = None
-        self.layer_index: dict[tuple, dict] = {}  # (C_IN, H, W, C_OUT, KH, STRIDE, PROLOGUE) -> layer keys
-
-
-def _install_proxies(recorder: _Recorder) -> list[str]:
+def _install_proxies(recorder: SimpleNamespace) -> list[str]:
     """Replace every Triton kernel of KERNEL_MODULES by a recording proxy; returns their names."""
     import importlib
 
@@ -91,45 +84,36 @@ def _install_proxies(recorder: _Recorder) -> list[str]:
             self.binder = create_function_from_signature(self.jit.signature, self.jit.params, backend)
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+            return self.run
 
-        def run(self, *args, grid=None, warmup=False, **kwargs):
+        def run(self, *args, **kwargs):
             bound, specialization, _ = self.binder(*args, **kwargs)
             _, signature, constexprs, attrs = self.jit._pack_args(backend, kwargs, bound, specialization, {})
             arg_names = list(bound)
-            options = {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs}
             spec = {
                 "module": self.module, "kernel": self.name, "dtype": recorder.dtype, "signature": signature,
                 "constexprs": {arg_names[path[0]]: _jsonable(v) for path, v in constexprs.items() if len(path) == 1},
                 "attrs": [[list(path), value] for path, value in sorted(attrs.items())],
-                "options": options,
+                "options": {k: kwargs[k] for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in kwargs},
             }
-            key = json.dumps(spec, sort_keys=True)
             sizes = {name: int(v) for name, v in bound.items() if isinstance(v, int) and not isinstance(v, bool)
                      and signature.get(name) != "constexpr"}
-            entry = self.launches_entry(key, spec)
+            # the first launch's sizes stand for the spec's
+            entry = recorder.launches.setdefault(json.dumps(spec, sort_keys=True),
+                                                 {**spec, "contexts": {}, "layers": {}, "sizes": sizes})
             entry["contexts"].setdefault(recorder.context, None)
-            for layer in self.layers(spec["constexprs"], sizes):
-                entry["layers"].setdefault(layer, None)
-            entry.setdefault("sizes", sizes)
+            entry["layers"].update(dict.fromkeys(self.layers(spec["constexprs"], sizes)))
 
         def layers(self, constexprs, sizes):
             """The layer keys of a launch: by its shape (backward launches run after every forward),
             else the layer whose forward is running."""
+            running = [recorder.layer] if recorder.layer else []
             try:
                 shape = (sizes["C_IN"], sizes["H"], sizes["W"], sizes["C_OUT"], constexprs["KH"], constexprs["STRIDE"],
                          bool(constexprs["PROLOGUE"]))
             except KeyError:
-                return [recorder.layer] if recorder.layer else []
-            return list(recorder.layer_index.get(shape, {})) or ([recorder.layer] if recorder.layer else [])
-
-        def launches_entry(self, key, spec):
-            if key not in recorder.launches:
-                recorder.launches[key] = {**spec, "contexts": {}, "layers": {}}
-            return recorder.launches[key]
-
-        def warmup(self, *args, grid=None, **kwargs):
-            return self.run(*args, grid=grid, warmup=True, **kwargs)
+                return running
+            return list(recorder.layer_index.get(shape, {})) or running
 
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(module_name)
@@ -141,18 +125,16 @@ def _install_proxies(recorder: _Recorder) -> list[str]:
     return names
 
 
-def _record_layer(recorder: _Recorder) -> None:
-    """Note each fused layer's signature key (kernels.paths.record is called before its launches)."""
+def _record_layer(recorder: SimpleNamespace) -> None:
+    """Note each fused layer's signature key (kernels.dispatch.record is called before its launches)."""
     import preresnet.kernels.layers as layers
-    import preresnet.kernels.paths as paths
+    import preresnet.kernels.dispatch as dispatch
 
-    original = getattr(layers, "record", None)
-    if original is None:
-        return
+    original = layers.record
 
     def record(x, conv, prologue, residual):
-        recorder.layer = paths.ConvSignature(x.shape[1], conv.out_channels, conv.kernel_size[0], conv.stride[0],
-                                             x.shape[2], x.shape[3], prologue, residual).key
+        recorder.layer = dispatch.ConvSignature(x.shape[1], conv.out_channels, conv.kernel_size[0], conv.stride[0],
+                                                x.shape[2], x.shape[3], prologue, residual).key
         shape = (x.shape[1], x.shape[2], x.shape[3], conv.out_channels, conv.kernel_size[0], conv.stride[0], bool(prologue))
         recorder.layer_index.setdefault(shape, {})[recorder.layer] = None
         return original(x, conv, prologue, residual)
@@ -180,9 +162,9 @@ def record_launches(dtypes=tuple(DTYPES), networks=None, batch: int = BATCH, ben
 
     from preresnet import get_model
 
-    recorder = _Recorder()
-    kernels_found = _install_proxies(recorder)
-    if not kernels_found:
+    # launches: spec key -> spec; layer_index: (C_IN, H, W, C_OUT, KH, STRIDE, PROLOGUE) -> layer keys
+    recorder = SimpleNamespace(launches={}, context="", dtype="", layer=None, layer_index={})
+    if not _install_proxies(recorder):
         raise RuntimeError(f"no Triton kernels found in {KERNEL_MODULES}")
     _record_layer(recorder)
     _launch_as_on_the_gpu()
@@ -197,26 +179,25 @@ def record_launches(dtypes=tuple(DTYPES), networks=None, batch: int = BATCH, ben
             for name in networks:
                 model = get_model(name, fused=True).to(memory_format=torch.channels_last).train()
                 x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-                labels = torch.zeros(batch, dtype=torch.long)
                 recorder.context = f"{name} train"
                 with amp():
-                    loss = F.cross_entropy(model(x).float(), labels)
+                    loss = F.cross_entropy(model(x).float(), torch.zeros(batch, dtype=torch.long))
                 loss.backward()
                 recorder.context = f"{name} eval"
                 with amp(), torch.no_grad():
                     model.eval()(x)
                 del model
             if benchmarks:
-                _record_benchmarks(recorder, dtype, batch, amp)
+                _record_benchmarks(recorder, dtype, batch)
     return list(recorder.launches.values())
 
 
 def distinct_networks() -> list[str]:
-    """The registry networks, leaving out each whose fused layers (kernels.paths.ConvSignature, found
+    """The registry networks, leaving out each whose fused layers (kernels.dispatch.ConvSignature, found
     on the meta device) are all layers of a smaller network already kept: the launches depend on
     the layer signatures (and the batch), not on how often a layer repeats. PreResNet-20 stands for
     PreResNet-56 and -110, PreResNet-164 for PreResNet-1001."""
-    from preresnet.kernels.paths import conv_signatures
+    from preresnet.kernels.dispatch import conv_signatures
     from preresnet import get_model, list_models
 
     found = []
@@ -233,18 +214,16 @@ def distinct_networks() -> list[str]:
     return kept
 
 
-def _record_benchmarks(recorder: _Recorder, dtype, batch: int, amp) -> None:
+def _record_benchmarks(recorder: SimpleNamespace, dtype, batch: int) -> None:
     from bench import workloads
 
+    recorder.context = "bench layer path"
     for signature in workloads.layer_signatures():
-        recorder.context = "bench layer path"
         workloads.conv_path_step(signature, "triton", "cpu", batch, dtype)()
     if dtype == workloads.torch.bfloat16:  # the unit benchmarks run bf16 only
-        for shape in workloads.unit_shapes():
-            for layer_only in (False, True):
-                for backward in (False, True):
-                    recorder.context = "bench unit"
-                    workloads.unit_step(shape, "fused", "cpu", batch, backward, layer_only)()
+        recorder.context = "bench unit"
+        for shape, layer_only, backward in itertools.product(workloads.unit_shapes(), (False, True), (False, True)):
+            workloads.unit_step(shape, "fused", "cpu", batch, backward, layer_only)()
 
 
 # --- compiling (worker processes, no interpreter) -------------------------------------------------------
@@ -268,9 +247,8 @@ def compile_spec(spec: dict, arch: str) -> dict:
         kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
         if type(kernel).__name__ != "JITFunction":
             raise RuntimeError(f"{spec['kernel']} is a {type(kernel).__name__}: run the compile step without TRITON_INTERPRET")
-        constexprs = {name: value for name, value in spec["constexprs"].items()}
         attrs = {tuple(path): value for path, value in spec["attrs"]}
-        source = ASTSource(fn=kernel, signature=spec["signature"], constexprs=constexprs, attrs=attrs)
+        source = ASTSource(fn=kernel, signature=spec["signature"], constexprs=dict(spec["constexprs"]), attrs=attrs)
         log = io.StringIO()
         previous = triton.knobs.nvidia.dump_ptxas_log
         triton.knobs.nvidia.dump_ptxas_log = True
@@ -293,11 +271,6 @@ def compile_spec(spec: dict, arch: str) -> dict:
         out["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
-
-
-def _compile_job(job):
-    spec, arch = job
-    return compile_spec(spec, arch)
 
 
 def backend_missing() -> str | None:
@@ -336,26 +309,19 @@ def ci_subset(specs: list[dict], low_archs=(("bf16", "sm_90"), ("fp16", "sm_80")
     for spec in quick_subset([s for s in specs if s["dtype"] != "fp32"]):
         key = json.dumps([spec["kernel"], spec["constexprs"], spec["options"]], sort_keys=True)
         groups.setdefault(key, {}).setdefault(spec["dtype"], spec)
-    chosen = []
-    for by_dtype in groups.values():
-        for dtype, arch in low_archs:
-            spec = by_dtype.get(dtype) or next(iter(by_dtype.values()))
-            chosen.append({**spec, "archs": [arch]})
+    chosen = [{**(by_dtype.get(dtype) or next(iter(by_dtype.values()))), "archs": [arch]}
+              for by_dtype in groups.values() for dtype, arch in low_archs]
     chosen += [{**spec, "archs": [fp32_arch]} for spec in worst_cases([s for s in specs if s["dtype"] == "fp32"])]
     return chosen
 
 
 def worst_cases(specs: list[dict]) -> list[dict]:
-    """Per kernel, dtype and conv geometry (KH, STRIDE): the launch with the largest blocks and the
-    most epilogue work (the most constexpr flags on), the one most likely to spill."""
+    """Per kernel, dtype and conv geometry (KH, STRIDE): the likeliest launch to spill (largest blocks, most flags)."""
     best: dict[str, dict] = {}
     for spec in specs:
         c = spec["constexprs"]
         key = json.dumps([spec["kernel"], spec["dtype"], c.get("KH"), c.get("STRIDE")], sort_keys=True)
-        blocks = 1
-        for name, value in c.items():
-            if name.startswith("BLOCK") and isinstance(value, int):
-                blocks *= value
+        blocks = math.prod(v for name, v in c.items() if name.startswith("BLOCK") and isinstance(v, int))
         weight = (blocks, sum(1 for v in c.values() if v is True))
         if key not in best or weight > best[key][0]:
             best[key] = (weight, spec)
@@ -373,10 +339,8 @@ def run_recorder(dtypes, networks, batch: int, benchmarks: bool) -> list[dict]:
         out = Path(tmp) / "launches.json"
         command = [sys.executable, "-m", "bench.compile_audit", "--record-to", str(out), "--dtypes", ",".join(dtypes),
                    "--batch", str(batch)]
-        if networks:
-            command += ["--networks", ",".join(networks)]
-        if not benchmarks:
-            command.append("--no-benchmarks")
+        command += ["--networks", ",".join(networks)] if networks else []
+        command += [] if benchmarks else ["--no-benchmarks"]
         result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"recording the launches failed:\n{result.stderr[-3000:]}")
@@ -387,26 +351,14 @@ def audit(specs: list[dict], archs=tuple(ARCHS), jobs: int = 2) -> list[dict]:
     """Compile every spec for every arch; one row per (spec, arch)."""
     import multiprocessing
 
-    jobs_list = [(spec, arch) for spec in specs for arch in spec.get("archs", archs)]
-    env_before = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    with tempfile.TemporaryDirectory(prefix="compile-audit-") as cache:
+    todo = [(spec, arch) for spec in specs for arch in spec.get("archs", archs)]
+    # patch.dict: os.environ is restored on the way out
+    with tempfile.TemporaryDirectory(prefix="compile-audit-") as cache, mock.patch.dict(os.environ):
         os.environ.pop("TRITON_INTERPRET", None)  # the workers compile: they must see JITFunctions
         os.environ["TRITON_CACHE_DIR"] = cache  # fresh: ptxas reports only what it compiles
-        try:
-            todo = [(spec, arch) for spec, arch in jobs_list if "error" not in spec]
-            with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-                results = iter(pool.map(_compile_job, todo, chunksize=4))
-                rows = []
-                for spec, arch in jobs_list:
-                    result = {"arch": arch, "error": spec["error"]} if "error" in spec else next(results)
-                    rows.append({"spec": spec, **result})
-        finally:
-            for key, value in env_before.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-    return rows
+        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = pool.map(compile_spec, [spec for spec, _ in todo], [arch for _, arch in todo], chunksize=4)
+            return [{"spec": spec, **result} for (spec, _), result in zip(todo, results)]
 
 
 def failures(rows: list[dict]) -> list[str]:
@@ -428,23 +380,15 @@ def failures(rows: list[dict]) -> list[str]:
     return problems
 
 
-
-
 def describe(spec: dict) -> str:
     """The constexprs that tell specializations apart, compactly."""
-    c = spec["constexprs"]
-    parts = []
-    if "KH" in c:
-        parts.append(f"k{c['KH']}s{c.get('STRIDE', 1)}")
-    flags = [name.lower().replace("has_", "") for name in ("PROLOGUE", "HAS_RESIDUAL", "EMIT_STATS") if c.get(name)]
-    if flags:
-        parts.append("+".join(flags))
-    blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK"))
-    parts.append(blocks)
-    options = spec.get("options", {})
-    if options:
-        parts.append(f"w{options.get('num_warps', '-')}s{options.get('num_stages', '-')}")
-    return " ".join(parts)
+    c, options = spec["constexprs"], spec.get("options", {})
+    flags = "+".join(name.lower().replace("has_", "")
+                     for name in ("PROLOGUE", "HAS_RESIDUAL", "EMIT_STATS") if c.get(name))
+    parts = [f"k{c['KH']}s{c.get('STRIDE', 1)}" if "KH" in c else None, flags or None,
+             "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK")),
+             f"w{options.get('num_warps', '-')}s{options.get('num_stages', '-')}" if options else None]
+    return " ".join(part for part in parts if part is not None)
 
 
 def table(rows: list[dict]) -> str:
@@ -510,8 +454,7 @@ def main(argv=None) -> int:
         specs = record_launches(dtypes, networks, args.batch, not args.no_benchmarks)
         Path(args.record_to).write_text(json.dumps(specs))
         return 0
-    reason = backend_missing()
-    if reason:
+    if reason := backend_missing():
         print(f"compile_audit: error: {reason}", file=sys.stderr)
         return 2
     import triton
@@ -521,12 +464,8 @@ def main(argv=None) -> int:
     recorded = len(specs)
     if args.kernels:
         specs = [spec for spec in specs if spec["kernel"] in args.kernels.split(",")]
-    if args.worst_cases:
-        specs = worst_cases(specs)
-    if args.quick:
-        specs = quick_subset(specs)
-    if args.ci:
-        specs = ci_subset(specs)
+    for chosen, subset in ((args.worst_cases, worst_cases), (args.quick, quick_subset), (args.ci, ci_subset)):
+        specs = subset(specs) if chosen else specs
     archs = [a for a in args.archs.split(",") if a]
     print(f"compile audit: {recorded} specializations recorded as launched on {EMULATED_GPU} "
           f"({EMULATED_MULTIPROCESSORS} multiprocessors), {len(specs)} compiled for {', '.join(archs)} "
@@ -535,8 +474,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if args.full_table:
-        print(table(rows))
-        print()
+        print(table(rows) + "\n")
     print(summary(rows))
     problems = failures(rows)
     fp32_spills = [r for r in rows if "error" not in r and r["spec"]["dtype"] == "fp32" and (r["spill_stores"] or r["spill_loads"])]

@@ -19,20 +19,14 @@ import json
 import sys
 from pathlib import Path
 
-from bench.workloads import CPU_BASELINE, CPU_PROVIDERS
-from preresnet.registry import MODEL_ARCHS, paper_name
+from bench.render_results import ROOT, between, shown
+from bench.workloads import CPU_BASELINE, CPU_PROVIDERS, network_name
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 CPU_START, CPU_END = "<!-- cpu-steps -->", "<!-- /cpu-steps -->"
 TARGET = 1.8  # bf16 channels-last over fp32 channels-last, on a CPU with native bf16 (issue 24)
 WHAT_RUNS = {"eager-fp32": "fp32, NCHW", "eager-fp32-cl": "fp32, channels-last",
              "eager-amp-cl": "bf16 autocast, channels-last", "compile": "bf16 autocast, channels-last, torch.compile"}
-
-
-def network_name(model: str) -> str:
-
-    return paper_name(*MODEL_ARCHS[model]) if model in MODEL_ARCHS else model
 
 
 def load_rows(results: dict) -> list[dict]:
@@ -50,27 +44,17 @@ def load_rows(results: dict) -> list[dict]:
 
 
 def distinct(rows: list[dict], key: str) -> str:
-    values = []
-    for row in rows:
-        value = row.get(key)
-        value = (", ".join(value) or "none (emulated)") if isinstance(value, list) else str(value)
-        if value not in values:
-            values.append(value)
-    return " / ".join(values)
-
-
-def relative(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    """The rows' values of key, each once (a list's items joined, "none (emulated)" for an empty one)."""
+    values = ((", ".join(value) or "none (emulated)") if isinstance(value, list) else str(value)
+              for value in (row.get(key) for row in rows))
+    return " / ".join(dict.fromkeys(values))
 
 
 def about(path: Path) -> str | None:
     """The first line of the README.md beside the results file, '#' stripped."""
     readme = path.parent / "README.md"
-    if not readme.is_file():
-        return None
-    lines = [line.strip().lstrip("#").strip() for line in readme.read_text().splitlines() if line.strip()]
-    return lines[0] if lines else None
+    lines = readme.read_text().splitlines() if readme.is_file() else []
+    return next((line.strip().lstrip("#").strip() for line in lines if line.strip()), None)
 
 
 def ratio(value: float | None) -> str:
@@ -79,7 +63,7 @@ def ratio(value: float | None) -> str:
 
 def table(results: dict, path: Path) -> str:
     rows = load_rows(results)
-    source = f"`{relative(path)}`"
+    source = f"`{shown(path.resolve())}`"
     if not rows:
         return f"No CPU training-step row in {source}."
     note = about(path)
@@ -91,14 +75,12 @@ def table(results: dict, path: Path) -> str:
     lines = [header, "",
              f"| network | provider | what runs | images/s | step (ms) | vs {CPU_BASELINE} | first step (s) |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-    models = list(dict.fromkeys(row["model"] for row in rows))
     speedups = []
-    for model in models:
+    for model in dict.fromkeys(row["model"] for row in rows):
         by_provider = {row["provider"]: row for row in rows if row["model"] == model}
         base = by_provider.get(CPU_BASELINE)
         for provider in CPU_PROVIDERS:
-            row = by_provider.get(provider)
-            if row is None:
+            if (row := by_provider.get(provider)) is None:
                 continue
             vs = row["images_per_second"] / base["images_per_second"] if base else None
             first = row.get("first_step_seconds")
@@ -117,9 +99,7 @@ def render(text: str, body: str) -> str:
     """text with what stands between the markers replaced by body."""
     if CPU_START not in text or CPU_END not in text:
         raise ValueError(f"the page has no {CPU_START} ... {CPU_END} markers")
-    head, rest = text.split(CPU_START, 1)
-    _, tail = rest.split(CPU_END, 1)
-    return f"{head}{CPU_START}\n{body}\n{CPU_END}{tail}"
+    return between(text, CPU_START, CPU_END, body)
 
 
 def build_parser() -> argparse.ArgumentParser:

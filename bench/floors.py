@@ -36,10 +36,9 @@ from preresnet.recipes import DEFAULT_RECIPE, RECIPES
 
 # NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: BF16 Tensor Core 1,979 teraFLOPS "with
 # sparsity", i.e. 989 TFLOP/s dense; GPU memory bandwidth 3.35 TB/s (HBM3, 80 GB).
-DEVICES: dict[str, dict[str, float]] = {
-    "H100 SXM": {"peak_flops": 989e12, "bandwidth": 3.35e12},
-}
+DEVICES: dict[str, dict[str, float]] = {"H100 SXM": {"peak_flops": 989e12, "bandwidth": 3.35e12}}
 DEFAULT_DEVICE = "H100 SXM"
+H100 = DEVICES[DEFAULT_DEVICE]
 
 IMAGES_PER_EPOCH = 50_000  # CIFAR-10/100 training set
 INPUT_SHAPE = (1, 3, 32, 32)
@@ -49,13 +48,11 @@ BF16_BYTES = 2
 
 
 def count_forward(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
-    """One pass of model(x), no gradients recorded: (FLOPs counted by FlopCounterMode, 2 per
-    multiply-add; sum of the element counts of every nn.Conv2d output, from forward hooks)."""
-    conv_elements = 0
+    """One no-grad pass of model(x): (FLOPs by FlopCounterMode, 2 per multiply-add; nn.Conv2d output elements)."""
+    conv_elements = []
 
     def hook(module, inputs, output):
-        nonlocal conv_elements
-        conv_elements += output.numel()
+        conv_elements.append(output.numel())
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     try:
@@ -64,13 +61,12 @@ def count_forward(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     finally:
         for handle in handles:
             handle.remove()
-    return counter.get_total_flops(), conv_elements
+    return counter.get_total_flops(), sum(conv_elements)
 
 
 @functools.lru_cache(maxsize=None)
 def per_image_counts(name: str) -> tuple[int, int]:
-    """(forward FLOPs, conv output elements) of one 32x32 image through the registered model,
-    built once on the meta device and run once."""
+    """(forward FLOPs, conv output elements) of one 32x32 image through the registered model (meta device)."""
     with torch.device("meta"):
         model = get_model(name).train()
         x = torch.empty(*INPUT_SHAPE)
@@ -102,19 +98,16 @@ def _device(device: str) -> dict[str, float]:
     return DEVICES[device]
 
 
-def seconds_per_image(name: str, peak_flops: float = DEVICES[DEFAULT_DEVICE]["peak_flops"],
-                      bandwidth: float = DEVICES[DEFAULT_DEVICE]["bandwidth"]) -> float:
+def seconds_per_image(name: str, peak_flops: float = H100["peak_flops"], bandwidth: float = H100["bandwidth"]) -> float:
     """max(compute time, memory time) of one training image."""
     return max(training_flops(name) / peak_flops, minimal_activation_bytes(name) / bandwidth)
 
 
-def floor_seconds(name: str, epochs: int | None = None, images_per_epoch: int = IMAGES_PER_EPOCH,
-                  peak_flops: float = DEVICES[DEFAULT_DEVICE]["peak_flops"],
-                  bandwidth: float = DEVICES[DEFAULT_DEVICE]["bandwidth"]) -> float:
+def floor_seconds(name: str, epochs: int | None = None, peak_flops: float = H100["peak_flops"],
+                  bandwidth: float = H100["bandwidth"]) -> float:
     """Lowest possible time of `epochs` epochs (default: the model's default recipe's epochs)."""
-    if epochs is None:
-        epochs = default_epochs(name)
-    return epochs * images_per_epoch * seconds_per_image(name, peak_flops, bandwidth)
+    epochs = default_epochs(name) if epochs is None else epochs
+    return epochs * IMAGES_PER_EPOCH * seconds_per_image(name, peak_flops, bandwidth)
 
 
 def floor_images_per_second(name: str, device: str = DEFAULT_DEVICE) -> float:
@@ -131,37 +124,21 @@ def estimate(name: str, device: str = DEFAULT_DEVICE) -> dict:
     flops, nbytes = training_flops(name), minimal_activation_bytes(name)
     compute_s, memory_s = flops / constants["peak_flops"], nbytes / constants["bandwidth"]
     recipe = default_recipe(name)
-    return {
-        "model": name,
-        "device": device,
-        "peak_flops": constants["peak_flops"],
-        "bandwidth": constants["bandwidth"],
-        "training_flops_per_image": flops,
-        "activation_bytes_per_image": nbytes,
-        "compute_seconds_per_image": compute_s,
-        "memory_seconds_per_image": memory_s,
-        "bound": "compute" if compute_s >= memory_s else "memory",
-        "floor_images_per_second": 1.0 / max(compute_s, memory_s),
-        "recipe": recipe,
-        "epochs": RECIPES[recipe].epochs,
-        "images_per_epoch": IMAGES_PER_EPOCH,
-        "floor_seconds": floor_seconds(name, **constants),
-    }
+    return {"model": name, "device": device, **constants, "training_flops_per_image": flops,
+            "activation_bytes_per_image": nbytes, "compute_seconds_per_image": compute_s,
+            "memory_seconds_per_image": memory_s, "bound": "compute" if compute_s >= memory_s else "memory",
+            "floor_images_per_second": 1.0 / max(compute_s, memory_s), "recipe": recipe,
+            "epochs": RECIPES[recipe].epochs, "images_per_epoch": IMAGES_PER_EPOCH,
+            "floor_seconds": floor_seconds(name, **constants)}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    device = rows[0]["device"]
-    lines = [
-        f"| model | GFLOP / image | MB / image | bound on {device} | floor images/s | schedule | floor for schedule |",
-        "| --- | ---: | ---: | --- | ---: | --- | ---: |",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['training_flops_per_image'] / 1e9:.2f} | "
-            f"{row['activation_bytes_per_image'] / 1e6:.1f} | {row['bound']} | "
-            f"{row['floor_images_per_second']:,.0f} | {row['recipe']}, {row['epochs']} epochs | "
-            f"{row['floor_seconds']:,.0f} s |"
-        )
+    lines = [f"| model | GFLOP / image | MB / image | bound on {rows[0]['device']} | floor images/s | schedule | "
+             "floor for schedule |", "| --- | ---: | ---: | --- | ---: | --- | ---: |"]
+    lines += [f"| {row['model']} | {row['training_flops_per_image'] / 1e9:.2f} | "
+              f"{row['activation_bytes_per_image'] / 1e6:.1f} | {row['bound']} | "
+              f"{row['floor_images_per_second']:,.0f} | {row['recipe']}, {row['epochs']} epochs | "
+              f"{row['floor_seconds']:,.0f} s |" for row in rows]
     return "\n".join(lines)
 
 

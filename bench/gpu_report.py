@@ -21,6 +21,7 @@ performance table, the per-GPU layer paths and what `auto` turns on for that GPU
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -35,7 +36,8 @@ from bench.floors import fraction_of_floor
 from bench.render_results import provider_label
 from bench.workloads import (MODELS, ROOT, UNIT_PROVIDERS, conv_path_step, environment, is_fused, layer_signatures,
                              make_unit, skip_reason, time_step, torch_path_layers, train_py_step, unit_shapes, unit_step)
-from preresnet.kernels.paths import TABLE_ENV
+from preresnet.kernels.dispatch import TABLE_ENV
+from preresnet.runfiles import read_metrics
 
 TIME_LIMIT = 7.5 * 60
 # Where each section must end, as a fraction of --time-limit. A section starts new work only while
@@ -67,13 +69,12 @@ def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def unit_errors(shape, dtype: torch.dtype, batch: int = 32) -> dict:
-    """Output, input-gradient and weight-gradient errors of the fused unit and of PyTorch's, both at
-    dtype, against the unfused unit in float64."""
+    """Output, input- and conv1-weight-gradient errors of the fused unit and PyTorch's at dtype against float64."""
     torch.manual_seed(0)
     exact_unit = make_unit(shape, fused=False).cuda().double().train()
     units = {"fused": make_unit(shape, fused=True), "torch": make_unit(shape, fused=False)}
-    x64 = torch.randn(batch, shape.in_channels, shape.size, shape.size, device="cuda", dtype=torch.float64)
-    x64.requires_grad_(True)
+    x64 = torch.randn(batch, shape.in_channels, shape.size, shape.size, device="cuda", dtype=torch.float64,
+                      requires_grad=True)
     exact = exact_unit(x64)
     grad = torch.randn_like(exact)
     exact.backward(grad)
@@ -91,29 +92,26 @@ def unit_errors(shape, dtype: torch.dtype, batch: int = 32) -> dict:
 
 
 def check_correctness(clock: Clock) -> tuple[list[dict], bool]:
-    rows, ok = [], True
+    rows = []
     # the training dtype first, over every shape: what a short budget checks is what matters most
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for shape in unit_shapes():
             if clock.until(CORRECTNESS_END) <= 0:
                 rows.append({"shape": shape.name, "dtype": str(dtype), "skipped": "time budget", "pass": False})
-                ok = False  # unchecked is not passed
                 print(f"INCOMPLETE {shape.name} {dtype}: out of time", flush=True)
                 continue
             try:
                 errors = unit_errors(shape, dtype)
             except Exception as exc:  # a crash is a failure, reported with the rest
                 rows.append({"shape": shape.name, "dtype": str(dtype), "error": repr(exc), "pass": False})
-                ok = False
                 print(f"FAIL {shape.name} {dtype}: {exc!r}", flush=True)
                 continue
             passed = all(errors["fused"][k] <= ERROR_FACTOR * errors["torch"][k] + 1e-6 for k in errors["fused"])
-            ok &= passed
             rows.append({"shape": shape.name, "dtype": str(dtype).removeprefix("torch."), **errors, "pass": passed})
             worst = max(errors["fused"][k] / max(errors["torch"][k], 1e-12) for k in errors["fused"])
             print(f"{'ok  ' if passed else 'FAIL'} {shape.name:42s} {str(dtype):15s} fused/torch error ratio "
                   f"{worst:6.2f}  {errors['fused']}", flush=True)
-    return rows, ok
+    return rows, all(row["pass"] for row in rows)  # a failed, crashed or unchecked unit is not passed
 
 
 def measure(make_step, batch: int, iterations: int = 20) -> dict:
@@ -131,8 +129,7 @@ MATRIX_PROVIDERS = ("eager-fp32", "fused", "eager-amp-cl", "compile", "fused-com
 
 
 def run_gpu_tests(clock: Clock) -> dict:
-    """`pytest -m gpu` over GPU_TESTS with compiled kernels, within this section's share: its exit
-    status, counts and the end of its output."""
+    """`pytest -m gpu` over GPU_TESTS, kernels compiled, within this section's share: exit status, output's end."""
     seconds = int(clock.until(TESTS_END))
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
     outcome = {"command": " ".join(["python", *command[1:]])}
@@ -150,15 +147,13 @@ def run_gpu_tests(clock: Clock) -> dict:
 
 
 def benchmark_matrix(clock: Clock, batch: int, end: float, matrix: dict, save) -> None:
-    """Fill matrix["models"] (train.py's own step, packed_training_steps with one run) and
-    matrix["units"], saving after each row. Rows are measured while the section's share (ending at
-    `end`) leaves the row's own time; the others are named as skipped."""
+    """Fill matrix["models"] (train.py's own step) and matrix["units"], saving after each row: a row is
+    measured while the section's share (ending at `end`) leaves it its time, else named as skipped."""
     models, units = matrix.setdefault("models", []), matrix.setdefault("units", [])
     for provider in MATRIX_PROVIDERS:
         for name in MODELS:
             row = {"model": name, "provider": provider, "batch": batch}
-            reason = skip_reason(provider, "cuda")
-            if reason:
+            if reason := skip_reason(provider, "cuda"):
                 row["skipped"] = reason
             elif clock.until(end) < MODEL_ROW_SECONDS:
                 row["skipped"] = "time budget"
@@ -174,17 +169,14 @@ def benchmark_matrix(clock: Clock, batch: int, end: float, matrix: dict, save) -
             print(f"model {name:13s} {provider:21s} {row.get('images_per_second', row.get('skipped', row.get('error')))}",
                   flush=True)
     for shape in unit_shapes():
-        for part in ("layer", "unit"):
-            for backward in (False, True):
-                for provider in UNIT_PROVIDERS:
-                    row = {"shape": shape.name, "part": part, "pass": "fwd+bwd" if backward else "fwd",
-                           "provider": provider, "batch": batch}
-                    if clock.until(end) < 20:
-                        row["skipped"] = "time budget"
-                    else:
-                        row.update(measure(lambda: unit_step(shape, provider, "cuda", batch, backward, part == "layer"),
-                                           batch))
-                    units.append(row)
+        for part, backward, provider in itertools.product(("layer", "unit"), (False, True), UNIT_PROVIDERS):
+            row = {"shape": shape.name, "part": part, "pass": "fwd+bwd" if backward else "fwd",
+                   "provider": provider, "batch": batch}
+            if clock.until(end) < 20:
+                row["skipped"] = "time budget"
+            else:
+                row.update(measure(lambda: unit_step(shape, provider, "cuda", batch, backward, part == "layer"), batch))
+            units.append(row)
         save()
 
 
@@ -237,8 +229,7 @@ def real_data_run(data_dir: str, out: Path, clock: Clock) -> dict:
         outcome.update(returncode=result.returncode, stderr_tail=result.stderr[-1500:])
     except subprocess.TimeoutExpired:
         outcome["error"] = f"stopped after {seconds} s (the time budget); the epochs below finished"
-    metrics_file = run_dir / "metrics.jsonl"
-    outcome["epochs"] = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
+    outcome["epochs"] = read_metrics(run_dir)
     return outcome
 
 
@@ -247,8 +238,7 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU report {report['date']}", "",
              f"{env.get('gpu')}, driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env['torch']}, "
              f"triton {env['triton']}, commit {env['commit']}", "", f"Command: `{report['command']}`", ""]
-    tests = report.get("tests")
-    if tests:
+    if tests := report.get("tests"):
         verdict = {0: "PASS", None: "NOT RUN"}.get(tests.get("returncode"), "FAIL")
         lines += [f"## GPU tests: {verdict}", "", f"`{tests['command']}`"
                   + (f": {tests.get('skipped') or tests.get('error')}" if tests.get("returncode") is None else ""),
@@ -271,10 +261,9 @@ def markdown(report: dict) -> str:
                       f"kept only when at least {100 * (1 - TORCH_PATH_MARGIN):.0f}% faster.", "",
                       "| layer | Triton | PyTorch | kept |", "| --- | --- | --- | --- |"]
             for key, entry in entries.items():
-                if "triton_ms" in entry:
-                    lines.append(f"| {key} | {entry['triton_ms']:.3f} | {entry['torch_ms']:.3f} | {entry['path']} |")
-                else:
-                    lines.append(f"| {key} | {entry.get('skipped') or entry.get('error')} | | {entry['path']} |")
+                times = (f"{entry['triton_ms']:.3f} | {entry['torch_ms']:.3f}" if "triton_ms" in entry
+                         else f"{entry.get('skipped') or entry.get('error')} |")
+                lines.append(f"| {key} | {times} | {entry['path']} |")
     if "matrix" in report:
         lines += ["", "## Training step (images/s)", "",
                   "| model | provider | images/s | vs eager-fp32 | vs compile | of floor | peak memory |",
@@ -290,12 +279,10 @@ def markdown(report: dict) -> str:
         for row in report["matrix"].get("units", []):
             value = f"{row['ms']:.3f} | {row['images_per_second']:,.0f}" if "ms" in row else f"{row.get('skipped') or row.get('error')} |"
             lines.append(f"| {row['shape']} | {row['part']} | {row['pass']} | {row['provider']} | {value} |")
-    run = report.get("real_data")
-    if run:
+    if run := report.get("real_data"):
         lines += ["", "## Real-data run", ""]
         if run.get("epochs"):
-            lines.append(f"`{run['command']}`")
-            lines += ["", "| epoch | test error | images/s |", "| --- | --- | --- |"]
+            lines += [f"`{run['command']}`", "", "| epoch | test error | images/s |", "| --- | --- | --- |"]
             lines += [f"| {m['epoch']} | {100 * m['test_error']:.2f}% | {m['images_per_second']:,.0f} |" for m in run["epochs"]]
             if run.get("error"):
                 lines += ["", run["error"]]

@@ -21,10 +21,6 @@ the values do not matter, only which kernels would run). The count of one op:
 `_local_scalar_dense` (`.item()`, a host synchronisation) is reported apart: a training step must
 have none. torch.compile'd providers are not counted: on the CPU, inductor generates C++ kernels,
 fused differently from the Triton kernels it generates for a GPU.
-
-The count does not depend on the batch (tests/test_launches.py), so the command runs batch 2 by
-default: the ATen ops still compute on the CPU, where a larger batch only costs time. It prints one Markdown row per model and provider (TABLE_HEADER), or with --json one object per row
-with every op's count.
 """
 
 from __future__ import annotations
@@ -36,20 +32,19 @@ import json
 import math
 import os
 import sys
+from unittest import mock
 
 import torch
 from torch._library.custom_ops import OPDEFS
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-from bench.workloads import MODELS, training_step
-from preresnet.registry import MODEL_ARCHS, paper_name
+from bench.workloads import MODELS, network_name, training_step
 
 COUNTED_PROVIDERS = ("eager-fp32", "eager-amp-cl", "fused")
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "set_", "as_strided_"}
 # CUDA's multi_tensor_apply: tensors one launch takes, by the number of tensor lists (depth)
 FOREACH_TENSORS_PER_LAUNCH = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
-HOST_SYNC = "_local_scalar_dense"
-DEFAULT_BATCH = 2  # the count is the same at any batch; the ATen ops run, so a small one is fast
+DEFAULT_BATCH = 2  # the count is the same at any batch (tests/test_launches.py); the ATen ops run: small is fast
 TABLE_HEADER = ("model", "provider", "launches", "ATen ops", "Triton kernels", "host syncs")
 
 
@@ -99,21 +94,20 @@ class LaunchCounter(TorchDispatchMode):
 
     @property
     def host_syncs(self) -> int:
-        return self.aten[HOST_SYNC]
+        return self.aten["_local_scalar_dense"]  # .item()
 
 
 class _CountingKernel:
     """Stands in for a Triton kernel: `kernel[grid](...)` counts the launch and skips it."""
 
-    def __init__(self, name: str, counters: list[LaunchCounter]):
-        self.name, self.counters = name, counters
+    def __init__(self, name: str, counter: LaunchCounter):
+        self.name, self.counter = name, counter
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            for counter in self.counters:
-                counter.triton[self.name] += 1
+        return self.launch
 
-        return launch
+    def launch(self, *args, **kwargs):
+        self.counter.triton[self.name] += 1
 
 
 @contextlib.contextmanager
@@ -123,14 +117,10 @@ def counting_triton_launches(counter: LaunchCounter):
 
     from preresnet.kernels import preact_conv
 
-    originals = {name: value for name, value in vars(preact_conv).items() if isinstance(value, KernelInterface)}
-    try:
-        for name in originals:
-            setattr(preact_conv, name, _CountingKernel(name.strip("_").removesuffix("_kernel"), [counter]))
+    stand_ins = {name: _CountingKernel(name.strip("_").removesuffix("_kernel"), counter)
+                 for name, value in vars(preact_conv).items() if isinstance(value, KernelInterface)}
+    with mock.patch.multiple(preact_conv, **stand_ins):
         yield
-    finally:
-        for name, value in originals.items():
-            setattr(preact_conv, name, value)
 
 
 def count_step(step) -> LaunchCounter:
@@ -144,7 +134,6 @@ def count_step(step) -> LaunchCounter:
 
 def step_launches(name: str, provider: str, batch: int = 128) -> LaunchCounter:
     """Launches of one training step (forward, loss, backward, SGD) of a registry network."""
-
     with _disable_current_modes():
         step = training_step(name, provider, "cpu", batch)
     return count_step(step)
@@ -169,9 +158,7 @@ def table_lines() -> list[str]:
 
 def table_row(name: str, provider: str, counter: LaunchCounter) -> str:
     """One row of the table: the network by its paper name (PreResNet-110), the counts."""
-
-    network = paper_name(*MODEL_ARCHS[name]) if name in MODEL_ARCHS else name
-    cells = (network, provider, counter.total, sum(counter.aten.values()), sum(counter.triton.values()),
+    cells = (network_name(name), provider, counter.total, sum(counter.aten.values()), sum(counter.triton.values()),
              counter.host_syncs)
     return "| " + " | ".join(map(str, cells)) + " |"
 
@@ -180,7 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     # the launchers accept CPU tensors only under the interpreter (read when triton is first imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
     args = build_parser().parse_args(argv)
-
     if not args.json:
         print("\n".join(table_lines()), flush=True)
     for name in args.models or MODELS:

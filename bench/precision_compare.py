@@ -31,7 +31,7 @@ def precision_runs(folder: Path) -> dict:
     runs = {}
     for run in sorted(folder.glob("seed-*")):
         config = json.loads((run / "config.json").read_text())
-        metrics = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        metrics = read_metrics(run)  # [] before the first epoch
         epochs = config["recipe"]["epochs"]
         done = metrics[-1]["epoch"] if metrics else 0
         runs[run.name] = {"epochs_done": done, "epochs": epochs, "amp": config["runtime"]["amp"],
@@ -53,8 +53,7 @@ def verdict(fp32: dict, bf16: dict) -> dict:
                if not run["finished"]]
     if pending or not fp32 or not bf16 or set(fp32) != set(bf16):
         return {"verdict": "pending", "why": "; ".join(pending) or "the two folders do not hold the same seeds"}
-    a = spread([run["last_test_error"] for run in fp32.values()])
-    b = spread([run["last_test_error"] for run in bf16.values()])
+    a, b = (spread([run["last_test_error"] for run in runs.values()]) for runs in (fp32, bf16))
     within_spread = a["min"] <= b["mean"] <= a["max"]
     gap = b["mean"] - a["mean"]
     holds = within_spread or abs(gap) <= MAX_GAP

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import calendar
+import collections
 import json
 import math
 import sys
@@ -42,12 +43,12 @@ def provider_label(row: dict) -> str:
 
 
 def load_reports(results: Path) -> list[dict]:
-    reports = []
-    for path in sorted(results.glob("*/report.json")):
-        report = json.loads(path.read_text())
-        report["path"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-        reports.append(report)
-    return reports
+    return [{**json.loads(path.read_text()), "path": shown(path)} for path in sorted(results.glob("*/report.json"))]
+
+
+def shown(path: Path) -> str:
+    """A path as the tables name it: from the repository's root where it lies inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def table(reports: list[dict]) -> str:
@@ -70,9 +71,8 @@ def table(reports: list[dict]) -> str:
 
 
 def conv_paths(reports: list[dict]) -> str:
-    """The path table of kernels.paths: per GPU, dtype and layer, the newest report that measured
-    that layer (reports sort by folder name, which starts with the date); entries a report skipped
-    for time do not replace measured ones."""
+    """The path table of kernels.dispatch: per GPU, dtype and layer, the newest report (by folder name,
+    which starts with the date) that measured it; an entry skipped for time does not replace a measured one."""
     table: dict = {}
     for report in reports:
         for gpu, dtypes in report.get("conv_paths", {}).items():
@@ -116,8 +116,7 @@ def gpu_defaults(reports: list[dict]) -> str:
 
 
 def between(text: str, start: str, end: str, body: str) -> str:
-    """text with what stands between its start and end markers replaced by body (text without the
-    markers as it is)."""
+    """text with what stands between its start and end markers replaced by body (unchanged without them)."""
     if start not in text:
         return text
     head, rest = text.split(start, 1)
@@ -126,15 +125,13 @@ def between(text: str, start: str, end: str, body: str) -> str:
 
 
 def load_runs(results: Path) -> list[dict]:
-    """The reproduction runs under results/reproduce/NAME/: run.json, with what each seed's own
-    files say (metrics.jsonl: the training time and images; commands.jsonl: the commands). The
-    run's row is its finished seeds (finished_seeds): their training record is the run's own; the
-    seeds still training (seeds added to a finished row, or a group that has not finished yet) have
-    theirs under "in_progress"."""
+    """The reproduction runs under results/reproduce/NAME/: run.json, with the training record of its
+    finished seeds (the row's) and, under "in_progress", that of the seeds still training (seeds
+    added to a finished row, or a group that has not finished yet)."""
     runs = []
     for path in sorted(results.glob("reproduce/*/run.json")):
         run = json.loads(path.read_text())
-        run["path"] = str(path.parent.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path.parent)
+        run["path"] = shown(path.parent)
         training = {name: seed for name, seed in run.get("runs", {}).items() if not seed.get("finished")}
         run.update(training_record(path.parent, finished_seeds(run)))
         if training:
@@ -155,35 +152,27 @@ def row_statistics(run: dict) -> dict | None:
 
 def training_record(folder: Path, seeds: dict) -> dict:
     """How long these seeds trained and how fast, from each seed's metrics.jsonl (which travels with
-    every checkpoint, so it survives a command whose own record was lost): training_seconds, the
-    sum over the train.py commands of the slowest seed's step time in that command (the seeds of
-    one command train packed, side by side; seeds added later trained in commands of their own);
-    images_per_second, a seed's images over its step time, averaged over the seeds; commits, those
-    of the seeds' commands.jsonl, with None for a command whose commit is unknown; precision, each
-    seed's autocast dtypes in the order its commands used them; devices, the machines the commands
-    name, in the order they first trained (a run resumed elsewhere trained on several)."""
-    seconds_by_command: dict[tuple, dict[str, float]] = {}
-    rates, commits, devices, precision = [], [], [], {}
+    every checkpoint, so it survives a command whose own record was lost): training_seconds sums over
+    the train.py commands the slowest seed's step time (the seeds of one command train packed, side by
+    side; seeds added later trained in commands of their own); images_per_second, a seed's images
+    over its step time, averaged over the seeds; the commits (None: unknown), devices (a run resumed
+    elsewhere trained on several) and each seed's precision, in the order the commands used them."""
+    seconds_by_command = collections.defaultdict(collections.Counter)  # command key -> seed -> seconds
+    rates, commits, devices, precision = [], {}, {}, {}  # commits and devices: dicts for their order
     histories = {name: (read_metrics(folder / name), read_commands(folder / name)) for name in seeds}
     keys = command_keys([command for _, commands in histories.values() for command in commands])
     for name, (metrics, commands) in histories.items():
-        seconds = 0.0
         for line in metrics:
-            key = command_key(line, commands, keys)
-            per_seed = seconds_by_command.setdefault(key, {})
-            per_seed[name] = per_seed.get(name, 0.0) + line.get("train_seconds", 0.0)
-            seconds += line.get("train_seconds", 0.0)
+            seconds_by_command[command_key(line, commands, keys)][name] += line.get("train_seconds", 0.0)
+        seconds = sum(line.get("train_seconds", 0.0) for line in metrics)
         if seconds:
             rates.append(sum(m["images_per_second"] * m["train_seconds"] for m in metrics) / seconds)
-        for command in commands:
-            if command.get("commit") not in commits:
-                commits.append(command.get("commit"))
-            if command.get("device") and command["device"] not in devices:
-                devices.append(command["device"])
+        commits.update(dict.fromkeys(command.get("commit") for command in commands))
+        devices.update(dict.fromkeys(command["device"] for command in commands if command.get("device")))
         precision[name] = seed_precision(folder / name, commands)
     total = sum(max(per_seed.values()) for per_seed in seconds_by_command.values())
     return {"training_seconds": total or None, "images_per_second": sum(rates) / len(rates) if rates else None,
-            "commits": commits, "devices": devices, "precision": precision}
+            "commits": list(commits), "devices": list(devices), "precision": precision}
 
 
 SAME_COMMAND_SECONDS = 60  # records of one process started this close together are one command
@@ -245,9 +234,7 @@ def seed_precision(folder: Path, commands: list[dict]) -> str | None:
 def commits_cell(run: dict) -> str:
     """The commits that trained the run, oldest first ('unknown' for commands without a record)."""
     commits = run.get("commits") or ([run["commit"]] if isinstance(run.get("commit"), str) else run.get("commit") or [])
-    if not commits:
-        return "-"
-    return ", ".join(commit or "unknown" for commit in commits)
+    return ", ".join(commit or "unknown" for commit in commits) or "-"
 
 
 def devices_cell(run: dict) -> str:
@@ -264,10 +251,8 @@ def duration(seconds: float | None) -> str:
 
 def seed_words(names) -> str:
     """'seed 0', 'seeds 1 and 2', 'seeds 0, 1 and 2' for run folders seed-N."""
-    numbers = [name.replace("seed-", "") for name in names]
-    if len(numbers) == 1:
-        return f"seed {numbers[0]}"
-    return f"seeds {', '.join(numbers[:-1])} and {numbers[-1]}"
+    *numbers, last = [name.replace("seed-", "") for name in names]
+    return f"seeds {', '.join(numbers)} and {last}" if numbers else f"seed {last}"
 
 
 def error_cell(run: dict) -> str:
@@ -285,8 +270,7 @@ def in_progress_line(run: dict) -> str:
     finished, which seeds the row above holds and which will join it."""
     training = run["in_progress"]
     epochs = min(max(seed.get("epochs_done") or 0, 0) for seed in training["seeds"].values())
-    progress = (f"{epochs} of {run.get('epochs')} epochs after {duration(training.get('training_seconds'))} of "
-                f"training")
+    progress = f"{epochs} of {run.get('epochs')} epochs after {duration(training.get('training_seconds'))} of training"
     devices = devices_cell(training) if training["devices"] else devices_cell(run)
     finished = finished_seeds(run)
     if not finished:
@@ -326,10 +310,6 @@ def runs_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_runs(readme: str, runs: list[dict]) -> str:
-    return between(readme, RUNS_START, RUNS_END, runs_table(runs))
-
-
 def render(readme: str, reports: list[dict]) -> str:
     return between(readme, START, END, table(reports))
 
@@ -351,7 +331,8 @@ def main() -> int:
             print(f"render_results: error: {exc}", file=sys.stderr)
             return 2
     reports = load_reports(Path(args.results))
-    readme = render_runs(render((ROOT / "README.md").read_text(), reports), load_runs(Path(args.results)))
+    readme = between(render((ROOT / "README.md").read_text(), reports), RUNS_START, RUNS_END,
+                     runs_table(load_runs(Path(args.results))))
     outputs = {ROOT / "README.md": readme, CONV_PATHS: conv_paths(reports), GPU_DEFAULTS: gpu_defaults(reports)}
     stale = [path for path, text in outputs.items() if not path.is_file() or path.read_text() != text]
     if args.check:

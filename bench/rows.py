@@ -34,10 +34,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def seed_folders(run: Path) -> dict[str, Path]:
     """The runs RUN holds, by their row folder name (seed-N)."""
-    if (run / CONFIG_NAME).is_file():
-        folders = [run]
-    else:
-        folders = sorted(path.parent for path in run.glob(f"*/{CONFIG_NAME}"))
+    folders = [run] if (run / CONFIG_NAME).is_file() else sorted(path.parent for path in run.glob(f"*/{CONFIG_NAME}"))
     if not folders:
         raise UserError(f"{run} holds no train.py run (no {CONFIG_NAME} in it or in its seed folders)")
     named = {f"seed-{read_config(folder)['seed']}": folder for folder in folders}
@@ -95,8 +92,7 @@ def copy_record(source: Path, target: Path, finished: bool) -> None:
 
 
 def record_row(run: Path, results: Path, data: str | None = None, name: str | None = None) -> Path:
-    """Record RUN as a row under results/reproduce/NAME (its name derived from the runs' config
-    unless given); returns the row's folder."""
+    """Record RUN as a row under results/reproduce/NAME (default: row_name); returns the row's folder."""
     seeds = seed_folders(run)
     configs = {seed: read_config(folder) for seed, folder in seeds.items()}
     first = next(iter(configs.values()))

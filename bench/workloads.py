@@ -28,16 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from preresnet import build_model, get_model
-from preresnet.kernels.paths import assign_paths, conv_signatures
+from preresnet.kernels.dispatch import assign_paths, conv_signatures
 from preresnet.models import PreActBasicBlock, PreActBottleneck
 from preresnet.provenance import git_commit
 from preresnet.recipes import resolve_recipe
+from preresnet.registry import MODEL_ARCHS, paper_name
 from preresnet.runtime import cpu_name, native_cpu_support, resolve_runtime
 from preresnet.steps import build_step, make_optimizer
 
-# What each variant name means. graph_mode "reduce-overhead", where given: torch.compile's own CUDA
-# graphs of the suite's module step (bench only; train.py captures its step by hand). The names are
-# those the results files record (bench/results): keep them.
+# graph_mode "reduce-overhead" (cuda-graph): torch.compile's own CUDA graphs of the suite's module step
+# (bench only; train.py captures its step by hand). The names are those bench/results records: keep them.
 VARIANT_FLAGS = {
     "eager-fp32": {"amp": "off", "channels_last": False, "compile": False, "fused": False, "cuda_graphs": False},
     "eager-fp32-cl": {"amp": "off", "channels_last": True, "compile": False, "fused": False, "cuda_graphs": False},
@@ -49,11 +49,9 @@ VARIANT_FLAGS = {
     "compile-graphs": {"amp": "bf16", "channels_last": True, "compile": True, "fused": False, "cuda_graphs": True},
     "fused-compile": {"amp": "bf16", "channels_last": True, "compile": True, "fused": True, "cuda_graphs": False},
     "fused-compile-graphs": {"amp": "bf16", "channels_last": True, "compile": True, "fused": True, "cuda_graphs": True},
-    "compile-reduce-overhead": {"amp": "bf16", "channels_last": True, "compile": True, "fused": False,
-                                "cuda_graphs": True, "graph_mode": "reduce-overhead"},
+    "cuda-graph": {"amp": "bf16", "channels_last": True, "compile": True, "fused": False, "cuda_graphs": True,
+                   "graph_mode": "reduce-overhead"},
 }
-# the suite's own name for compile-reduce-overhead (its reports record it)
-VARIANT_FLAGS["cuda-graph"] = VARIANT_FLAGS["compile-reduce-overhead"]
 PROVIDERS = ("eager-fp32", "eager-amp-cl", "compile", "fused", "fused-compile", "cuda-graph")
 UNIT_PROVIDERS = ("eager-fp32", "eager-amp-cl", "fused")  # compiling each unit shape would not fit the time budget
 MODELS = ("preresnet110", "preresnet164", "wrn16_4")
@@ -71,6 +69,11 @@ def flags_of(variant: str) -> dict:
     if variant not in VARIANT_FLAGS:
         raise KeyError(f"unknown speed variant {variant!r}: one of {', '.join(VARIANT_FLAGS)}")
     return dict(VARIANT_FLAGS[variant])
+
+
+def network_name(model: str) -> str:
+    """A registry network by its paper name (PreResNet-110), another name as it is."""
+    return paper_name(*MODEL_ARCHS[model]) if model in MODEL_ARCHS else model
 
 
 def skip_reason(provider: str, device: str) -> str | None:
@@ -112,26 +115,21 @@ class UnitShape:
 
 def unit_shapes(models=MODELS) -> list[UnitShape]:
     """The distinct units of each network, found by running it on the meta device."""
-    shapes: list[UnitShape] = []
+    found = {}  # a dict: distinct, in order of appearance
     for name in models:
-        with torch.device("meta"):
-            model = get_model(name)
-        found = {}
-
         def record(module, inputs, _output, name=name):
             x = inputs[0]
             shape = UnitShape(name, isinstance(module, PreActBottleneck), x.shape[1], module.conv1.out_channels,
                               max(module.conv1.stride[0], module.conv2.stride[0]), x.shape[-1])
             found.setdefault(shape, None)
 
-        handles = [m.register_forward_hook(record) for m in model.modules()
-                   if isinstance(m, (PreActBasicBlock, PreActBottleneck))]
-        with torch.device("meta"):
+        with torch.device("meta"):  # the hooks stay: the model is dropped
+            model = get_model(name)
+            for unit in model.modules():
+                if isinstance(unit, (PreActBasicBlock, PreActBottleneck)):
+                    unit.register_forward_hook(record)
             model(torch.empty(1, 3, 32, 32))
-        for handle in handles:
-            handle.remove()
-        shapes.extend(found)
-    return shapes
+    return list(found)
 
 
 class FirstLayer(nn.Module):
@@ -171,15 +169,13 @@ def prepare(module: nn.Module, provider: str, device: str):
     if flags["cuda_graphs"] and not reduce_overhead:
         raise ValueError(f"{provider}: the suite's module steps capture no CUDA graph of their own (train.py's "
                          f"step does: packed_training_steps)")
-    channels_last = flags["channels_last"]
-    module = module.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).train()
-    if flags["compile"] and reduce_overhead:
-        module = torch.compile(module, mode="reduce-overhead")
-    elif flags["compile"]:
-        module = torch.compile(module)
+    memory_format = torch.channels_last if flags["channels_last"] else torch.contiguous_format
+    module = module.to(device, memory_format=memory_format).train()
+    if flags["compile"]:
+        module = torch.compile(module, mode="reduce-overhead" if reduce_overhead else None)
     bf16 = provider_dtype(provider) == "bfloat16"
     amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    return module, torch.channels_last if channels_last else torch.contiguous_format, amp
+    return module, memory_format, amp
 
 
 def random_input(batch: int, channels: int, size: int, device: str, memory_format) -> torch.Tensor:
@@ -204,7 +200,7 @@ def unit_step(shape: UnitShape, provider: str, device: str, batch: int, backward
 
 
 def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.dtype):
-    """Forward and backward of one fused layer (kernels.paths.ConvSignature) on the given path, as
+    """Forward and backward of one fused layer (kernels.dispatch.ConvSignature) on the given path, as
     the fused model runs it: input statistics known from the layer before, output statistics emitted."""
     from preresnet.kernels.layers import batchnorm_moments, fused_conv
 
@@ -234,8 +230,7 @@ def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.d
 
 
 def layer_signatures(models=MODELS) -> list:
-    """The distinct fused layers (kernels.paths.ConvSignature) of the networks, in order of appearance."""
-
+    """The distinct fused layers (kernels.dispatch.ConvSignature) of the networks, in order of appearance."""
     found = {}
     for name in models:
         for signature in conv_signatures(get_model(name, fused=True)).values():
@@ -245,22 +240,23 @@ def layer_signatures(models=MODELS) -> list:
 
 def torch_path_layers(name: str, device: str) -> dict[str, str]:
     """The layers of a paper network that preresnet/kernels/conv_paths.json moves to PyTorch's ops (bf16)."""
-
     return assign_paths(get_model(name, fused=True), torch.device(device), torch.bfloat16)
+
+
+def build_network(name: str, fused: bool, device, dtype: torch.dtype):
+    """A registry network ("tiny": PreResNet-8, for tests); fused, each layer on its path in conv_paths.json."""
+    model = build_model("normal", 1, num_classes=10, fused=fused) if name == "tiny" else get_model(name, fused=fused)
+    if fused:
+        assign_paths(model, torch.device(device), dtype)
+    return model
 
 
 def training_step(name: str, provider: str, device: str, batch: int):
     """One SGD step of a paper network (forward, loss, backward, optimizer), synchronised; it
     returns the step's loss, and leaves the gradients of its parameters (step.model) in place until
-    the next call. The fused providers run what train.py --fused runs: each layer on the path
-    preresnet/kernels/conv_paths.json names for this GPU (the Triton kernel where it names none). name "tiny":
-    PreResNet-8 (tests)."""
-
+    the next call. The fused providers run what train.py --fused runs (build_network)."""
     torch.manual_seed(0)
-    model = build_model("normal", 1, num_classes=10, fused=is_fused(provider)) if name == "tiny" \
-        else get_model(name, fused=is_fused(provider))
-    if is_fused(provider):
-        assign_paths(model, torch.device(device), torch.bfloat16)
+    model = build_network(name, is_fused(provider), device, torch.bfloat16)
     # fused SGD, as train.py runs it (preresnet.steps.make_optimizer), on every device: bench.launches
     # counts this step's ops on the CPU
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4, fused=True)
@@ -282,8 +278,7 @@ def training_step(name: str, provider: str, device: str, batch: int):
 
 
 def train_py_step(name: str, provider: str, device: str, batch: int):
-    """One training step of a paper network as train.py runs it with the variant's settings
-    (preresnet.steps.build_step: compiled, fused, captured in a CUDA graph where they say so)."""
+    """One training step of a paper network as train.py runs it with the variant's settings (build_step)."""
     flags = flags_of(provider)
     runtime = resolve_runtime(device, flags["amp"], flags["channels_last"], flags["compile"], "torch", flags["fused"],
                               cuda_graphs=flags["cuda_graphs"])
@@ -301,18 +296,13 @@ def packed_training_steps(name: str, runtime, runs: int, batch: int, size: int =
     """A function running one training step of each of `runs` packed copies of a network, as
     train.py --seeds trains them: each copy with its own model, optimizer and step
     (preresnet.steps.build_step: captured in a CUDA graph where the runtime says so) and, on a
-    GPU, its own CUDA stream; a call queues one step of every copy in turn, then waits for all.
-    name "tiny": PreResNet-8 (tests)."""
-
+    GPU, its own CUDA stream; a call queues one step of every copy in turn, then waits for all."""
     device = runtime.device
     memory_format = torch.channels_last if runtime.channels_last else torch.contiguous_format
     copies = []
     for k in range(runs):
         torch.manual_seed(k)
-        model = build_model("normal", 1, num_classes=10, fused=runtime.fused) if name == "tiny" \
-            else get_model(name, fused=runtime.fused)
-        if runtime.fused:
-            assign_paths(model, device, runtime.amp_dtype or torch.float32)
+        model = build_network(name, runtime.fused, device, runtime.amp_dtype or torch.float32)
         model.to(device, memory_format=memory_format).train()
         recipe = resolve_recipe("wrn" if name.startswith("wrn") else "paper")
         step, _ = build_step(model, make_optimizer(model, recipe, device),
@@ -359,7 +349,6 @@ def synchronize(device: str) -> None:
 def cpu_environment() -> dict:
     """What a CPU row names besides environment(): the processor's model name, the instruction sets
     it computes bf16 with natively (empty: oneDNN emulates bf16), and the threads PyTorch uses."""
-
     return {"cpu_name": cpu_name(), "native_bf16": native_cpu_support("bf16"), "threads": torch.get_num_threads()}
 
 
