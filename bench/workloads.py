@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from preresnet import build_model, get_model
+from preresnet.cuda_graphs import synchronize
 from preresnet.kernels.dispatch import assign_paths, conv_signatures
 from preresnet.models import PreActBasicBlock, PreActBottleneck
 from preresnet.provenance import git_commit
@@ -194,7 +195,7 @@ def unit_step(shape: UnitShape, provider: str, device: str, batch: int, backward
             out = module(x)
         if backward:
             out.float().square().mean().backward()
-        synchronize(device)
+        synchronize(torch.device(device))
 
     return step
 
@@ -223,7 +224,7 @@ def conv_path_step(signature, path: str, device: str, batch: int, dtype: torch.d
             applied = batchnorm_moments(bn, x, (mean, var)) if signature.prologue else None
             y, _ = fused_conv(x, applied, conv, residual, emit_stats=True)
         y.float().square().mean().backward()
-        synchronize(device)
+        synchronize(torch.device(device))
         return y, x.grad, conv.weight.grad
 
     return step
@@ -270,7 +271,7 @@ def training_step(name: str, provider: str, device: str, batch: int):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        synchronize(device)
+        synchronize(torch.device(device))
         return loss
 
     step.model = model
@@ -313,14 +314,14 @@ def packed_training_steps(name: str, runtime, runs: int, batch: int, size: int =
         y = torch.randint(0, 10, (batch,), device=device, generator=generator)
         stream = torch.cuda.Stream(device) if device.type == "cuda" and runs > 1 else None
         copies.append((step, stream, x, y))
-    synchronize(device.type)  # the inputs, made on the default stream, before the copies' streams read them
+    synchronize(device)  # the inputs, made on the default stream, before the copies' streams read them
 
     def step_all():
         losses = []
         for step, stream, x, y in copies:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 losses.append(step(x, y)[0])
-        synchronize(device.type)
+        synchronize(device)
         return losses
 
     return step_all
@@ -339,11 +340,6 @@ def time_step(step, warmup: int = 3, iterations: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def cpu_environment() -> dict:

@@ -90,10 +90,6 @@ class PlainStep:
     def describe(self) -> str:
         return self.note or "plain step (not captured)"
 
-    @property
-    def captured(self) -> bool:
-        return self.capture is not None and self.capture.graph is not None
-
     def take_timings(self) -> dict:
         """compile_seconds (the first step: compilation, autotuning and warm-up included) and
         capture_seconds (recording the graph), each reported once, by the epoch in which it happened."""

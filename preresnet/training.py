@@ -93,36 +93,28 @@ def build_network(config: dict, runtime: Runtime, fresh: bool) -> tuple[torch.nn
 
 class EpochSums:
     """A rank's running sums of the epoch in progress (loss, errors, images, seconds), kept on the
-    device so that a step never waits for it."""
+    device so that a step never waits for them.
 
-    def __init__(self, device: torch.device, dist: distributed.Dist):
+    Resumed from a checkpoint's position (resume_at; None: a new epoch): with as many processes as
+    then, each rank continues its own sums and dropout draws; with another number, rank 0 takes the
+    epoch's totals and the dropout draws are new."""
+
+    def __init__(self, resume_at: dict | None, dist: distributed.Dist, device: torch.device):
         self.device, self.dist = device, dist
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.errors = torch.zeros((), dtype=torch.int64, device=device)
         self.seen, self.earlier_seconds = 0, 0.0
-        self.start = time.perf_counter()
-
-    @classmethod
-    def resumed(cls, resume_at: dict | None, dist: distributed.Dist, device: torch.device) -> EpochSums:
-        """The sums where a checkpoint's position left them (None: a new epoch). With as many
-        processes as then, each rank continues its own sums and dropout draws; with another number,
-        rank 0 takes the epoch's totals and the dropout draws are new."""
-        sums = cls(device, dist)
         if resume_at:
             ranks = resume_at["ranks"]
-            if len(ranks) == dist.world_size:
-                mine = ranks[dist.rank]
-                sums.loss_sum.fill_(mine["loss_sum"])
-                sums.errors.fill_(mine["errors"])
-                sums.seen = mine["seen"]
-                restore_random_state(mine["random"], device)
-            elif dist.is_main:
-                sums.loss_sum.fill_(sum(r["loss_sum"] for r in ranks))
-                sums.errors.fill_(sum(r["errors"] for r in ranks))
-                sums.seen = sum(r["seen"] for r in ranks)
-            sums.earlier_seconds = resume_at["train_seconds"]
-        sums.start = time.perf_counter()
-        return sums
+            same = len(ranks) == dist.world_size
+            kept = [ranks[dist.rank]] if same else ranks if dist.is_main else []
+            self.loss_sum.fill_(sum(r["loss_sum"] for r in kept))
+            self.errors.fill_(sum(r["errors"] for r in kept))
+            self.seen = sum(r["seen"] for r in kept)
+            if same:
+                restore_random_state(ranks[dist.rank]["random"], device)
+            self.earlier_seconds = resume_at["train_seconds"]
+        self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.loss_sum += loss.detach().double() * len(y)
@@ -267,7 +259,7 @@ class TrainingRun:
         first = resume_at["step"] if resume_at else 0
         loader.set_epoch(epoch, first)
         torch.manual_seed(epoch_seed(loader.seed, epoch, MODEL_STREAM, dist.rank))  # dropout draws, own per rank
-        sums = EpochSums.resumed(resume_at, dist, self.runtime.device)
+        sums = EpochSums(resume_at, dist, self.runtime.device)
         check_replicas = os.environ.get("PRERESNET_CHECK_REPLICAS") == "1"
         for step, (x, y) in enumerate(loader, start=first):
             lr = learning_rate(self.recipe, epoch, self.iteration)
@@ -383,7 +375,7 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
         if not stepping:
             break
         round_start = time.perf_counter()
-        done = train_round(stepping, runtime, packed, progress, say)
+        done = train_round(stepping, runtime, packed, progress, say, round_start)
         for run in done:
             with run.active():
                 run.metrics = run.end_epoch(run.train_metrics)
@@ -407,10 +399,7 @@ def train_runs(specs: list[RunSpec], runtime: Runtime, dataset: Dataset, progres
         epochs = sorted({run.epoch + 1 for run in paused})
         say(f"stopping before epoch {'/'.join(map(str, epochs))} of {runs[0].recipe.epochs}: it would not end "
             f"within --time-limit; continue with --resume {command_folder(runs, packed)}", file=sys.stderr)
-    for run in runs:
-        if run.status == "training":
-            run.status = "finished"
-    return runs
+    return runs  # each finished, paused, stopped or diverged: begin_epoch leaves none training
 
 
 def build_loaders(specs: list[RunSpec], runtime: Runtime, dataset: Dataset) -> tuple[BaseLoader, BaseLoader]:
@@ -444,12 +433,11 @@ def stop_agreed(device: torch.device) -> bool:
                                                         device=device)).item())
 
 
-def train_round(stepping: list[TrainingRun], runtime: Runtime, packed: bool, progress: bool | None,
-                say) -> list[TrainingRun]:
+def train_round(stepping: list[TrainingRun], runtime: Runtime, packed: bool, progress: bool | None, say,
+                round_start: float) -> list[TrainingRun]:
     """One epoch of every run in stepping, a step of each in turn, with a progress bar; the runs
     whose epoch ended (their train_metrics set). A run stopped inside its epoch saves its position;
     a packed run whose loss is not finite stops alone (else NonFiniteLoss ends the command)."""
-    round_start = time.perf_counter()
     batch_images = stepping[0].recipe.batch_size // runtime.dist.world_size
     epochs = sorted({run.epoch + 1 for run in stepping})
     bar = tqdm(total=sum(len(run.train_loader) for run in stepping), initial=sum(run.shown for run in stepping),

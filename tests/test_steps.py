@@ -208,7 +208,7 @@ def test_cuda_graph_replays_the_step(fused):
             losses.append(step(x, y)[0].item())
         results.append((m, losses, step))
     (plain, plain_losses, _), (graphed, graph_losses, step) = results
-    assert step.captured and step.capture.graph is not None
+    assert step.capture is not None and step.capture.graph is not None
     assert graph_losses == pytest.approx(plain_losses, rel=2e-2)
     for (key, a), b in zip(plain.state_dict().items(), graphed.state_dict().values()):
         if a.is_floating_point():
@@ -260,6 +260,6 @@ def test_packed_captured_steps_on_their_streams_match_each_run_alone(fused):
                 step(*data[i])
     torch.cuda.synchronize()
     for (model, step, _), (reference, _, _) in zip(packed, alone):
-        assert step.captured
+        assert step.capture is not None and step.capture.graph is not None
         for (key, a), b in zip(reference.state_dict().items(), model.state_dict().values()):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=key)

@@ -259,16 +259,23 @@ def bn_relu_conv_backward(dy, x, bn: BnState | None, weight, stride: int, paddin
     if dx_add is not None:
         dx_add = dx_add.contiguous(memory_format=torch.channels_last)
     check_inputs(x, weight, dy, dx_add)
-    prologue = bn is not None
+    target = launch_target(x.device)
+    dweight = weight_gradient(dy, x, bn, weight, stride, padding, target)
+    if bn is None and not need_dx:  # the stem: its input is the data
+        return None, None, None, dweight
+    gz, dbeta, dgamma = conv_input_gradient(dy, x, bn, weight, stride, padding, dx_add, target)
+    if bn is None:  # a plain conv: gz is dx
+        return gz, None, None, dweight
+    dx = bn_input_gradient(gz, x, bn, dbeta, dgamma, dx_add, target) if need_dx else None
+    return dx, dgamma, dbeta, dweight
+
+
+def weight_gradient(dy, x, bn: BnState | None, weight, stride: int, padding: int, target: LaunchTarget):
+    """dW = sum over output pixels of relu(bn(x)) (recomputed) times dy, split over pixel ranges; the
+    last split of each tile sums them. In the weight's layout and dtype, as the fake implementation says."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     _, _, ho, wo = dy.shape
-    eps = bn.eps if prologue else 0.0
-    bn_terms = bn[:4] if prologue else (dy,) * 4  # mean, var, gamma, beta
-    precision = dot_precision(x.dtype)
-    target = launch_target(x.device)
-
-    # weight gradient, split over output-pixel ranges; the last split of each tile sums them
     m_out = n * ho * wo
     config = DEFAULTS[CONV_WGRAD]
     block_out = block_size(config, "BLOCK_M", m_out, target)
@@ -276,25 +283,33 @@ def bn_relu_conv_backward(dy, x, bn: BnState | None, weight, stride: int, paddin
     block_co = block_size(config, "BLOCK_CO", c_out, target)
     wgrad = wgrad_grid(m_out, kh * kw, c_in, c_out, block_out, block_c, block_co, target.multiprocessors)
     check_int32_offsets(input=x.numel(), output_gradient=dy.numel(), weight_gradient_scratch=wgrad.scratch_elements)
-    dweight = torch.empty_like(weight)  # in the weight's layout and dtype, as the fake implementation says
+    dweight = torch.empty_like(weight)
     scratch = torch.empty((wgrad.splits, kh, kw, c_in, c_out), device=x.device, dtype=torch.float32)
     grid = wgrad.grid
     _bn_relu_conv_wgrad_kernel[grid](
-        x, *bn_terms, dy, scratch, dweight, counters_for_launch(x.device, grid[0] * grid[1]),
-        m_out, h, w, c_in, ho, wo, c_out, wgrad.rows_per_split, *weight.stride(), eps,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, PRECISION=precision,
+        x, *(bn[:4] if bn is not None else (dy,) * 4), dy, scratch, dweight,
+        counters_for_launch(x.device, grid[0] * grid[1]),
+        m_out, h, w, c_in, ho, wo, c_out, wgrad.rows_per_split, *weight.stride(), bn.eps if bn is not None else 0.0,
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=bn is not None, PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_out, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
     )
-    if not prologue and not need_dx:  # the stem: its input is the data
-        return None, None, None, dweight
+    return dweight
 
-    # gradient at the BatchNorm output with dbeta and dgamma, or, for a plain conv, dx
+
+def conv_input_gradient(dy, x, bn: BnState | None, weight, stride: int, padding: int, dx_add, target: LaunchTarget):
+    """The transposed convolution of dy: with a BatchNorm, (gz, dbeta, dgamma), gz the gradient at the
+    BatchNorm's output (fp32, pixels x channels, the ReLU mask applied); for a plain conv (dx, None,
+    None), dx_add added in."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    _, _, ho, wo = dy.shape
     m_in = n * h * w
     config = DEFAULTS[CONV_DGRAD]
     block_in = block_size(config, "BLOCK_M", m_in, target)
     block_c = block_size(config, "BLOCK_C", c_in, target)
     block_co = block_size(config, "BLOCK_CO", c_out, target)
     tiles, columns = triton.cdiv(m_in, block_in), triton.cdiv(c_in, block_c)
+    prologue = bn is not None
     if prologue:
         gz = torch.empty((m_in, c_in), device=x.device, dtype=torch.float32)
         scratch = torch.empty((2, tiles, c_in), device=x.device, dtype=torch.float32)
@@ -304,31 +319,33 @@ def bn_relu_conv_backward(dy, x, bn: BnState | None, weight, stride: int, paddin
         scratch = dbeta = dgamma = dy
     tickets = counters_for_launch(x.device, columns) if prologue else no_tickets(x.device)
     _bn_relu_conv_dgrad_kernel[(tiles, columns)](
-        dy, weight, x, *bn_terms, gz, scratch, dbeta, dgamma, tickets, dy if dx_add is None else dx_add,
-        m_in, h, w, c_in, ho, wo, c_out, *weight.stride(), eps,
-        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_ADD=dx_add is not None, PRECISION=precision,
-        BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
+        dy, weight, x, *(bn[:4] if prologue else (dy,) * 4), gz, scratch, dbeta, dgamma, tickets,
+        dy if dx_add is None else dx_add, m_in, h, w, c_in, ho, wo, c_out, *weight.stride(),
+        bn.eps if prologue else 0.0,
+        STRIDE=stride, PADDING=padding, KH=kh, KW=kw, PROLOGUE=prologue, HAS_ADD=dx_add is not None,
+        PRECISION=dot_precision(x.dtype), BLOCK_M=block_in, BLOCK_C=block_c, BLOCK_CO=block_co, **config.options,
     )
-    if not prologue:
-        return gz, None, None, dweight
-    dx = None
-    if need_dx:
-        sums, count = (dbeta, dgamma), m_in
-        if bn.batch_stats and bn.sync_count:
-            sums = torch.stack([dbeta, dgamma]).float()
-            torch.distributed.all_reduce(sums)
-            count = bn.sync_count
-        dx = torch.empty_like(x, memory_format=torch.channels_last)
-        apply = DEFAULTS[ELEMENTWISE]
-        block_m, block_c = block_size(apply, "BLOCK_M", m_in, target), block_size(apply, "BLOCK_C", c_in, target)
-        tiles, columns = triton.cdiv(m_in, block_m), triton.cdiv(c_in, block_c)
-        _bn_backward_apply_kernel[(tiles, columns)](
-            gz, x, *bn[:3], *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), eps,
-            BATCH_STATS=bn.batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=block_m,
-            BLOCK_C=block_c, **apply.options,
-        )
-    # dgamma/dbeta of the BN parameters: d(scale * x + shift)/dgamma = xhat, /dbeta = 1
-    return dx, dgamma, dbeta, dweight
+    return (gz, dbeta, dgamma) if prologue else (gz, None, None)
+
+
+def bn_input_gradient(gz, x, bn: BnState, dbeta, dgamma, dx_add, target: LaunchTarget):
+    """dx = scale * (gz - dbeta / M - xhat * dgamma / M) with batch statistics (sums over all ranks
+    under sync-BN), else scale * gz; dx_add added in. (dgamma and dbeta of the BN parameters:
+    d(scale * x + shift)/dgamma = xhat, /dbeta = 1.)"""
+    m_in, c_in = gz.shape[0], x.shape[1]
+    sums, count = (dbeta, dgamma), m_in
+    if bn.batch_stats and bn.sync_count:
+        sums = torch.stack([dbeta, dgamma]).float()
+        torch.distributed.all_reduce(sums)
+        count = bn.sync_count
+    dx = torch.empty_like(x, memory_format=torch.channels_last)
+    config = DEFAULTS[ELEMENTWISE]
+    block_m, block_c = block_size(config, "BLOCK_M", m_in, target), block_size(config, "BLOCK_C", c_in, target)
+    _bn_backward_apply_kernel[(triton.cdiv(m_in, block_m), triton.cdiv(c_in, block_c))](
+        gz, x, *bn[:3], *sums, gz if dx_add is None else dx_add, dx, m_in, c_in, float(count), bn.eps,
+        BATCH_STATS=bn.batch_stats, HAS_ADD=dx_add is not None, BLOCK_M=block_m, BLOCK_C=block_c, **config.options,
+    )
+    return dx
 
 
 # --- custom ops with autograd --------------------------------------------------------------------------
